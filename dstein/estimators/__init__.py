@@ -1,0 +1,106 @@
+"""Derivative estimators behind one interface: ``estimate(model, X, method=..., needs=...)``.
+
+- ``autograd``: exact derivatives of the unsmoothed network (stacked back-propagation).
+- ``stein``: vanilla Stein estimator of the Gaussian-smoothed network.
+- ``stein-antithetic``: antithetic pairs with the ``g(x)`` control variate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from dstein.estimators.autograd import autograd_estimate
+from dstein.estimators.base import ALL_NEEDS, Derivatives, check_needs
+from dstein.estimators.stein import Reducer, SteinSpec, check_precision, stein_estimate
+from dstein.noise import default_chunk
+
+METHODS = ("autograd", "stein", "stein-antithetic")
+STEIN_METHODS = ("stein", "stein-antithetic")
+
+__all__ = ["ALL_NEEDS", "METHODS", "Derivatives", "SteinSpec", "estimate", "make_spec"]
+
+
+def make_spec(
+    method: str,
+    needs: Iterable[str],
+    *,
+    samples: int,
+    sigma_x: float,
+    sigma_t: float | None = None,
+    seed: int = 0,
+    step: int = 0,
+    stream: int = 0,
+    chunk: int | None = None,
+) -> SteinSpec:
+    """Validated description of a Stein estimate (errors name the offending argument)."""
+    if method not in STEIN_METHODS:
+        raise ValueError(f"estimator.method={method!r} is not a Stein method {STEIN_METHODS}")
+    antithetic = method == "stein-antithetic"
+    if not isinstance(samples, int) or samples < (4 if antithetic else 2):
+        raise ValueError(f"estimator.samples={samples!r} must be an integer >= {4 if antithetic else 2}")
+    if antithetic and samples % 2:
+        raise ValueError(f"estimator.samples={samples} must be even for stein-antithetic (pairs)")
+    if not sigma_x or sigma_x <= 0:
+        raise ValueError(f"estimator.sigma_x={sigma_x!r} must be > 0")
+    if sigma_t is not None and sigma_t <= 0:
+        raise ValueError(f"estimator.sigma_t={sigma_t!r} must be > 0")
+    chunk = default_chunk(samples) if chunk is None else chunk
+    if antithetic and chunk % 2:
+        raise ValueError(f"estimator.chunk={chunk} must be even for stein-antithetic (pairs)")
+    spec = SteinSpec(
+        antithetic=antithetic,
+        needs=check_needs(needs),
+        samples=samples,
+        chunk=chunk,
+        sigma_x=float(sigma_x),
+        sigma_t=None if sigma_t is None else float(sigma_t),
+        seed=seed,
+        step=step,
+        stream=stream,
+    )
+    spec.num_chunks  # noqa: B018 - validates that samples is a whole number of chunks
+    return spec
+
+
+def estimate(
+    model: torch.nn.Module,
+    X: torch.Tensor,
+    *,
+    method: str,
+    needs: Iterable[str],
+    samples: int | None = None,
+    sigma_x: float | None = None,
+    sigma_t: float | None = None,
+    seed: int = 0,
+    step: int = 0,
+    stream: int = 0,
+    chunk: int | None = None,
+    chunks: Iterable[int] | None = None,
+    reduce: Reducer | None = None,
+    rows: tuple[int, int] | None = None,
+) -> Derivatives:
+    """Derivatives of the model at points ``X`` (time, if any, in the last column).
+
+    ``sigma_t`` given means ``X`` has a time column. For Stein methods all derivatives of a
+    point come from one set of ``samples`` perturbations, drawn in chunks of ``chunk``
+    samples from a generator seeded by ``(seed, step, stream, chunk index)``; ``chunks``
+    restricts the evaluation to some chunks and ``reduce`` sums the partial sums across
+    ranks (the distributed trainer sets both). The result is differentiable with respect
+    to the model's parameters.
+    """
+    needs = check_needs(needs)
+    time_dependent = sigma_t is not None
+    if "u_t" in needs and not time_dependent:
+        raise ValueError("needs 'u_t' but sigma_t is None: a time-dependent input needs sigma_t")
+    if method == "autograd":
+        return autograd_estimate(model, X, needs, time_dependent)
+    if samples is None or sigma_x is None:
+        raise ValueError(f"method {method!r} needs samples and sigma_x")
+    spec = make_spec(
+        method, needs, samples=samples, sigma_x=sigma_x, sigma_t=sigma_t,
+        seed=seed, step=step, stream=stream, chunk=chunk,
+    )
+    check_precision(model, spec.sigma_x, needs)
+    return stein_estimate(model, X, spec, chunks=chunks, reduce=reduce, rows=rows)

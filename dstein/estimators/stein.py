@@ -1,0 +1,190 @@
+"""Stein estimators of derivatives of the Gaussian-smoothed model (MATH.md sections 2 and 4).
+
+The smoothed model is ``f(X) = E[g(X + eps)]`` with ``eps = (delta, tau)``, ``delta ~ N(0,
+sx^2 I_d)``, ``tau ~ N(0, st^2)``. Every derivative is a weighted mean of plain forward
+evaluations of ``g``; nothing is back-propagated to the inputs.
+
+Both estimators are written in one form. Per sample (vanilla) or per antithetic pair, with
+``z = eps / sigma`` the standard normal draw:
+
+    value term   a = g                   | (g+ + g-) / 2
+    odd term     o = g                   | (g+ - g-) / 2
+    even term    e = g                   | (g+ + g- - 2 g0) / 2
+
+    u = mean(a),  u_t = mean(z_t o) / st,  grad = mean(z_x o) / sx,
+    lap = mean((|z_x|^2 - d) e) / sx^2,
+    |grad|^2 = (|sum v|^2 - sum |v|^2) / (n (n - 1)),  v = z_x o / sx   (unbiased U-statistic)
+
+Working with ``z`` rather than ``eps`` keeps the weights of order one instead of dividing
+by ``sx^4``. The estimates are assembled from *sums* over samples, which is what makes
+sharding possible: a rank sums over its own noise chunks, the sums are added across ranks,
+and only then are they turned into derivatives (``finalize``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+
+from dstein.estimators.base import Derivatives, split_input
+from dstein.noise import num_chunks, sample_chunk
+
+#: A function that sums partial sums across the ranks of a sample group (identity in one process).
+Reducer = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class SteinSpec:
+    """Everything that defines a Stein estimate besides the model and the points."""
+
+    antithetic: bool
+    needs: frozenset[str]
+    samples: int
+    chunk: int
+    sigma_x: float
+    sigma_t: float | None
+    seed: int = 0
+    step: int = 0
+    stream: int = 0
+
+    @property
+    def time_dependent(self) -> bool:
+        return self.sigma_t is not None
+
+    @property
+    def terms(self) -> int:
+        """Number of terms averaged: samples (vanilla) or antithetic pairs."""
+        return self.samples // 2 if self.antithetic else self.samples
+
+    @property
+    def num_chunks(self) -> int:
+        return num_chunks(self.samples, self.chunk)
+
+    @property
+    def terms_per_chunk(self) -> int:
+        return self.chunk // 2 if self.antithetic else self.chunk
+
+
+def check_precision(model: torch.nn.Module, sigma_x: float, needs: frozenset[str]) -> None:
+    """Refuse a precision that cannot resolve the finite differences hidden in the estimate.
+
+    The Laplacian rests on ``g+ + g- - 2 g0 ~ sx^2``; first derivatives on ``g+ - g- ~ sx``.
+    Either must exceed the unit roundoff by two orders of magnitude (MATH.md, precision).
+    """
+    params = list(model.parameters())
+    dtype = params[0].dtype if params else torch.float32
+    eps = torch.finfo(dtype).eps
+    precision = str(dtype).removeprefix("torch.")
+    if any(p.is_cuda for p in params) and torch.backends.cuda.matmul.allow_tf32:
+        eps, precision = max(eps, 2.0**-10), "TF32 matmul"
+    scale = sigma_x**2 if "lap" in needs else sigma_x
+    if scale < 100 * eps:
+        raise ValueError(
+            f"estimator.sigma_x={sigma_x} is too small for {precision} perturbed forward passes "
+            f"(unit roundoff {eps:.1e}): use float32 with TF32 off, float64, or a larger sigma_x"
+        )
+
+
+def _perturbed_values(model, X, z, scale, antithetic):
+    """g at X + scale*z (and X - scale*z), as (B, n) tensors."""
+    B, n, D = z.shape
+    eps = z * scale
+    Xe = X.unsqueeze(1)
+    if antithetic:
+        Y = torch.cat([(Xe + eps).reshape(B * n, D), (Xe - eps).reshape(B * n, D)])
+        g = model(Y).reshape(2, B, n)
+        return g[0], g[1]
+    return model((Xe + eps).reshape(B * n, D)).reshape(B, n), None
+
+
+def partial_sums(
+    model: torch.nn.Module,
+    X: torch.Tensor,
+    spec: SteinSpec,
+    chunks: Iterable[int],
+    rows: tuple[int, int] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Sums of the estimator terms over the samples of ``chunks`` for each point of ``X``.
+
+    ``rows = (offset, total)`` says that ``X`` holds rows ``offset:offset+B`` of a batch of
+    ``total`` points (a point group's slice). Noise is drawn for the whole batch and sliced,
+    so a point's samples do not depend on how points are split across groups.
+    """
+    d = split_input(X, spec.time_dependent)
+    B, D = X.shape
+    offset, total = rows if rows is not None else (0, B)
+    scale = torch.full((D,), spec.sigma_x, dtype=X.dtype, device=X.device)
+    if spec.time_dependent:
+        scale[d] = spec.sigma_t
+    g0 = model(X).reshape(B) if spec.antithetic and "lap" in spec.needs else None
+    need_grad = bool({"grad", "grad_sq"} & spec.needs)
+    sums: dict[str, torch.Tensor] = {}
+
+    def add(key: str, value: torch.Tensor) -> None:
+        sums[key] = sums[key] + value if key in sums else value
+
+    for c in chunks:
+        z = sample_chunk(
+            spec.seed, spec.step, spec.stream, c, (total, spec.terms_per_chunk, D),
+            dtype=X.dtype, device=X.device,
+        )
+        if total != B:
+            z = z[offset : offset + B]
+        g_plus, g_minus = _perturbed_values(model, X, z, scale, spec.antithetic)
+        if g_minus is None:
+            value = odd = even = g_plus
+        else:
+            value = 0.5 * (g_plus + g_minus)
+            odd = 0.5 * (g_plus - g_minus)
+            even = value - g0.unsqueeze(1) if g0 is not None else None
+        zx = z[..., :d]
+        if "u" in spec.needs:
+            add("value", value.sum(1))
+        if "u_t" in spec.needs:
+            add("time", (z[..., d] * odd).sum(1))
+        if need_grad:
+            add("grad", torch.einsum("bnd,bn->bd", zx, odd))
+        zx_sq = (zx * zx).sum(-1) if ("lap" in spec.needs or "grad_sq" in spec.needs) else None
+        if "grad_sq" in spec.needs:
+            add("grad_norms", (zx_sq * odd * odd).sum(1))
+        if "lap" in spec.needs:
+            add("lap", ((zx_sq - d) * even).sum(1))
+    return sums
+
+
+def finalize(sums: dict[str, torch.Tensor], spec: SteinSpec) -> Derivatives:
+    """Turn summed terms (over ALL samples of the estimate) into derivatives."""
+    n = spec.terms
+    sx, st = spec.sigma_x, spec.sigma_t
+    out = Derivatives()
+    if "u" in spec.needs:
+        out.u = sums["value"] / n
+    if "u_t" in spec.needs:
+        out.u_t = sums["time"] / (n * st)  # type: ignore[operator]
+    if "grad" in spec.needs:
+        out.grad = sums["grad"] / (n * sx)
+    if "grad_sq" in spec.needs:
+        total = sums["grad"]
+        out.grad_sq = ((total * total).sum(-1) - sums["grad_norms"]) / (n * (n - 1) * sx * sx)
+    if "lap" in spec.needs:
+        out.lap = sums["lap"] / (n * sx * sx)
+    return out
+
+
+def stein_estimate(
+    model: torch.nn.Module,
+    X: torch.Tensor,
+    spec: SteinSpec,
+    chunks: Iterable[int] | None = None,
+    reduce: Reducer | None = None,
+    rows: tuple[int, int] | None = None,
+) -> Derivatives:
+    """Partial sums over ``chunks`` (all by default), summed by ``reduce``, then finalized."""
+    if "grad_sq" in spec.needs and spec.terms < 2:
+        raise ValueError("grad_sq needs at least 2 samples (pairs) for its U-statistic")
+    sums = partial_sums(model, X, spec, range(spec.num_chunks) if chunks is None else chunks, rows)
+    if reduce is not None:
+        sums = reduce(sums)
+    return finalize(sums, spec)

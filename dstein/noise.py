@@ -1,0 +1,90 @@
+"""Counter-based, world-size-invariant Gaussian noise.
+
+Every Monte Carlo sample belongs to a fixed-size *chunk*. The noise of a chunk is drawn from
+a generator seeded by ``(seed, step, stream, chunk index)`` alone, so the same chunk holds
+the same numbers whichever rank evaluates it and however many ranks there are (MATH.md
+section 4). A rank only decides *which* chunks it evaluates; it never re-draws them.
+
+Streams separate independent uses within one step (domain points, each condition, the
+evaluation passes), so that adding a condition does not shift the noise of another.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    """One round of SplitMix64: a bijective scrambler of 64-bit integers."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def counter_seed(*counters: int) -> int:
+    """Mix integer counters into one 63-bit seed (distinct tuples give unrelated seeds)."""
+    h = 0x2545F4914F6CDD1D
+    for c in counters:
+        h = _splitmix64(h ^ (int(c) & _MASK64))
+    return h & ((1 << 63) - 1)
+
+
+def chunk_generator(seed: int, step: int, stream: int, chunk: int, device: torch.device) -> torch.Generator:
+    gen = torch.Generator(device=device)
+    gen.manual_seed(counter_seed(seed, step, stream, chunk))
+    return gen
+
+
+def sample_chunk(
+    seed: int,
+    step: int,
+    stream: int,
+    chunk: int,
+    shape: tuple[int, ...],
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Standard normal noise of one chunk; identical for identical counters and shape."""
+    device = torch.device(device)
+    gen = chunk_generator(seed, step, stream, chunk, device)
+    return torch.randn(shape, generator=gen, dtype=dtype, device=device)
+
+
+def num_chunks(samples: int, chunk: int) -> int:
+    """Number of chunks for ``samples`` split into chunks of ``chunk``; both must divide."""
+    if chunk <= 0 or samples <= 0 or samples % chunk:
+        raise ValueError(
+            f"estimator.samples={samples} must be a positive whole number of chunks of "
+            f"estimator.chunk={chunk}"
+        )
+    return samples // chunk
+
+
+def default_chunk(samples: int, limit: int = 256) -> int:
+    """The largest divisor of ``samples`` not above ``limit``: bounded memory, no remainder."""
+    if samples <= limit:
+        return samples
+    for c in range(limit, 0, -1):
+        if samples % c == 0:
+            return c
+    return 1
+
+
+def deal_chunks(num_chunks: int, rank: int, world: int) -> range:
+    """The contiguous range of chunk indices that ``rank`` of ``world`` evaluates.
+
+    Chunks are dealt as evenly as possible (sizes differ by at most one); every rank must
+    get at least one chunk.
+    """
+    if world > num_chunks:
+        raise ValueError(
+            f"{num_chunks} noise chunks cannot be dealt to {world} ranks: each rank of a sample "
+            "group needs at least one chunk (lower estimator.chunk or raise estimator.samples)"
+        )
+    base, extra = divmod(num_chunks, world)
+    start = rank * base + min(rank, extra)
+    return range(start, start + base + (1 if rank < extra else 0))

@@ -1,0 +1,116 @@
+"""What a PDE is to dstein: a residual in terms of Derivatives, conditions, samplers, truth.
+
+A PDE is defined once. Training asks it for collocation points (domain and one set per
+condition), for the derivatives its residual needs, and for condition targets; evaluation
+asks it for test points with the exact solution and its spatial gradient.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from dstein.estimators.base import Derivatives
+
+
+@dataclass
+class TestSet:
+    """Test points with the solution and its spatial gradient (float64).
+
+    ``u_se`` holds the Monte Carlo standard error of ``u`` where the truth is estimated.
+    """
+
+    X: torch.Tensor
+    u: torch.Tensor
+    grad: torch.Tensor
+    u_se: torch.Tensor | None = None
+
+
+class PDE(abc.ABC):
+    """Base class; subclasses set the class attributes and implement the methods."""
+
+    #: Registry name.
+    name: ClassVar[str]
+    #: Derivatives the residual uses (a subset of ``dstein.estimators.ALL_NEEDS``).
+    needs: ClassVar[frozenset[str]]
+    #: Whether inputs carry a time column (last).
+    time_dependent: ClassVar[bool]
+    #: Names of the condition point sets (boundary, initial, terminal ...).
+    conditions: ClassVar[tuple[str, ...]]
+
+    def __init__(self, dim: int):
+        if not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"pde.dim={dim!r} must be a positive integer")
+        self.dim = dim
+
+    @property
+    def in_dim(self) -> int:
+        return self.dim + (1 if self.time_dependent else 0)
+
+    @abc.abstractmethod
+    def residual(self, X: torch.Tensor, D: Derivatives) -> torch.Tensor:
+        """PDE residual at domain points (zero for the exact solution), shape (B,)."""
+
+    @abc.abstractmethod
+    def sample_domain(self, n: int, gen: torch.Generator) -> torch.Tensor:
+        """Interior collocation points, float64, shape (n, in_dim)."""
+
+    @abc.abstractmethod
+    def sample_condition(self, kind: str, n: int, gen: torch.Generator) -> torch.Tensor:
+        """Points of one condition set, float64."""
+
+    @abc.abstractmethod
+    def condition_target(self, kind: str, X: torch.Tensor) -> torch.Tensor:
+        """Value the solution must take at condition points, shape (B,)."""
+
+    @abc.abstractmethod
+    def project(self, X: torch.Tensor) -> torch.Tensor:
+        """Map points moved by adversarial steps back into the domain."""
+
+    def project_condition(self, kind: str, X: torch.Tensor) -> torch.Tensor:
+        """Map condition points moved by adversarial steps back onto their set."""
+        return self.project(X)
+
+    def sample_test(self, n: int, gen: torch.Generator) -> torch.Tensor:
+        return self.sample_domain(n, gen)
+
+    @abc.abstractmethod
+    def test_set(self, n: int, seed: int, truth_samples: int) -> TestSet:
+        """Test points and ground truth (``truth_samples`` for Monte Carlo truths)."""
+
+    def describe(self) -> dict:
+        """Parameters that identify this PDE (stored with runs and data files)."""
+        return {"name": self.name, "dim": self.dim}
+
+
+class ExactPDE(PDE):
+    """A PDE with a closed-form solution: the test set is exact."""
+
+    @abc.abstractmethod
+    def exact(self, X: torch.Tensor) -> torch.Tensor:
+        """Exact solution at X, shape (B,)."""
+
+    @abc.abstractmethod
+    def exact_grad(self, X: torch.Tensor) -> torch.Tensor:
+        """Exact spatial gradient at X, shape (B, dim)."""
+
+    def test_set(self, n: int, seed: int, truth_samples: int) -> TestSet:
+        gen = torch.Generator().manual_seed(seed)
+        X = self.sample_test(n, gen)
+        return TestSet(X=X, u=self.exact(X), grad=self.exact_grad(X))
+
+
+def uniform_ball(n: int, d: int, gen: torch.Generator, radius: float = 1.0) -> torch.Tensor:
+    """Points uniform in the d-ball: a uniform direction times radius U^(1/d)."""
+    z = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    z = z / z.norm(dim=1, keepdim=True)
+    r = torch.rand(n, 1, generator=gen, dtype=torch.float64) ** (1.0 / d)
+    return radius * r * z
+
+
+def uniform_sphere(n: int, d: int, gen: torch.Generator) -> torch.Tensor:
+    z = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    return z / z.norm(dim=1, keepdim=True)

@@ -1,0 +1,123 @@
+"""HJB of linear-quadratic-Gaussian control: u_t + lap u - mu |grad u|^2 = 0, t in [0, T],
+terminal u(x, T) = ln((1 + |x|^2) / 2).
+
+Ground truth by the Cole-Hopf transform (MATH.md section 5):
+
+    u(x, t) = -(1/mu) ln E[exp(-mu h(x + sqrt(2 (T - t)) Z))],   Z ~ N(0, I_d),
+    grad u  = E[exp(-mu h(Y)) grad h(Y)] / E[exp(-mu h(Y))],
+
+with h the terminal function. Because h depends on |y| only, |x + s Z|^2 has the law of
+(|x| + s Z1)^2 + s^2 C with Z1 ~ N(0, 1) and C ~ chi^2(d - 1) independent, and the part of
+grad h orthogonal to x averages to zero. The Monte Carlo therefore draws two numbers per
+sample whatever d is; ``cole_hopf`` is the plain d-dimensional formula (any nodes and
+weights: random samples or a quadrature rule), differentiable, used to cross-check it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from dstein.estimators.base import Derivatives
+from dstein.pdes.base import PDE, TestSet
+
+
+def terminal(x: torch.Tensor) -> torch.Tensor:
+    return torch.log((1 + (x * x).sum(-1)) / 2)
+
+
+def cole_hopf(X: torch.Tensor, nodes: torch.Tensor, weights: torch.Tensor, mu: float, T: float) -> torch.Tensor:
+    """-(1/mu) ln sum_k w_k exp(-mu h(x + sqrt(2(T-t)) z_k)) at X = (x, t); differentiable.
+
+    With Gauss-Hermite nodes this is the exact solution up to quadrature error; with
+    standard normal samples and equal weights it is the plain Monte Carlo estimate.
+    """
+    x, t = X[:, :-1], X[:, -1:]
+    s = torch.sqrt(2 * (T - t)).unsqueeze(1)  # (B, 1, 1)
+    Y = x.unsqueeze(1) + s * nodes.unsqueeze(0)  # (B, K, d)
+    logw = torch.log(weights).unsqueeze(0) - mu * terminal(Y)
+    return -torch.logsumexp(logw, dim=1) / mu
+
+
+def cole_hopf_radial(
+    x: np.ndarray, t: np.ndarray, mu: float, T: float, samples: int, seed: int, block: int = 64
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Monte Carlo Cole-Hopf value, spatial gradient and the value's standard error (float64).
+
+    All points share the same random numbers (common random numbers: the gradient is then
+    exactly the derivative of the estimated value, and differences between nearby points
+    are estimated far better than each value).
+    """
+    n, d = x.shape
+    rng = np.random.default_rng([seed, 0x484A42])
+    z1 = rng.standard_normal(samples)
+    chi = rng.chisquare(d - 1, samples) if d > 1 else np.zeros(samples)
+    u = np.empty(n)
+    dudr = np.empty(n)
+    se = np.empty(n)
+    r_all = np.linalg.norm(x, axis=1)
+    for lo in range(0, n, block):
+        r = r_all[lo : lo + block, None]
+        s = np.sqrt(2 * (T - t[lo : lo + block, None]))
+        radial = r + s * z1[None, :]
+        y2 = radial**2 + s**2 * chi[None, :]
+        logw = -mu * np.log((1 + y2) / 2)
+        top = logw.max(axis=1, keepdims=True)
+        w = np.exp(logw - top)  # in (0, 1]: scaled weights
+        mean_w = w.mean(axis=1)
+        u[lo : lo + block] = -(np.log(mean_w) + top[:, 0]) / mu
+        dudr[lo : lo + block] = (w * 2 * radial / (1 + y2)).mean(axis=1) / mean_w
+        se[lo : lo + block] = w.std(axis=1, ddof=1) / (math.sqrt(samples) * mean_w * mu)
+    direction = np.divide(x, r_all[:, None], out=np.zeros_like(x), where=r_all[:, None] > 0)
+    return u, dudr[:, None] * direction, se
+
+
+class HJB(PDE):
+    name = "hjb"
+    needs = frozenset({"u_t", "lap", "grad_sq"})
+    time_dependent = True
+    conditions = ("terminal",)
+
+    def __init__(self, dim: int, mu: float = 1.0, T: float = 1.0):
+        super().__init__(dim)
+        if not mu > 0:
+            raise ValueError(f"pde.params.mu={mu!r} must be > 0")
+        if not T > 0:
+            raise ValueError(f"pde.params.T={T!r} must be > 0")
+        self.mu, self.T = float(mu), float(T)
+
+    def describe(self) -> dict:
+        return {**super().describe(), "mu": self.mu, "T": self.T}
+
+    def residual(self, X: torch.Tensor, D: Derivatives) -> torch.Tensor:
+        return D.require("u_t") + D.require("lap") - self.mu * D.require("grad_sq")
+
+    def sample_domain(self, n: int, gen: torch.Generator) -> torch.Tensor:
+        x = torch.randn(n, self.dim, generator=gen, dtype=torch.float64)
+        t = self.T * torch.rand(n, 1, generator=gen, dtype=torch.float64)
+        return torch.cat([x, t], 1)
+
+    def sample_condition(self, kind: str, n: int, gen: torch.Generator) -> torch.Tensor:
+        x = torch.randn(n, self.dim, generator=gen, dtype=torch.float64)
+        return torch.cat([x, torch.full((n, 1), self.T, dtype=torch.float64)], 1)
+
+    def condition_target(self, kind: str, X: torch.Tensor) -> torch.Tensor:
+        return terminal(X[:, :-1])
+
+    def project(self, X: torch.Tensor) -> torch.Tensor:
+        return torch.cat([X[:, :-1], X[:, -1:].clamp(0.0, self.T)], 1)
+
+    def project_condition(self, kind: str, X: torch.Tensor) -> torch.Tensor:
+        return torch.cat([X[:, :-1], torch.full_like(X[:, -1:], self.T)], 1)
+
+    def truth(self, X: torch.Tensor, samples: int, seed: int) -> TestSet:
+        x = X[:, :-1].double().cpu().numpy()
+        t = X[:, -1].double().cpu().numpy()
+        u, grad, se = cole_hopf_radial(x, t, self.mu, self.T, samples, seed)
+        return TestSet(X=X, u=torch.from_numpy(u), grad=torch.from_numpy(grad), u_se=torch.from_numpy(se))
+
+    def test_set(self, n: int, seed: int, truth_samples: int) -> TestSet:
+        gen = torch.Generator().manual_seed(seed)
+        return self.truth(self.sample_test(n, gen), truth_samples, seed)
