@@ -1,0 +1,253 @@
+"""Typed configuration: dataclasses registered in Hydra's ConfigStore, loaded from a YAML path.
+
+A config file starts with ``defaults: [dstein, _self_]`` so that Hydra merges it onto the
+schema below: unknown keys and wrong types are refused by name, every key can be overridden
+from the command line (``train.steps=3``), and ``__post_init__`` checks values. Errors
+reach the user as ``ConfigError`` with one line naming the option, the value and what is
+accepted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from dstein.estimators import METHODS
+
+SCHEMA_NAME = "dstein"
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem; the message is one line, ready to print."""
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+    """Run directory: resolved config, metrics.jsonl, summary.json (and later checkpoints)."""
+    device: str = "auto"
+    """'auto' (CUDA if available, else CPU), 'cpu' or 'cuda'."""
+    dtype: str = "float32"
+    """Precision of the model and of the perturbed forward passes: float32 or float64."""
+    threads: int = 0
+    """torch intra-op threads per process; 0 keeps torch's default."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.dir), "run.dir must be a non-empty path")
+        _check(self.device in ("auto", "cpu", "cuda"), f"run.device={self.device!r} must be auto, cpu or cuda")
+        _check(self.dtype in ("float32", "float64"), f"run.dtype={self.dtype!r} must be float32 or float64")
+        _check(self.threads >= 0, f"run.threads={self.threads} must be >= 0")
+
+
+@dataclass
+class PDEConfig:
+    name: str = "hjb"
+    """Registered PDE: poisson, heat or hjb (ignored when target is set)."""
+    dim: int = 10
+    """Spatial dimension d."""
+    params: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of the PDE class (hjb: mu, T; heat: T)."""
+    target: str | None = None
+    """A user's PDE class as 'package.module:ClassName' (a dstein.pdes.PDE subclass)."""
+
+    def __post_init__(self) -> None:
+        _check(self.dim >= 1, f"pde.dim={self.dim} must be >= 1")
+
+
+@dataclass
+class ModelConfig:
+    width: int = 128
+    """Hidden units per layer."""
+    depth: int = 4
+    """Number of hidden layers."""
+    activation: str = "tanh"
+    """tanh, sin, gelu, silu or softplus (smooth: the PDE needs second derivatives)."""
+
+    def __post_init__(self) -> None:
+        _check(self.width >= 1, f"model.width={self.width} must be >= 1")
+        _check(self.depth >= 1, f"model.depth={self.depth} must be >= 1")
+        ok = ("tanh", "sin", "gelu", "silu", "softplus")
+        _check(self.activation in ok, f"model.activation={self.activation!r} must be one of {ok}")
+
+
+@dataclass
+class EstimatorConfig:
+    method: str = "stein-antithetic"
+    """autograd (exact stacked back-propagation), stein or stein-antithetic."""
+    samples: int = 2048
+    """Gaussian perturbations per collocation point (antithetic: 2 per pair)."""
+    chunk: int | None = None
+    """Samples per noise chunk (the unit dealt to ranks); None: largest divisor <= 256."""
+    sigma_x: float = 0.01
+    """Standard deviation of the spatial smoothing."""
+    sigma_t: float | None = None
+    """Standard deviation of the time smoothing; None: same as sigma_x."""
+    condition_samples: int | None = None
+    """Samples for condition points (which need only the value); None: same as samples."""
+
+    def __post_init__(self) -> None:
+        _check(self.method in METHODS, f"estimator.method={self.method!r} must be one of {METHODS}")
+        for name in ("samples", "condition_samples"):
+            value = getattr(self, name)
+            if value is not None:
+                _check(value >= 2, f"estimator.{name}={value} must be >= 2")
+                if self.method == "stein-antithetic":
+                    _check(value % 2 == 0, f"estimator.{name}={value} must be even for stein-antithetic")
+        _check(self.sigma_x > 0, f"estimator.sigma_x={self.sigma_x} must be > 0")
+        _check(self.sigma_t is None or self.sigma_t > 0, f"estimator.sigma_t={self.sigma_t} must be > 0")
+        if self.chunk is not None:
+            _check(self.chunk >= 1, f"estimator.chunk={self.chunk} must be >= 1")
+            _check(
+                self.samples % self.chunk == 0,
+                f"estimator.samples={self.samples} must be a whole number of chunks of estimator.chunk={self.chunk}",
+            )
+            if self.method == "stein-antithetic":
+                _check(self.chunk % 2 == 0, f"estimator.chunk={self.chunk} must be even for stein-antithetic")
+
+    @property
+    def time_sigma(self) -> float:
+        return self.sigma_x if self.sigma_t is None else self.sigma_t
+
+
+@dataclass
+class AdversarialConfig:
+    steps: int = 0
+    """Signed-gradient steps moving collocation points towards larger loss (0: off)."""
+    step_size: float = 0.05
+    """Size of each signed-gradient step."""
+
+    def __post_init__(self) -> None:
+        _check(self.steps >= 0, f"train.adversarial.steps={self.steps} must be >= 0")
+        _check(self.step_size > 0, f"train.adversarial.step_size={self.step_size} must be > 0")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    """Optimizer steps."""
+    lr: float = 1e-3
+    """Adam learning rate at step 0; decays linearly to zero at the last step."""
+    domain_points: int = 50
+    """Interior collocation points per step."""
+    condition_points: int = 50
+    """Points per condition set (boundary, initial, terminal) per step."""
+    condition_weight: float = 20.0
+    """Weight of each condition loss relative to the residual loss."""
+    log_every: int = 10
+    """Write a training row to metrics.jsonl every this many steps."""
+    adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.steps >= 1, f"train.steps={self.steps} must be >= 1")
+        _check(self.lr > 0, f"train.lr={self.lr} must be > 0")
+        _check(self.domain_points >= 1, f"train.domain_points={self.domain_points} must be >= 1")
+        _check(self.condition_points >= 1, f"train.condition_points={self.condition_points} must be >= 1")
+        _check(self.condition_weight >= 0, f"train.condition_weight={self.condition_weight} must be >= 0")
+        _check(self.log_every >= 1, f"train.log_every={self.log_every} must be >= 1")
+
+
+@dataclass
+class EvalConfig:
+    every: int = 100
+    """Evaluate on the test set every this many steps (and at the end)."""
+    points: int = 1000
+    """Test points."""
+    samples: int = 1024
+    """Samples per test point for the smoothed model's value and gradient (Stein methods)."""
+    truth_samples: int = 20000
+    """Monte Carlo samples per point for ground truths that are estimated (HJB)."""
+    seed: int = 12345
+    """Seed of the test set (independent of the training seed)."""
+
+    def __post_init__(self) -> None:
+        _check(self.every >= 1, f"eval.every={self.every} must be >= 1")
+        _check(self.points >= 1, f"eval.points={self.points} must be >= 1")
+        _check(self.samples >= 1, f"eval.samples={self.samples} must be >= 1")
+        _check(self.truth_samples >= 2, f"eval.truth_samples={self.truth_samples} must be >= 2")
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    seed: int = 0
+    """Seed of the model initialization, collocation points and noise."""
+    pde: PDEConfig = field(default_factory=PDEConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    estimator: EstimatorConfig = field(default_factory=EstimatorConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.seed >= 0, f"seed={self.seed} must be >= 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def register_schema() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=Config)
+
+
+def _one_line(err: BaseException) -> str:
+    """The first informative line of an OmegaConf/Hydra error, with its full key if any."""
+    cause = err
+    while cause.__cause__ is not None and not getattr(cause, "full_key", None):
+        cause = cause.__cause__
+    text = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    key = getattr(cause, "full_key", None)
+    return f"{key}: {text}" if key and key not in text else text
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Compose ``path`` (YAML) with Hydra overrides, check it against the schema, validate."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    path = Path(path)
+    if path.suffix not in (".yaml", ".yml"):
+        raise ConfigError(f"--config {path}: expected a .yaml file")
+    if not path.is_file():
+        raise ConfigError(f"--config {path}: no such file")
+    register_schema()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(path.resolve().parent), version_base="1.3"):
+            cfg = compose(config_name=path.stem, overrides=list(overrides))
+    except Exception as err:  # Hydra and OmegaConf raise many types; all are user errors here
+        raise ConfigError(f"config {path}: {_one_line(err)}") from err
+    finally:
+        GlobalHydra.instance().clear()
+    if OmegaConf.get_type(cfg) is not Config:
+        raise ConfigError(
+            f"config {path}: must begin with 'defaults: [{SCHEMA_NAME}, _self_]' so its keys are checked"
+        )
+    try:
+        config = OmegaConf.to_object(cfg)
+    except ConfigError:
+        raise
+    except Exception as err:
+        inner = err.__cause__ if isinstance(err.__cause__, ConfigError) else None
+        if inner is not None:
+            raise inner from err
+        raise ConfigError(f"config {path}: {_one_line(err)}") from err
+    assert isinstance(config, Config)
+    return config
+
+
+def to_yaml(config: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(config))

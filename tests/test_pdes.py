@@ -1,0 +1,155 @@
+"""The PDEs of MATH.md section 5: exact solutions, samplers, the HJB Monte Carlo truth."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import dstein
+from dstein.pdes import REGISTRY, build_pde
+from dstein.pdes.hjb import HJB, cole_hopf, cole_hopf_radial
+
+
+class Exact(torch.nn.Module):
+    """An ExactPDE's solution as a model, so autograd can differentiate it."""
+
+    def __init__(self, pde):
+        super().__init__()
+        self.pde = pde
+
+    def forward(self, X):
+        return self.pde.exact(X).unsqueeze(-1)
+
+
+def derivatives(model, pde, X):
+    return dstein.estimate(model, X, method="autograd", needs=pde.needs | {"u", "grad"},
+                           sigma_t=1.0 if pde.time_dependent else None)
+
+
+@pytest.mark.parametrize("name, dim", [("poisson", 2), ("poisson", 7), ("heat", 3), ("heat", 100)])
+def test_exact_solution_has_zero_residual_and_matching_gradient(name, dim):
+    pde = build_pde(name, dim)
+    gen = torch.Generator().manual_seed(0)
+    X = pde.sample_domain(64, gen)
+    D = derivatives(Exact(pde), pde, X)
+    assert pde.residual(X, D).abs().max() < 1e-10
+    assert torch.allclose(D.grad, pde.exact_grad(X), atol=1e-12)
+    for kind in pde.conditions:
+        Xc = pde.sample_condition(kind, 64, gen)
+        assert torch.allclose(pde.condition_target(kind, Xc), pde.exact(Xc))
+
+
+def test_samplers_stay_on_their_sets():
+    gen = torch.Generator().manual_seed(1)
+    poisson = build_pde("poisson", 4)
+    Xb = poisson.sample_condition("boundary", 500, gen)
+    assert ((Xb == 0) | (Xb == 1)).any(1).all() and (Xb >= 0).all() and (Xb <= 1).all()
+    heat = build_pde("heat", 5, {"T": 2.0})
+    Xd = heat.sample_domain(500, gen)
+    assert (Xd[:, :-1].norm(dim=1) <= 1).all() and (Xd[:, -1] >= 0).all() and (Xd[:, -1] <= 2).all()
+    assert torch.allclose(heat.sample_condition("boundary", 50, gen)[:, :-1].norm(dim=1), torch.ones(50, dtype=torch.float64))
+    assert (heat.sample_condition("initial", 50, gen)[:, -1] == 0).all()
+    hjb = build_pde("hjb", 6, {"mu": 1.0, "T": 1.0})
+    assert (hjb.sample_condition("terminal", 50, gen)[:, -1] == 1.0).all()
+    moved = hjb.project(torch.tensor([[0.0] * 6 + [1.7], [0.0] * 6 + [-0.2]], dtype=torch.float64))
+    assert moved[:, -1].tolist() == [1.0, 0.0]
+
+
+def test_ball_sampler_is_uniform_in_radius():
+    """Uniform in the d-ball: P(|x| <= r) = r^d."""
+    from dstein.pdes.base import uniform_ball
+
+    x = uniform_ball(20000, 3, torch.Generator().manual_seed(0))
+    frac = float((x.norm(dim=1) <= 0.5).double().mean())
+    assert abs(frac - 0.125) < 4 * math.sqrt(0.125 * 0.875 / 20000)
+
+
+@pytest.mark.parametrize("d, nodes", [(1, 350), (2, 200)])
+def test_hjb_cole_hopf_solves_the_equation(d, nodes):
+    """The Cole-Hopf formula with Gauss-Hermite quadrature (the exact solution up to quadrature
+    error) makes the HJB residual vanish, differentiated by autograd in float64."""
+    x1, w1 = np.polynomial.hermite_e.hermegauss(nodes)
+    grids = np.meshgrid(*([x1] * d), indexing="ij")
+    z = torch.tensor(np.stack([g.ravel() for g in grids], 1))
+    w = torch.tensor(np.prod(np.meshgrid(*([w1 / w1.sum()] * d), indexing="ij"), axis=0).ravel())
+    pde = HJB(d, mu=1.0, T=1.0)
+
+    class Solution(torch.nn.Module):
+        def forward(self, X):
+            return cole_hopf(X, z, w, pde.mu, pde.T).unsqueeze(-1)
+
+    gen = torch.Generator().manual_seed(3)
+    X = pde.sample_domain(8, gen)
+    X[:, -1] = X[:, -1].clamp(max=0.9)
+    D = derivatives(Solution(), pde, X)
+    assert pde.residual(X, D).abs().max() < 1e-6
+    XT = pde.sample_condition("terminal", 8, gen)  # and it meets the terminal condition
+    assert torch.allclose(Solution()(XT).squeeze(-1), pde.condition_target("terminal", XT), atol=1e-12)
+
+
+def test_hjb_monte_carlo_classic_value():
+    """Deep BSDE's check: d = 100, x = 0, t = 0: u = 4.5901617 within 3 standard errors."""
+    u, grad, se = cole_hopf_radial(np.zeros((1, 100)), np.zeros(1), 1.0, 1.0, 100_000, seed=0)
+    assert abs(u[0] - 4.5901617) < 3 * se[0]
+    assert se[0] < 1e-3 and np.all(grad == 0)
+
+
+def test_hjb_gradient_is_the_derivative_of_the_value():
+    """Common random numbers: central differences of the MC value match the MC gradient."""
+    rng = np.random.default_rng(5)
+    x, t = rng.standard_normal((4, 8)), np.array([0.0, 0.3, 0.6, 0.95])
+    _, grad, _ = cole_hopf_radial(x, t, 1.0, 1.0, 20_000, seed=2)
+    h = 1e-5
+    for i in range(8):
+        e = np.zeros(8)
+        e[i] = h
+        up = cole_hopf_radial(x + e, t, 1.0, 1.0, 20_000, seed=2)[0]
+        down = cole_hopf_radial(x - e, t, 1.0, 1.0, 20_000, seed=2)[0]
+        assert np.allclose((up - down) / (2 * h), grad[:, i], atol=1e-7)
+
+
+def test_hjb_radial_monte_carlo_matches_full_dimensional_monte_carlo():
+    d, n = 6, 200_000
+    rng = np.random.default_rng(7)
+    x, t = rng.standard_normal((3, d)), np.array([0.0, 0.4, 0.8])
+    u, _, se = cole_hopf_radial(x, t, 1.0, 1.0, n, seed=1)
+    z = torch.randn(n, d, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    X = torch.tensor(np.c_[x, t])
+    full = cole_hopf(X, z, torch.full((n,), 1.0 / n, dtype=torch.float64), 1.0, 1.0).numpy()
+    # two independent estimates: their difference has standard error about sqrt(2) se
+    assert np.all(np.abs(full - u) < 4 * math.sqrt(2) * se)
+
+
+def test_hjb_test_set_carries_standard_errors():
+    pde = build_pde("hjb", 10, {"mu": 1.0, "T": 1.0})
+    test = pde.test_set(50, seed=0, truth_samples=5000)
+    assert test.X.shape == (50, 11) and test.grad.shape == (50, 10)
+    assert test.u_se is not None and (test.u_se > 0).all() and (test.u_se < 0.05).all()
+
+
+def test_registry_and_user_pde():
+    assert set(REGISTRY) == {"poisson", "heat", "hjb"}
+    pde = build_pde("ignored", 3, target="user_pde:Reaction")
+    X = pde.sample_domain(16, torch.Generator().manual_seed(0))
+    D = derivatives(Exact(pde), pde, X)
+    assert pde.residual(X, D).abs().max() < 1e-10
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(name="wave", dim=2), "pde.name='wave' is not one of"),
+        (dict(name="hjb", dim=0), "pde.dim=0"),
+        (dict(name="hjb", dim=2, params={"nu": 1}), "pde.params"),
+        (dict(name="hjb", dim=2, params={"mu": -1}), "pde.params.mu"),
+        (dict(name="x", dim=2, target="nowhere.module:Cls"), "cannot be imported"),
+        (dict(name="x", dim=2, target="no_colon"), "package.module:ClassName"),
+        (dict(name="x", dim=2, target="math:sqrt"), "not a subclass"),
+    ],
+)
+def test_bad_pde_settings_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        build_pde(**kwargs)

@@ -1,0 +1,40 @@
+"""A user's own PDE, plugged in from config as ``pde.target: user_pde:Reaction``."""
+
+from __future__ import annotations
+
+import torch
+
+from dstein.estimators import Derivatives
+from dstein.pdes import ExactPDE
+
+
+class Reaction(ExactPDE):
+    """lap u = u on [0, 1]^d with u = exp(sum x / sqrt(d)) (exact)."""
+
+    name = "reaction"
+    needs = frozenset({"u", "lap"})
+    time_dependent = False
+    conditions = ("boundary",)
+
+    def residual(self, X: torch.Tensor, D: Derivatives) -> torch.Tensor:
+        return D.require("lap") - D.require("u")
+
+    def sample_domain(self, n, gen):
+        return torch.rand(n, self.dim, generator=gen, dtype=torch.float64)
+
+    def sample_condition(self, kind, n, gen):
+        X = torch.rand(n, self.dim, generator=gen, dtype=torch.float64)
+        X[:, 0] = torch.randint(2, (n,), generator=gen).to(torch.float64)
+        return X
+
+    def condition_target(self, kind, X):
+        return self.exact(X)
+
+    def project(self, X):
+        return X.clamp(0, 1)
+
+    def exact(self, X):
+        return torch.exp(X.sum(1) / self.dim**0.5)
+
+    def exact_grad(self, X):
+        return (self.exact(X) / self.dim**0.5).unsqueeze(1).expand(-1, self.dim).clone()
