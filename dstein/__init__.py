@@ -4,4 +4,4 @@ from dstein.estimators import METHODS, Derivatives, estimate
 
 __version__ = "0.1.0"
 
-__all__ = ["METHODS", "Derivatives", "estimate", "__version__"]
+__all__ = ["METHODS", "Derivatives", "__version__", "estimate"]

@@ -233,9 +233,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     finally:
         GlobalHydra.instance().clear()
     if OmegaConf.get_type(cfg) is not Config:
-        raise ConfigError(
-            f"config {path}: must begin with 'defaults: [{SCHEMA_NAME}, _self_]' so its keys are checked"
-        )
+        raise ConfigError(f"config {path}: must begin with 'defaults: [{SCHEMA_NAME}, _self_]' so its keys are checked")
     try:
         config = OmegaConf.to_object(cfg)
     except ConfigError:

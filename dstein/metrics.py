@@ -10,7 +10,9 @@ from typing import Any
 import torch
 
 
-def relative_errors(u: torch.Tensor, grad: torch.Tensor, u_true: torch.Tensor, grad_true: torch.Tensor) -> dict[str, float]:
+def relative_errors(
+    u: torch.Tensor, grad: torch.Tensor, u_true: torch.Tensor, grad_true: torch.Tensor
+) -> dict[str, float]:
     """L1 and L2 relative error of the solution, and L2 relative error of its spatial gradient."""
     u, grad = u.double().cpu(), grad.double().cpu()
     u_true, grad_true = u_true.double().cpu(), grad_true.double().cpu()
@@ -37,7 +39,7 @@ class MetricsLog:
 
     def __init__(self, path: Path, enabled: bool = True):
         self.path = path
-        self._fh = open(path, "a") if enabled else None
+        self._fh = open(path, "a") if enabled else None  # noqa: SIM115 - held open for the run
 
     def write(self, row: dict[str, Any]) -> None:
         if self._fh is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+
 class Sine(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.sin(x)

@@ -58,8 +58,7 @@ def num_chunks(samples: int, chunk: int) -> int:
     """Number of chunks for ``samples`` split into chunks of ``chunk``; both must divide."""
     if chunk <= 0 or samples <= 0 or samples % chunk:
         raise ValueError(
-            f"estimator.samples={samples} must be a positive whole number of chunks of "
-            f"estimator.chunk={chunk}"
+            f"estimator.samples={samples} must be a positive whole number of chunks of estimator.chunk={chunk}"
         )
     return samples // chunk
 

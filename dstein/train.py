@@ -24,7 +24,7 @@ from dstein.estimators import Derivatives, estimate
 from dstein.estimators.stein import Reducer
 from dstein.metrics import MetricsLog, relative_errors, write_json_atomic
 from dstein.models import MLP
-from dstein.noise import counter_seed
+from dstein.noise import counter_seed, default_chunk, num_chunks
 from dstein.pdes import PDE, TestSet, build_pde
 
 # Noise streams: each use of the estimator within a step draws from its own stream.
@@ -69,15 +69,23 @@ class Estimator:
         if self.method == "autograd":
             return estimate(model, X, method="autograd", needs=needs, sigma_t=self.sigma_t)
         samples = samples or self.samples
-        chunk = self.chunk if samples == self.samples else None
-        from dstein.noise import default_chunk, num_chunks
-
-        chunk = chunk or default_chunk(samples)
+        chunk = self.chunk if samples == self.samples and self.chunk else default_chunk(samples)
         chunks = self.chunks_for(num_chunks(samples, chunk)) if self.chunks_for else None
         return estimate(
-            model, X, method=self.method, needs=needs, samples=samples, sigma_x=self.sigma_x,
-            sigma_t=self.sigma_t, seed=self.seed, step=step, stream=stream, chunk=chunk,
-            chunks=chunks, reduce=self.reduce, rows=rows,
+            model,
+            X,
+            method=self.method,
+            needs=needs,
+            samples=samples,
+            sigma_x=self.sigma_x,
+            sigma_t=self.sigma_t,
+            seed=self.seed,
+            step=step,
+            stream=stream,
+            chunk=chunk,
+            chunks=chunks,
+            reduce=self.reduce,
+            rows=rows,
         )
 
 
@@ -86,7 +94,9 @@ def lr_factor(step: int, total: int) -> float:
     return max(0.0, 1.0 - step / total)
 
 
-def collocation(pde: PDE, config: Config, step: int, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+def collocation(
+    pde: PDE, config: Config, step: int, dtype: torch.dtype, device: torch.device
+) -> dict[str, torch.Tensor]:
     """The step's points: ``domain`` and one set per condition, from ``(seed, step)`` alone."""
     gen = torch.Generator().manual_seed(counter_seed(config.seed, step, POINTS_STREAM))
     points = {"domain": pde.sample_domain(config.train.domain_points, gen)}
@@ -110,7 +120,11 @@ def loss_terms(
     for k, kind in enumerate(pde.conditions):
         X = points[kind]
         u = estimator(
-            model, X, frozenset({"u"}), step=step, stream=stream_base + CONDITION_STREAM + k,
+            model,
+            X,
+            frozenset({"u"}),
+            step=step,
+            stream=stream_base + CONDITION_STREAM + k,
             samples=estimator.condition_samples,
         ).require("u")
         diff = u - pde.condition_target(kind, X)
@@ -133,7 +147,7 @@ def adversarial_points(
         loss = total_loss(terms, config.train.condition_weight)
         grads = torch.autograd.grad(loss, list(moving.values()))
         moved = {}
-        for (kind, X), g in zip(moving.items(), grads):
+        for (kind, X), g in zip(moving.items(), grads, strict=True):
             X = X.detach() + adv.step_size * g.sign()
             moved[kind] = pde.project(X) if kind == "domain" else pde.project_condition(kind, X)
         points = moved
@@ -172,7 +186,9 @@ def predict(
     return torch.cat(us), torch.cat(grads)
 
 
-def evaluate(model: torch.nn.Module, test: TestSet, config: Config, dtype: torch.dtype, device: torch.device) -> dict[str, float]:
+def evaluate(
+    model: torch.nn.Module, test: TestSet, config: Config, dtype: torch.dtype, device: torch.device
+) -> dict[str, float]:
     u, grad = predict(model, test.X.to(device=device, dtype=dtype), config)
     return relative_errors(u, grad, test.u, test.grad)
 
@@ -222,9 +238,13 @@ def build_trainer(config: Config, is_writer: bool = True) -> Trainer:
     optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr)
     est = config.estimator
     estimator = Estimator(
-        method=est.method, samples=est.samples, sigma_x=est.sigma_x,
-        sigma_t=est.time_sigma if pde.time_dependent else None, seed=config.seed,
-        chunk=est.chunk, condition_samples=est.condition_samples,
+        method=est.method,
+        samples=est.samples,
+        sigma_x=est.sigma_x,
+        sigma_t=est.time_sigma if pde.time_dependent else None,
+        seed=config.seed,
+        chunk=est.chunk,
+        condition_samples=est.condition_samples,
     )
     test = pde.test_set(config.eval.points, config.eval.seed, config.eval.truth_samples)
     run_dir = Path(config.run.dir)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dstein.config import ConfigError, load_config, to_yaml  # noqa: E402
+from dstein.config import ConfigError, load_config, to_yaml
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:

@@ -14,8 +14,8 @@ import torch
 from closed_forms import Quadratic, SinWave
 
 import dstein
-from dstein.estimators.stein import partial_sums
 from dstein.estimators import make_spec
+from dstein.estimators.stein import partial_sums
 from dstein.noise import deal_chunks
 
 NEEDS_T = ("u", "u_t", "grad", "grad_sq", "lap")
@@ -32,8 +32,15 @@ def repeats(fn, X, method, needs, samples, reps, time, sx=SX, st=ST):
     out = {k: [] for k in needs}
     for r in range(reps):
         D = dstein.estimate(
-            fn, X, method=method, needs=needs, samples=samples, sigma_x=sx,
-            sigma_t=st if time else None, seed=r, step=0,
+            fn,
+            X,
+            method=method,
+            needs=needs,
+            samples=samples,
+            sigma_x=sx,
+            sigma_t=st if time else None,
+            seed=r,
+            step=0,
         )
         for k in needs:
             out[k].append(getattr(D, k).detach())
@@ -172,12 +179,10 @@ def test_parameter_gradient_is_exact_derivative_of_the_estimate(method):
             self.flat = flat
 
         def forward(self, Y):
-            return torch.func.functional_call(model, dict(zip(names, self.flat)), (Y,))
+            return torch.func.functional_call(model, dict(zip(names, self.flat, strict=True)), (Y,))
 
     def f(*flat):
-        D = dstein.estimate(
-            WithParams(flat), X, method=method, needs=NEEDS_T, samples=16, sigma_x=0.3, sigma_t=0.2
-        )
+        D = dstein.estimate(WithParams(flat), X, method=method, needs=NEEDS_T, samples=16, sigma_x=0.3, sigma_t=0.2)
         return D.u, D.u_t, D.grad_sq, D.lap
 
     inputs = tuple(p.detach().clone().requires_grad_(True) for p in model.parameters())
@@ -189,7 +194,7 @@ def test_precision_guard_refuses_bf16_with_small_sigma():
 
     model = MLP(3, 8, 2).to(torch.bfloat16)
     X = torch.zeros(2, 3, dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="sigma_x=0.01 is too small for bfloat16"):
+    with pytest.raises(ValueError, match=r"sigma_x=0\.01 is too small for bfloat16"):
         dstein.estimate(model, X, method="stein-antithetic", needs={"lap"}, samples=8, sigma_x=0.01)
     model32 = MLP(3, 8, 2)
     dstein.estimate(model32, X.float(), method="stein-antithetic", needs={"lap"}, samples=8, sigma_x=0.01)

@@ -25,8 +25,9 @@ class Exact(torch.nn.Module):
 
 
 def derivatives(model, pde, X):
-    return dstein.estimate(model, X, method="autograd", needs=pde.needs | {"u", "grad"},
-                           sigma_t=1.0 if pde.time_dependent else None)
+    return dstein.estimate(
+        model, X, method="autograd", needs=pde.needs | {"u", "grad"}, sigma_t=1.0 if pde.time_dependent else None
+    )
 
 
 @pytest.mark.parametrize("name, dim", [("poisson", 2), ("poisson", 7), ("heat", 3), ("heat", 100)])
@@ -50,7 +51,9 @@ def test_samplers_stay_on_their_sets():
     heat = build_pde("heat", 5, {"T": 2.0})
     Xd = heat.sample_domain(500, gen)
     assert (Xd[:, :-1].norm(dim=1) <= 1).all() and (Xd[:, -1] >= 0).all() and (Xd[:, -1] <= 2).all()
-    assert torch.allclose(heat.sample_condition("boundary", 50, gen)[:, :-1].norm(dim=1), torch.ones(50, dtype=torch.float64))
+    assert torch.allclose(
+        heat.sample_condition("boundary", 50, gen)[:, :-1].norm(dim=1), torch.ones(50, dtype=torch.float64)
+    )
     assert (heat.sample_condition("initial", 50, gen)[:, -1] == 0).all()
     hjb = build_pde("hjb", 6, {"mu": 1.0, "T": 1.0})
     assert (hjb.sample_condition("terminal", 50, gen)[:, -1] == 1.0).all()

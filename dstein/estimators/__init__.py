@@ -99,8 +99,15 @@ def estimate(
     if samples is None or sigma_x is None:
         raise ValueError(f"method {method!r} needs samples and sigma_x")
     spec = make_spec(
-        method, needs, samples=samples, sigma_x=sigma_x, sigma_t=sigma_t,
-        seed=seed, step=step, stream=stream, chunk=chunk,
+        method,
+        needs,
+        samples=samples,
+        sigma_x=sigma_x,
+        sigma_t=sigma_t,
+        seed=seed,
+        step=step,
+        stream=stream,
+        chunk=chunk,
     )
     check_precision(model, spec.sigma_x, needs)
     return stein_estimate(model, X, spec, chunks=chunks, reduce=reduce, rows=rows)

@@ -36,9 +36,7 @@ def check_needs(needs) -> frozenset[str]:
     needs = frozenset(needs)
     unknown = needs - ALL_NEEDS
     if unknown or not needs:
-        raise ValueError(
-            f"needs={sorted(needs)} is not a non-empty subset of {sorted(ALL_NEEDS)}"
-        )
+        raise ValueError(f"needs={sorted(needs)} is not a non-empty subset of {sorted(ALL_NEEDS)}")
     return needs
 
 

@@ -116,7 +116,7 @@ def partial_sums(
     B, D = X.shape
     offset, total = rows if rows is not None else (0, B)
     scale = torch.full((D,), spec.sigma_x, dtype=X.dtype, device=X.device)
-    if spec.time_dependent:
+    if spec.sigma_t is not None:
         scale[d] = spec.sigma_t
     g0 = model(X).reshape(B) if spec.antithetic and "lap" in spec.needs else None
     need_grad = bool({"grad", "grad_sq"} & spec.needs)
@@ -127,18 +127,22 @@ def partial_sums(
 
     for c in chunks:
         z = sample_chunk(
-            spec.seed, spec.step, spec.stream, c, (total, spec.terms_per_chunk, D),
-            dtype=X.dtype, device=X.device,
+            spec.seed,
+            spec.step,
+            spec.stream,
+            c,
+            (total, spec.terms_per_chunk, D),
+            dtype=X.dtype,
+            device=X.device,
         )
         if total != B:
             z = z[offset : offset + B]
         g_plus, g_minus = _perturbed_values(model, X, z, scale, spec.antithetic)
         if g_minus is None:
-            value = odd = even = g_plus
+            value = odd = g_plus
         else:
             value = 0.5 * (g_plus + g_minus)
             odd = 0.5 * (g_plus - g_minus)
-            even = value - g0.unsqueeze(1) if g0 is not None else None
         zx = z[..., :d]
         if "u" in spec.needs:
             add("value", value.sum(1))
@@ -146,11 +150,13 @@ def partial_sums(
             add("time", (z[..., d] * odd).sum(1))
         if need_grad:
             add("grad", torch.einsum("bnd,bn->bd", zx, odd))
-        zx_sq = (zx * zx).sum(-1) if ("lap" in spec.needs or "grad_sq" in spec.needs) else None
-        if "grad_sq" in spec.needs:
-            add("grad_norms", (zx_sq * odd * odd).sum(1))
-        if "lap" in spec.needs:
-            add("lap", ((zx_sq - d) * even).sum(1))
+        if "grad_sq" in spec.needs or "lap" in spec.needs:
+            zx_sq = (zx * zx).sum(-1)
+            if "grad_sq" in spec.needs:
+                add("grad_norms", (zx_sq * odd * odd).sum(1))
+            if "lap" in spec.needs:
+                even = value if g0 is None else value - g0.unsqueeze(1)
+                add("lap", ((zx_sq - d) * even).sum(1))
     return sums
 
 

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Create .venv (if missing) and install dstein with its test tools. Idempotent.
+# DSTEIN_TORCH selects the torch build (default: the CPU build torch==2.13.0; on a GPU
+# cluster set it to the CUDA build you use, e.g. DSTEIN_TORCH="torch==2.13.0").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  .venv/bin/python -m pip install -q "${DSTEIN_TORCH:-torch==2.13.0}"
+fi
+.venv/bin/python -m pip install -q -e ".[dev]"

@@ -1,0 +1,180 @@
+"""The trainer and the command line: every config runs, the run directory is complete,
+runs are deterministic, errors are one clear line with exit status 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dstein.config import load_config
+from dstein.metrics import read_metrics, relative_errors
+from dstein.train import adversarial_points, build_trainer, collocation, lr_factor, run
+
+CONFIGS = sorted(p.name for p in (Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
+
+# Small overrides that keep each config's PDE, dimension and method but make 3 steps quick.
+SMALL = [
+    "train.steps=3",
+    "train.log_every=1",
+    "eval.every=2",
+    "eval.points=8",
+    "eval.samples=8",
+    "eval.truth_samples=2000",
+    "estimator.samples=16",
+    "estimator.chunk=8",
+    "train.domain_points=6",
+    "train.condition_points=6",
+    "train.adversarial.steps=1",
+]
+SMALL_NET = ["model.width=32", "model.depth=2"]
+
+
+def small_config(name: str, run_dir: Path, *extra: str):
+    return load_config(Path("configs") / name, [*SMALL, f"run.dir={run_dir}", *extra])
+
+
+@pytest.fixture(autouse=True)
+def _in_root(root, monkeypatch):
+    monkeypatch.chdir(root)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_config_runs_three_steps(name, tmp_path):
+    extra = SMALL_NET if "10k" in name else []
+    summary = run(small_config(name, tmp_path, *extra))
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    train_rows = [r for r in rows if "loss" in r]
+    eval_rows = [r for r in rows if "l2_rel" in r]
+    assert [r["step"] for r in train_rows] == [1, 2, 3]
+    assert [r["step"] for r in eval_rows] == [2, 3]
+    config = load_config(Path("configs") / name)
+    for row in train_rows:
+        assert {"step", "loss", "residual", "lr", "seconds"} <= set(row)
+    for row in eval_rows:
+        assert {"step", "l1_rel", "l2_rel", "grad_l2_rel"} <= set(row)
+    stored = json.loads((tmp_path / "summary.json").read_text())
+    assert stored == json.loads(json.dumps(summary))
+    for key in ("l1_rel", "l2_rel", "grad_l2_rel", "steps", "wall_seconds", "world_size", "method", "dim"):
+        assert key in stored
+    assert stored["dim"] == config.pde.dim and stored["method"] == config.estimator.method
+    assert (tmp_path / "config.yaml").read_text().count(f"dim: {config.pde.dim}") == 1
+
+
+@pytest.mark.parametrize("method", ["autograd", "stein", "stein-antithetic"])
+def test_runs_are_deterministic_and_condition_terms_are_logged(method, tmp_path):
+    a = run(small_config("quickstart.yaml", tmp_path / "a", f"estimator.method={method}", *SMALL_NET))
+    b = run(small_config("quickstart.yaml", tmp_path / "b", f"estimator.method={method}", *SMALL_NET))
+    rows_a = [{k: v for k, v in r.items() if k != "seconds"} for r in read_metrics(tmp_path / "a/metrics.jsonl")]
+    rows_b = [{k: v for k, v in r.items() if k != "seconds"} for r in read_metrics(tmp_path / "b/metrics.jsonl")]
+    assert rows_a == rows_b and a["l2_rel"] == b["l2_rel"]
+    assert all("terminal" in r for r in rows_a if "loss" in r)
+
+
+def test_learning_rate_decays_linearly_to_zero():
+    assert [lr_factor(s, 4) for s in range(5)] == [1.0, 0.75, 0.5, 0.25, 0.0]
+
+
+def test_collocation_depends_on_seed_and_step_only(tmp_path):
+    cfg = small_config("heat_100.yaml", tmp_path)
+    tr = build_trainer(cfg)
+    a = collocation(tr.pde, cfg, 5, torch.float64, torch.device("cpu"))
+    b = collocation(tr.pde, cfg, 5, torch.float64, torch.device("cpu"))
+    c = collocation(tr.pde, cfg, 6, torch.float64, torch.device("cpu"))
+    assert set(a) == {"domain", "initial", "boundary"}
+    assert all(torch.equal(a[k], b[k]) for k in a) and not torch.equal(a["domain"], c["domain"])
+
+
+def test_adversarial_steps_move_points_and_respect_the_sets(tmp_path):
+    cfg = small_config("hjb_250.yaml", tmp_path, "pde.dim=5", "train.adversarial.steps=3", *SMALL_NET)
+    tr = build_trainer(cfg)
+    points = collocation(tr.pde, cfg, 0, torch.float32, torch.device("cpu"))
+    moved = adversarial_points(tr.model, tr.pde, tr.estimator, points, cfg, 0)
+    step = cfg.train.adversarial.step_size
+    for kind in points:
+        shift = (moved[kind] - points[kind])[:, :-1].abs()
+        assert shift.max() <= 3 * step + 1e-6 and shift.max() > 0.5 * step
+    assert (moved["domain"][:, -1] >= 0).all() and (moved["domain"][:, -1] <= 1).all()
+    assert (moved["terminal"][:, -1] == 1.0).all()
+
+
+def test_solution_error_alone_rewards_a_model_that_ignores_x():
+    """REFERENCE.md: u = t + 1/(2(d+2)) has a small L2 error on heat at d = 10, but the
+    gradient error exposes it; this is why grad_l2_rel is always reported."""
+    from dstein.pdes import build_pde
+
+    heat = build_pde("heat", 10)
+    test = heat.test_set(2000, seed=0, truth_samples=2)
+    t = test.X[:, -1]
+    errors = relative_errors(t + 1 / (2 * 12), torch.zeros_like(test.grad), test.u, test.grad)
+    assert 0.005 < errors["l2_rel"] < 0.02 and errors["grad_l2_rel"] == 1.0
+
+
+def launch(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent)}
+    return subprocess.run(
+        [sys.executable, "launch/train.py", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_command_line_trains_and_reports(root, tmp_path):
+    out = launch("--config", "configs/quickstart.yaml", *SMALL, *SMALL_NET, f"run.dir={tmp_path}", cwd=root)
+    assert out.returncode == 0, out.stderr
+    assert "L2 rel" in out.stdout and str(tmp_path) in out.stdout
+    assert (tmp_path / "summary.json").is_file()
+
+
+def test_print_config(root):
+    out = launch("--config", "configs/quickstart.yaml", "--print-config", "pde.dim=3", cwd=root)
+    assert out.returncode == 0 and "dim: 3" in out.stdout and "width: 128" in out.stdout
+
+
+def test_user_pde_from_config(root, tmp_path):
+    out = launch(
+        "--config",
+        "configs/poisson_2d.yaml",
+        *SMALL,
+        *SMALL_NET,
+        "pde.target=user_pde:Reaction",
+        f"run.dir={tmp_path}",
+        cwd=root,
+    )
+    assert out.returncode == 0, out.stderr
+    assert json.loads((tmp_path / "summary.json").read_text())["pde"] == "reaction"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--config", "configs/nope.yaml"], "--config configs/nope.yaml: no such file"),
+        (["--config", "configs/quickstart.yaml", "train.stepz=3"], "train.stepz"),
+        (["--config", "configs/quickstart.yaml", "train.steps=many"], "train.steps"),
+        (["--config", "configs/quickstart.yaml", "train.steps=0"], "train.steps=0 must be >= 1"),
+        (["--config", "configs/quickstart.yaml", "estimator.method=magic"], "estimator.method='magic'"),
+        (
+            ["--config", "configs/quickstart.yaml", "estimator.samples=100", "estimator.chunk=16"],
+            "whole number of chunks",
+        ),
+        (["--config", "configs/quickstart.yaml", "pde.name=wave"], "pde.name='wave'"),
+        (["--config", "configs/quickstart.yaml", "estimator.sigma_x=0"], "estimator.sigma_x=0.0 must be > 0"),
+    ],
+)
+def test_user_errors_exit_2_with_one_line(root, args, message):
+    out = launch(*args, cwd=root)
+    assert out.returncode == 2, (out.stdout, out.stderr)
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in out.stderr, out.stderr
+
+
+def test_config_without_schema_header_is_refused(tmp_path):
+    bad = tmp_path / "bare.yaml"
+    bad.write_text("seed: 1\n")
+    from dstein.config import ConfigError
+
+    with pytest.raises(ConfigError, match="defaults: \\[dstein, _self_\\]"):
+        load_config(bad)
