@@ -131,7 +131,7 @@ def test_command_line_trains_and_reports(root, tmp_path):
 
 def test_print_config(root):
     out = launch("--config", "configs/quickstart.yaml", "--print-config", "pde.dim=3", cwd=root)
-    assert out.returncode == 0 and "dim: 3" in out.stdout and "width: 128" in out.stdout
+    assert out.returncode == 0 and "dim: 3" in out.stdout and "width: 96" in out.stdout
 
 
 def test_user_pde_from_config(root, tmp_path):
