@@ -38,14 +38,16 @@ class RunConfig:
     device: str = "auto"
     """'auto' (CUDA if available, else CPU), 'cpu' or 'cuda'."""
     dtype: str = "float32"
-    """Precision of the model and of the perturbed forward passes: float32 or float64."""
+    """Precision of the model and of the perturbed forward passes (float32: DeepSpeed
+    communicates gradients in fp32, fp16 or bf16, and half precision cannot resolve the
+    Stein differences at small sigma, MATH.md)."""
     threads: int = 0
     """torch intra-op threads per process; 0 keeps torch's default."""
 
     def __post_init__(self) -> None:
         _check(bool(self.dir), "run.dir must be a non-empty path")
         _check(self.device in ("auto", "cpu", "cuda"), f"run.device={self.device!r} must be auto, cpu or cuda")
-        _check(self.dtype in ("float32", "float64"), f"run.dtype={self.dtype!r} must be float32 or float64")
+        _check(self.dtype == "float32", f"run.dtype={self.dtype!r}: training supports float32 only")
         _check(self.threads >= 0, f"run.threads={self.threads} must be >= 0")
 
 
@@ -177,6 +179,39 @@ class EvalConfig:
 
 
 @dataclass
+class ParallelConfig:
+    world_size: int = 0
+    """Ranks the launcher must start (0: whatever it starts)."""
+    sample_group_size: int = 0
+    """Ranks sharing the samples of one point group (0: all ranks); must divide the world size."""
+    timeout_s: float = 300.0
+    """Collective timeout: a rank waiting longer for a lost peer exits with an error."""
+
+    def __post_init__(self) -> None:
+        _check(self.world_size >= 0, f"parallel.world_size={self.world_size} must be >= 0")
+        _check(self.sample_group_size >= 0, f"parallel.sample_group_size={self.sample_group_size} must be >= 0")
+        _check(self.timeout_s > 0, f"parallel.timeout_s={self.timeout_s} must be > 0")
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 0
+    """ZeRO stage: 0 (plain data parallel), 1 (optimizer state sharded) or 2 (and gradients)."""
+    optimizer: str = "torch"
+    """torch: dstein builds torch.optim.Adam and hands it to DeepSpeed; deepspeed: DeepSpeed
+    builds its Adam from its own config (torch implementation, so it runs on CPUs too)."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Further DeepSpeed config keys, merged as given (for example communication settings)."""
+
+    def __post_init__(self) -> None:
+        _check(self.zero_stage in (0, 1, 2), f"deepspeed.zero_stage={self.zero_stage} must be 0, 1 or 2")
+        _check(
+            self.optimizer in ("torch", "deepspeed"),
+            f"deepspeed.optimizer={self.optimizer!r} must be torch or deepspeed",
+        )
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     seed: int = 0
@@ -186,6 +221,8 @@ class Config:
     estimator: EstimatorConfig = field(default_factory=EstimatorConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
     def __post_init__(self) -> None:
         _check(self.seed >= 0, f"seed={self.seed} must be >= 0")

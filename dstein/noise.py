@@ -63,27 +63,35 @@ def num_chunks(samples: int, chunk: int) -> int:
     return samples // chunk
 
 
-def default_chunk(samples: int, limit: int = 256) -> int:
-    """The largest divisor of ``samples`` not above ``limit``: bounded memory, no remainder."""
-    if samples <= limit:
-        return samples
-    for c in range(limit, 0, -1):
-        if samples % c == 0:
-            return c
-    return 1
+def default_chunk(samples: int, paired: bool = False, limit: int = 256, min_chunks: int = 4) -> int:
+    """The chunk size used when none is configured.
+
+    The largest whole number of terms (samples, or pairs when ``paired``) dividing the
+    total that keeps a chunk at most ``limit`` samples and, where possible, makes at least
+    ``min_chunks`` chunks, so that a few ranks can share the samples without reconfiguring.
+    """
+    unit = 2 if paired else 1
+    terms = max(1, samples // unit)
+    cap = max(1, min(limit // unit, terms // min_chunks))
+    best = max(c for c in range(1, cap + 1) if terms % c == 0)
+    return best * unit
+
+
+def split_evenly(n: int, part: int, parts: int) -> tuple[int, int]:
+    """Items ``start:stop`` of ``n`` for ``part`` of ``parts``; sizes differ by at most one."""
+    base, extra = divmod(n, parts)
+    start = part * base + min(part, extra)
+    return start, start + base + (1 if part < extra else 0)
 
 
 def deal_chunks(num_chunks: int, rank: int, world: int) -> range:
-    """The contiguous range of chunk indices that ``rank`` of ``world`` evaluates.
+    """The contiguous range of chunk indices that ``rank`` of a sample group of ``world`` evaluates.
 
-    Chunks are dealt as evenly as possible (sizes differ by at most one); every rank must
-    get at least one chunk.
+    Chunks are dealt as evenly as possible; every rank must get at least one chunk.
     """
     if world > num_chunks:
         raise ValueError(
             f"{num_chunks} noise chunks cannot be dealt to {world} ranks: each rank of a sample "
             "group needs at least one chunk (lower estimator.chunk or raise estimator.samples)"
         )
-    base, extra = divmod(num_chunks, world)
-    start = rank * base + min(rank, extra)
-    return range(start, start + base + (1 if rank < extra else 0))
+    return range(*split_evenly(num_chunks, rank, world))

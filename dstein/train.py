@@ -1,9 +1,16 @@
 """The training loop: build, step, evaluate, log. No launcher logic lives here.
 
-One step, as data: collocation points from ``(seed, step)`` -> (optional adversarial
-moves) -> derivative estimates (the ``Estimator``: this process's noise chunks, partial sums,
-sum across the sample group) -> PDE residual and condition losses -> backward -> Adam step
-with a learning rate that is a pure function of the step -> metrics.
+One step, as data: collocation points from ``(seed, step)`` (every rank draws the full batch
+and keeps its point group's rows) -> optional adversarial moves -> derivative estimates
+(the ``Estimator``: this rank's noise chunks, partial sums, one all-reduce in the sample
+group) -> PDE residual and condition losses -> DeepSpeed backward and step, the learning
+rate a pure function of the step -> metrics on rank 0.
+
+Gradient scaling (MATH.md section 4). The loss is ``L = sum_p L_p`` where ``L_p`` sums the
+point group's squared residuals divided by the GLOBAL point counts. A rank's local backward of
+``L_p`` gives its share of the gradient (the all-reduce's backward is the identity), and the
+full gradient is the SUM of the shares over all ranks. DeepSpeed AVERAGES gradients over
+its data-parallel ranks, so each rank back-propagates ``world_size * L_p``.
 """
 
 from __future__ import annotations
@@ -20,11 +27,20 @@ import torch
 
 import dstein
 from dstein.config import Config, to_yaml
+from dstein.distributed import (
+    DistInfo,
+    DistributedError,
+    all_reduce_sum,
+    describe_failure,
+    init_distributed,
+    sum_partial_sums,
+    sum_values,
+)
 from dstein.estimators import Derivatives, estimate
 from dstein.estimators.stein import Reducer
-from dstein.metrics import MetricsLog, relative_errors, write_json_atomic
+from dstein.metrics import MetricsLog, error_sums, errors_from_sums, write_json_atomic
 from dstein.models import MLP
-from dstein.noise import counter_seed, default_chunk, num_chunks
+from dstein.noise import counter_seed, deal_chunks, default_chunk, num_chunks, split_evenly
 from dstein.pdes import PDE, TestSet, build_pde
 
 # Noise streams: each use of the estimator within a step draws from its own stream.
@@ -32,17 +48,18 @@ DOMAIN_STREAM = 0
 CONDITION_STREAM = 1  # + index of the condition
 ATTACK_STREAM = 100  # + 10 * attack step + (0: domain, 1 + k: condition k)
 EVAL_STREAM = 1_000_000
-# Stream of the collocation point generator (separate counter space from the noise).
+# Counter of the collocation point generator (separate from the noise counters).
 POINTS_STREAM = 7
+# Test points are evaluated in blocks of this size; a block's noise is keyed by its index.
+EVAL_BLOCK = 64
 
 
 @dataclass
 class Estimator:
     """The configured derivative estimator, as the trainer calls it.
 
-    ``chunks_for(num_chunks)`` picks the noise chunks this process evaluates and ``reduce``
-    sums partial sums across the sample group; in one process they are all chunks and the
-    identity. ``rows`` places this process's points in the step's batch.
+    ``chunks_for(num_chunks)`` picks the noise chunks this rank evaluates and ``reduce``
+    sums partial sums across the sample group; in one process they are all chunks and None.
     """
 
     method: str
@@ -54,6 +71,12 @@ class Estimator:
     condition_samples: int | None = None
     chunks_for: Callable[[int], range] | None = None
     reduce: Reducer | None = None
+
+    def chunk_for(self, samples: int) -> int:
+        """The configured chunk for the training samples, else the default for ``samples``."""
+        if samples == self.samples and self.chunk:
+            return self.chunk
+        return default_chunk(samples, paired=self.method == "stein-antithetic")
 
     def __call__(
         self,
@@ -69,24 +92,13 @@ class Estimator:
         if self.method == "autograd":
             return estimate(model, X, method="autograd", needs=needs, sigma_t=self.sigma_t)
         samples = samples or self.samples
-        chunk = self.chunk if samples == self.samples and self.chunk else default_chunk(samples)
+        chunk = self.chunk_for(samples)
         chunks = self.chunks_for(num_chunks(samples, chunk)) if self.chunks_for else None
         return estimate(
-            model,
-            X,
-            method=self.method,
-            needs=needs,
-            samples=samples,
-            sigma_x=self.sigma_x,
-            sigma_t=self.sigma_t,
-            seed=self.seed,
-            step=step,
-            stream=stream,
-            chunk=chunk,
-            chunks=chunks,
-            reduce=self.reduce,
-            rows=rows,
-        )
+            model, X, method=self.method, needs=needs, samples=samples, sigma_x=self.sigma_x,
+            sigma_t=self.sigma_t, seed=self.seed, step=step, stream=stream, chunk=chunk,
+            chunks=chunks, reduce=self.reduce, rows=rows,
+        )  # fmt: skip
 
 
 def lr_factor(step: int, total: int) -> float:
@@ -94,41 +106,60 @@ def lr_factor(step: int, total: int) -> float:
     return max(0.0, 1.0 - step / total)
 
 
+@dataclass(frozen=True)
+class Batch:
+    """This point group's rows of one kind of points: ``X[start:start+len]`` of ``total``."""
+
+    X: torch.Tensor
+    start: int
+    total: int
+
+    @property
+    def rows(self) -> tuple[int, int]:
+        return (self.start, self.total)
+
+    def with_points(self, X: torch.Tensor) -> Batch:
+        return Batch(X, self.start, self.total)
+
+
 def collocation(
-    pde: PDE, config: Config, step: int, dtype: torch.dtype, device: torch.device
-) -> dict[str, torch.Tensor]:
-    """The step's points: ``domain`` and one set per condition, from ``(seed, step)`` alone."""
+    pde: PDE, config: Config, step: int, dtype: torch.dtype, device: torch.device, part: int = 0, parts: int = 1
+) -> dict[str, Batch]:
+    """The step's points (``domain`` and one set per condition) from ``(seed, step)`` alone;
+    point group ``part`` of ``parts`` keeps its rows of each set."""
     gen = torch.Generator().manual_seed(counter_seed(config.seed, step, POINTS_STREAM))
     points = {"domain": pde.sample_domain(config.train.domain_points, gen)}
     for kind in pde.conditions:
         points[kind] = pde.sample_condition(kind, config.train.condition_points, gen)
-    return {k: v.to(device=device, dtype=dtype) for k, v in points.items()}
+    out = {}
+    for kind, X in points.items():
+        start, stop = split_evenly(X.shape[0], part, parts)
+        out[kind] = Batch(X[start:stop].to(device=device, dtype=dtype), start, X.shape[0])
+    return out
 
 
 def loss_terms(
     model: torch.nn.Module,
     pde: PDE,
     estimator: Estimator,
-    points: dict[str, torch.Tensor],
+    points: dict[str, Batch],
     step: int,
     stream_base: int = 0,
 ) -> dict[str, torch.Tensor]:
-    """Mean squared PDE residual (``residual``) and condition misfits (one per condition)."""
-    D = estimator(model, points["domain"], pde.needs, step=step, stream=stream_base + DOMAIN_STREAM)
-    res = pde.residual(points["domain"], D)
-    terms = {"residual": (res * res).mean()}
+    """Squared PDE residual (``residual``) and condition misfits (one per condition), each
+    summed over this point group's points and divided by the step's total count."""
+    dom = points["domain"]
+    D = estimator(model, dom.X, pde.needs, step=step, stream=stream_base + DOMAIN_STREAM, rows=dom.rows)
+    res = pde.residual(dom.X, D)
+    terms = {"residual": (res * res).sum() / dom.total}
     for k, kind in enumerate(pde.conditions):
-        X = points[kind]
+        batch = points[kind]
         u = estimator(
-            model,
-            X,
-            frozenset({"u"}),
-            step=step,
-            stream=stream_base + CONDITION_STREAM + k,
-            samples=estimator.condition_samples,
-        ).require("u")
-        diff = u - pde.condition_target(kind, X)
-        terms[kind] = (diff * diff).mean()
+            model, batch.X, frozenset({"u"}), step=step, stream=stream_base + CONDITION_STREAM + k,
+            samples=estimator.condition_samples, rows=batch.rows,
+        ).require("u")  # fmt: skip
+        diff = u - pde.condition_target(kind, batch.X)
+        terms[kind] = (diff * diff).sum() / batch.total
     return terms
 
 
@@ -137,45 +168,60 @@ def total_loss(terms: dict[str, torch.Tensor], condition_weight: float) -> torch
 
 
 def adversarial_points(
-    model: torch.nn.Module, pde: PDE, estimator: Estimator, points: dict[str, torch.Tensor], config: Config, step: int
-) -> dict[str, torch.Tensor]:
-    """Signed-gradient ascent of the loss on the points, projected back onto their sets."""
+    model: torch.nn.Module,
+    pde: PDE,
+    estimator: Estimator,
+    points: dict[str, Batch],
+    config: Config,
+    step: int,
+    sample_group: Any = None,
+) -> dict[str, Batch]:
+    """Signed-gradient ascent of the loss on the points, projected back onto their sets.
+
+    In a sample group each rank holds a share of the gradient with respect to the points;
+    the shares are summed so that every rank moves the points alike.
+    """
     adv = config.train.adversarial
     for j in range(adv.steps):
-        moving = {k: v.detach().requires_grad_(True) for k, v in points.items()}
-        terms = loss_terms(model, pde, estimator, moving, step, stream_base=ATTACK_STREAM + 10 * j)
+        moving = {k: b.X.detach().requires_grad_(True) for k, b in points.items()}
+        batches = {k: points[k].with_points(X) for k, X in moving.items()}
+        terms = loss_terms(model, pde, estimator, batches, step, stream_base=ATTACK_STREAM + 10 * j)
         loss = total_loss(terms, config.train.condition_weight)
         grads = torch.autograd.grad(loss, list(moving.values()))
         moved = {}
         for (kind, X), g in zip(moving.items(), grads, strict=True):
+            g = sum_values(g, sample_group)
             X = X.detach() + adv.step_size * g.sign()
-            moved[kind] = pde.project(X) if kind == "domain" else pde.project_condition(kind, X)
+            moved[kind] = points[kind].with_points(
+                pde.project(X) if kind == "domain" else pde.project_condition(kind, X)
+            )
         points = moved
-    return {k: v.detach() for k, v in points.items()}
+    return points
 
 
 def predict(
-    model: torch.nn.Module, X: torch.Tensor, config: Config, block: int = 64
+    model: torch.nn.Module, X: torch.Tensor, config: Config, first_block: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The trained solution and its spatial gradient at test points.
+    """The trained solution and its spatial gradient at test points (blocks of EVAL_BLOCK).
 
     Autograd: the network itself. Stein methods: the smoothed model, its value averaged over
     ``eval.samples`` perturbations and its gradient by differentiating that average with
     respect to the points (pathwise, far less noisy than the Stein gradient; this is
-    evaluation, not training).
+    evaluation, not training). Block ``b``'s noise is keyed by ``first_block + b``.
     """
     d = config.pde.dim
     us, grads = [], []
     stein = config.estimator.method != "autograd"
     n = config.eval.samples
-    for lo in range(0, X.shape[0], block):
-        Xb = X[lo : lo + block].detach().requires_grad_(True)
+    scale = torch.full((X.shape[1],), config.estimator.sigma_x, dtype=X.dtype, device=X.device)
+    if X.shape[1] > d:
+        scale[d] = config.estimator.time_sigma
+    for b, lo in enumerate(range(0, X.shape[0], EVAL_BLOCK)):
+        Xb = X[lo : lo + EVAL_BLOCK].detach().requires_grad_(True)
         if stein:
-            gen = torch.Generator(device=X.device).manual_seed(counter_seed(config.seed, EVAL_STREAM, lo))
+            key = counter_seed(config.seed, EVAL_STREAM, first_block + b)
+            gen = torch.Generator(device=X.device).manual_seed(key)
             z = torch.randn((Xb.shape[0], n, Xb.shape[1]), generator=gen, dtype=X.dtype, device=X.device)
-            scale = torch.full((Xb.shape[1],), config.estimator.sigma_x, dtype=X.dtype, device=X.device)
-            if Xb.shape[1] > d:
-                scale[d] = config.estimator.time_sigma
             Y = (Xb.unsqueeze(1) + z * scale).reshape(-1, Xb.shape[1])
             u = model(Y).reshape(Xb.shape[0], n).mean(1)
         else:
@@ -186,19 +232,18 @@ def predict(
     return torch.cat(us), torch.cat(grads)
 
 
-def evaluate(
-    model: torch.nn.Module, test: TestSet, config: Config, dtype: torch.dtype, device: torch.device
-) -> dict[str, float]:
-    u, grad = predict(model, test.X.to(device=device, dtype=dtype), config)
-    return relative_errors(u, grad, test.u, test.grad)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("run.device='cuda' but no CUDA device is available (use auto or cpu)")
-    return torch.device(name)
+def evaluate(tr: Trainer) -> dict[str, float]:
+    """Errors on the test set; its blocks are dealt to all ranks and the error sums added."""
+    n = tr.test.X.shape[0]
+    blocks = math.ceil(n / EVAL_BLOCK)
+    first, last = split_evenly(blocks, tr.info.rank, tr.info.world_size)
+    lo, hi = first * EVAL_BLOCK, min(n, last * EVAL_BLOCK)
+    sums = torch.zeros(6, dtype=torch.float64, device=tr.device)
+    if hi > lo:
+        X = tr.test.X[lo:hi].to(device=tr.device, dtype=tr.dtype)
+        u, grad = predict(tr.model, X, tr.config, first_block=first)
+        sums = error_sums(u, grad, tr.test.u[lo:hi], tr.test.grad[lo:hi]).to(tr.device)
+    return errors_from_sums(sum_values(sums).cpu())
 
 
 @dataclass
@@ -206,77 +251,125 @@ class Trainer:
     """Everything a run holds; built once by ``build_trainer``."""
 
     config: Config
+    info: DistInfo
     pde: PDE
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
+    engine: Any  # deepspeed.DeepSpeedEngine: owns the model and optimizer state
     estimator: Estimator
     test: TestSet
     device: torch.device
     dtype: torch.dtype
     run_dir: Path
-    is_writer: bool = True
-    world_size: int = 1
     log: Callable[[str], None] = field(default=lambda msg: print(msg, flush=True))
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.engine.module
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.engine.optimizer
 
 
 def build_model(config: Config, pde: PDE, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
-    torch.manual_seed(counter_seed(config.seed, 0x4D4F44454C))
+    torch.manual_seed(counter_seed(config.seed, 0x4D4F44454C))  # same initial weights on every rank
     model = MLP(pde.in_dim, config.model.width, config.model.depth, config.model.activation)
     return model.to(device=device, dtype=dtype)
 
 
-def build_trainer(config: Config, is_writer: bool = True) -> Trainer:
+def build_estimator(config: Config, pde: PDE, info: DistInfo | None = None) -> Estimator:
+    """The configured estimator; with ``info``, sharded over this rank's sample group."""
+    est = config.estimator
+    estimator = Estimator(
+        method=est.method, samples=est.samples, sigma_x=est.sigma_x,
+        sigma_t=est.time_sigma if pde.time_dependent else None, seed=config.seed,
+        chunk=est.chunk, condition_samples=est.condition_samples,
+    )  # fmt: skip
+    if info is not None and info.sample_group_size > 1 and est.method != "autograd":
+        rank, size = info.sample_rank, info.sample_group_size
+        estimator.chunks_for = lambda n: deal_chunks(n, rank, size)
+        estimator.reduce = sum_partial_sums(info.sample_group)
+        for samples in {est.samples, est.condition_samples or est.samples}:  # fail before any work
+            deal_chunks(num_chunks(samples, estimator.chunk_for(samples)), 0, size)
+    return estimator
+
+
+def deepspeed_config(config: Config, world_size: int) -> dict[str, Any]:
+    ds = config.deepspeed
+    out: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": world_size,
+        "zero_optimization": {"stage": ds.zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+    }
+    if ds.optimizer == "deepspeed":
+        out["optimizer"] = {"type": "Adam", "params": {"lr": config.train.lr, "torch_adam": True}}
+    out.update(dict(ds.extra))
+    return out
+
+
+def build_trainer(config: Config, info: DistInfo | None = None) -> Trainer:
+    """Join the ranks, build PDE, model, DeepSpeed engine, estimator and test set."""
+    import deepspeed
+
     if config.run.threads:
         torch.set_num_threads(config.run.threads)
-    device = resolve_device(config.run.device)
-    dtype = getattr(torch, config.run.dtype)
+    if info is None:
+        par = config.parallel
+        info = init_distributed(par.sample_group_size, par.world_size, par.timeout_s, config.run.device)
+    if info.world_size % info.sample_group_size:
+        raise DistributedError("sample group size does not divide the world size")
+    if config.train.domain_points < info.num_point_groups:
+        raise DistributedError(
+            f"train.domain_points={config.train.domain_points} is fewer than the "
+            f"{info.num_point_groups} point groups: every point group needs points"
+        )
+    device, dtype = info.device, getattr(torch, config.run.dtype)
     if device.type == "cuda":  # the perturbed passes must not run in TF32 (MATH.md, precision)
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
     pde = build_pde(config.pde.name, config.pde.dim, dict(config.pde.params), config.pde.target)
+    estimator = build_estimator(config, pde, info)
     model = build_model(config, pde, dtype, device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr)
-    est = config.estimator
-    estimator = Estimator(
-        method=est.method,
-        samples=est.samples,
-        sigma_x=est.sigma_x,
-        sigma_t=est.time_sigma if pde.time_dependent else None,
-        seed=config.seed,
-        chunk=est.chunk,
-        condition_samples=est.condition_samples,
+    optimizer = (
+        None if config.deepspeed.optimizer == "deepspeed" else torch.optim.Adam(model.parameters(), lr=config.train.lr)
     )
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, model_parameters=model.parameters(),
+        config=deepspeed_config(config, info.world_size), dist_init_required=False,
+    )  # fmt: skip
     test = pde.test_set(config.eval.points, config.eval.seed, config.eval.truth_samples)
-    run_dir = Path(config.run.dir)
-    return Trainer(config, pde, model, optimizer, estimator, test, device, dtype, run_dir, is_writer)
+    return Trainer(config, info, pde, engine, estimator, test, device, dtype, Path(config.run.dir))
 
 
 def train_step(tr: Trainer, step: int) -> dict[str, float]:
-    """One optimizer step; returns the loss terms as floats."""
-    cfg = tr.config
+    """One optimizer step; returns the loss terms of the whole step (all point groups)."""
+    cfg, info = tr.config, tr.info
     for group in tr.optimizer.param_groups:
         group["lr"] = cfg.train.lr * lr_factor(step, cfg.train.steps)
-    points = collocation(tr.pde, cfg, step, tr.dtype, tr.device)
+    points = collocation(tr.pde, cfg, step, tr.dtype, tr.device, info.point_group, info.num_point_groups)
     if cfg.train.adversarial.steps:
-        points = adversarial_points(tr.model, tr.pde, tr.estimator, points, cfg, step)
+        points = adversarial_points(tr.model, tr.pde, tr.estimator, points, cfg, step, info.sample_group)
     terms = loss_terms(tr.model, tr.pde, tr.estimator, points, step)
     loss = total_loss(terms, cfg.train.condition_weight)
-    tr.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    tr.optimizer.step()
-    out = {"loss": float(loss.detach())}
-    out.update({k: float(v.detach()) for k, v in terms.items()})
-    return out
+    tr.engine.backward(loss * info.world_size)
+    tr.engine.step()
+    local = torch.stack([loss.detach(), *(v.detach() for v in terms.values())]).double()
+    # each point group's terms are held by its sample_group_size ranks
+    total = sum_values(local) / info.sample_group_size
+    names = ["loss", *terms]
+    return {k: float(v) for k, v in zip(names, total.tolist(), strict=True)}
 
 
-def run(config: Config, is_writer: bool = True) -> dict[str, Any]:
-    """Train from scratch as configured; write the run directory; return the summary."""
-    tr = build_trainer(config, is_writer)
-    cfg = tr.config
-    if tr.is_writer:
+def run(config: Config, info: DistInfo | None = None) -> dict[str, Any]:
+    """Train from scratch as configured; write the run directory (rank 0); return the summary."""
+    tr = build_trainer(config, info)
+    cfg, writer = tr.config, tr.info.is_writer
+    if writer:
         tr.run_dir.mkdir(parents=True, exist_ok=True)
         (tr.run_dir / "config.yaml").write_text(to_yaml(cfg))
-    metrics = MetricsLog(tr.run_dir / "metrics.jsonl", enabled=tr.is_writer)
+    metrics = MetricsLog(tr.run_dir / "metrics.jsonl", enabled=writer)
     start = time.perf_counter()
     errors: dict[str, float] = {}
     try:
@@ -290,21 +383,26 @@ def run(config: Config, is_writer: bool = True) -> dict[str, Any]:
                 lr = cfg.train.lr * lr_factor(step, cfg.train.steps)
                 metrics.write({"step": done, **terms, "lr": lr, "seconds": seconds})
             if done % cfg.eval.every == 0 or done == cfg.train.steps:
-                errors = evaluate(tr.model, tr.test, cfg, tr.dtype, tr.device)
+                errors = evaluate(tr)
                 metrics.write({"step": done, **errors, "seconds": time.perf_counter() - start})
-                if tr.is_writer:
+                if writer:
                     tr.log(
                         f"step {done}/{cfg.train.steps}  loss {terms['loss']:.3e}  "
                         f"L2 rel {errors['l2_rel']:.4f}  grad L2 rel {errors['grad_l2_rel']:.4f}  "
                         f"{seconds:.1f}s"
                     )
+    except RuntimeError as err:
+        if tr.info.world_size > 1 and not isinstance(err, FloatingPointError):
+            raise DistributedError(describe_failure(tr.info, err, cfg.parallel.timeout_s)) from err
+        raise
     finally:
         metrics.close()
     summary = {
         **errors,
         "steps": cfg.train.steps,
         "wall_seconds": time.perf_counter() - start,
-        "world_size": tr.world_size,
+        "world_size": tr.info.world_size,
+        "sample_group_size": tr.info.sample_group_size,
         "method": cfg.estimator.method,
         "dim": cfg.pde.dim,
         "pde": tr.pde.name,
@@ -313,10 +411,12 @@ def run(config: Config, is_writer: bool = True) -> dict[str, Any]:
     }
     if tr.test.u_se is not None:
         summary["truth_max_se"] = float(tr.test.u_se.max())
-    if tr.is_writer:
+    if writer:
         write_json_atomic(tr.run_dir / "summary.json", summary)
     return summary
 
+
+__all__ = ["Estimator", "Trainer", "all_reduce_sum", "build_trainer", "run", "train_step"]
 
 if __name__ == "__main__":  # pragma: no cover - use launch/train.py
     sys.exit("use: python launch/train.py --config configs/NAME.yaml")

@@ -1,17 +1,29 @@
 """Train a PINN: ``python launch/train.py --config configs/NAME.yaml [key=value ...]``.
 
-Overrides are Hydra overrides (``train.steps=3``, ``estimator.method=autograd``).
+Overrides are Hydra overrides (``train.steps=3``, ``estimator.method=autograd``). Works
+the same under every launcher: plain python, ``deepspeed [--num_gpus N]``, ``torchrun
+--nproc_per_node N``, ``mpirun -np N`` and ``srun`` (see dstein/distributed.py).
+
+Exit status: 0 done; 2 a user error (config, file, layout); 3 a lost peer rank.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dstein.config import ConfigError, load_config, to_yaml
+from dstein.distributed import DistributedError, shutdown
+
+
+def _is_rank_zero() -> bool:
+    import torch.distributed as dist
+
+    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -22,6 +34,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--config", required=True, help="YAML config file (see configs/)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    # the deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. train.steps=3")
     args, unknown = parser.parse_known_args(argv)
     stray = [a for a in unknown if a.startswith("-")]
@@ -31,6 +45,15 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    status = 1
+    try:
+        status = _main(argv)
+        return status
+    finally:
+        shutdown(barrier=status == 0)
+
+
+def _main(argv: list[str] | None) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         config = load_config(args.config, overrides)
@@ -40,11 +63,20 @@ def main(argv: list[str] | None = None) -> int:
         from dstein.train import run
 
         summary = run(config)
+    except DistributedError as err:
+        if args.debug:
+            raise
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        if "collective failed" in str(err):
+            os._exit(3)  # a broken process group can hang interpreter shutdown
+        return 2
     except (ConfigError, ValueError) as err:
         if args.debug:
             raise
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if not _is_rank_zero():
+        return 0
     print(
         f"done: L1 rel {summary['l1_rel']:.4f}  L2 rel {summary['l2_rel']:.4f}  "
         f"grad L2 rel {summary['grad_l2_rel']:.4f}  in {summary['wall_seconds']:.1f}s; "

@@ -87,7 +87,12 @@ def test_collocation_depends_on_seed_and_step_only(tmp_path):
     b = collocation(tr.pde, cfg, 5, torch.float64, torch.device("cpu"))
     c = collocation(tr.pde, cfg, 6, torch.float64, torch.device("cpu"))
     assert set(a) == {"domain", "initial", "boundary"}
-    assert all(torch.equal(a[k], b[k]) for k in a) and not torch.equal(a["domain"], c["domain"])
+    assert all(torch.equal(a[k].X, b[k].X) for k in a) and not torch.equal(a["domain"].X, c["domain"].X)
+    # point groups split each set into contiguous, disjoint, covering slices
+    parts = [collocation(tr.pde, cfg, 5, torch.float64, torch.device("cpu"), p, 4) for p in range(4)]
+    for kind in a:
+        assert torch.equal(torch.cat([part[kind].X for part in parts]), a[kind].X)
+        assert [part[kind].start for part in parts] == [0, 2, 4, 5]  # 6 points: sizes 2, 2, 1, 1
 
 
 def test_adversarial_steps_move_points_and_respect_the_sets(tmp_path):
@@ -97,10 +102,10 @@ def test_adversarial_steps_move_points_and_respect_the_sets(tmp_path):
     moved = adversarial_points(tr.model, tr.pde, tr.estimator, points, cfg, 0)
     step = cfg.train.adversarial.step_size
     for kind in points:
-        shift = (moved[kind] - points[kind])[:, :-1].abs()
+        shift = (moved[kind].X - points[kind].X)[:, :-1].abs()
         assert shift.max() <= 3 * step + 1e-6 and shift.max() > 0.5 * step
-    assert (moved["domain"][:, -1] >= 0).all() and (moved["domain"][:, -1] <= 1).all()
-    assert (moved["terminal"][:, -1] == 1.0).all()
+    assert (moved["domain"].X[:, -1] >= 0).all() and (moved["domain"].X[:, -1] <= 1).all()
+    assert (moved["terminal"].X[:, -1] == 1.0).all()
 
 
 def test_solution_error_alone_rewards_a_model_that_ignores_x():

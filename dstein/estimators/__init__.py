@@ -46,7 +46,7 @@ def make_spec(
         raise ValueError(f"estimator.sigma_x={sigma_x!r} must be > 0")
     if sigma_t is not None and sigma_t <= 0:
         raise ValueError(f"estimator.sigma_t={sigma_t!r} must be > 0")
-    chunk = default_chunk(samples) if chunk is None else chunk
+    chunk = default_chunk(samples, paired=antithetic) if chunk is None else chunk
     if antithetic and chunk % 2:
         raise ValueError(f"estimator.chunk={chunk} must be even for stein-antithetic (pairs)")
     spec = SteinSpec(

@@ -1,0 +1,294 @@
+"""One initialization for every launcher, the rank grid, and the named collectives.
+
+Launchers recognised (first match wins):
+- ``deepspeed`` and ``torchrun``: ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``,
+  ``MASTER_PORT`` in the environment (deepspeed also appends ``--local_rank``);
+- ``mpirun`` (Open MPI, or any MPI through mpi4py): ``OMPI_COMM_WORLD_*`` / ``PMI_*`` /
+  ``PMIX_RANK``; rank 0 picks the rendezvous port and broadcasts it over MPI;
+- ``srun``: ``SLURM_PROCID`` with ``SLURM_STEP_NUM_TASKS`` (set for job steps only, so a
+  plain ``python`` in a batch script is not mistaken for one rank of many);
+- plain ``python``: one process, an in-memory store, no network.
+
+Every rank then joins one torch.distributed group (NCCL with GPUs, gloo otherwise) with a
+short, configurable timeout, and DeepSpeed adopts it.
+
+The rank grid (MATH.md section 4): ranks ``p*S .. p*S+S-1`` form sample group ``p`` (``S`` =
+``parallel.sample_group_size``). A sample group evaluates the same points, each rank its own
+noise chunks; the partial Stein sums are summed inside the group (``sum_partial_sums``,
+forward all-reduce, identity backward). Point groups split the points of a step.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+class DistributedError(RuntimeError):
+    """A problem with the process layout or a lost peer; the message is for the user."""
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Where this process sits, as its launcher describes it."""
+
+    launcher: str
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str | None = None
+    master_port: int | None = None
+
+
+@dataclass
+class DistInfo:
+    """This process's place in the run: ranks, groups, device. Read-only after init."""
+
+    launch: Launch
+    backend: str
+    device: torch.device
+    sample_group_size: int
+    sample_group: Any = field(default=None, repr=False)
+    peers: list[tuple[str, int]] = field(default_factory=list, repr=False)
+
+    @property
+    def rank(self) -> int:
+        return self.launch.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.launch.world_size
+
+    @property
+    def is_writer(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def num_point_groups(self) -> int:
+        return self.world_size // self.sample_group_size
+
+    @property
+    def point_group(self) -> int:
+        return self.rank // self.sample_group_size
+
+    @property
+    def sample_rank(self) -> int:
+        return self.rank % self.sample_group_size
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    try:
+        out = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30, check=True
+        )
+        return out.stdout.split()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return nodelist.split(",")[0].split("[")[0]
+
+
+def detect_launch(env: dict[str, str] | None = None) -> Launch:
+    """Which launcher started this process, and this process's rank in it."""
+    env = dict(os.environ if env is None else env)
+    if "RANK" in env and "WORLD_SIZE" in env:
+        launcher = "torchrun" if "TORCHELASTIC_RUN_ID" in env else "deepspeed/env"
+        return Launch(
+            launcher,
+            int(env["RANK"]),
+            int(env["WORLD_SIZE"]),
+            int(env.get("LOCAL_RANK", "0")),
+            env.get("MASTER_ADDR", "127.0.0.1"),
+            int(env.get("MASTER_PORT", "29500")),
+        )
+    if any(k in env for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK")):
+        from mpi4py import MPI
+
+        comm = MPI.COMM_WORLD
+        rank, size = comm.Get_rank(), comm.Get_size()
+        local = int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", env.get("MPI_LOCALRANKID", "0")))
+        addr = env.get("MASTER_ADDR") or (socket.gethostname() if size > 1 else "127.0.0.1")
+        port = int(env["MASTER_PORT"]) if "MASTER_PORT" in env else (_free_port() if rank == 0 else 0)
+        addr, port = comm.bcast((addr, port) if rank == 0 else None, root=0)
+        return Launch("mpirun", rank, size, local, addr, port)
+    if "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env:
+        size = int(env["SLURM_STEP_NUM_TASKS"])
+        addr = env.get("MASTER_ADDR") or _first_slurm_host(env.get("SLURM_STEP_NODELIST", "127.0.0.1"))
+        job = int(env.get("SLURM_JOB_ID", "0"))
+        step = int(env.get("SLURM_STEP_ID", "0")) if env.get("SLURM_STEP_ID", "0").isdigit() else 0
+        port = int(env.get("MASTER_PORT", 20000 + (job * 7 + step) % 20000))
+        return Launch("srun", int(env["SLURM_PROCID"]), size, int(env.get("SLURM_LOCALID", "0")), addr, port)
+    return Launch("python", 0, 1, 0)
+
+
+def check_layout(launch: Launch, expected_world: int, sample_group_size: int | None) -> int:
+    """The sample-group size for this world, or a clear error naming the options."""
+    world = launch.world_size
+    if expected_world and expected_world != world:
+        raise DistributedError(
+            f"parallel.world_size={expected_world} but the launcher ({launch.launcher}) started {world} "
+            "ranks: change the launcher's process count or the config (0 accepts any)"
+        )
+    size = sample_group_size or world
+    if size < 1 or world % size:
+        raise DistributedError(
+            f"parallel.sample_group_size={sample_group_size} does not divide the world size {world}: "
+            f"use a divisor of {world} (or 0 for all ranks in one sample group)"
+        )
+    return size
+
+
+def init_distributed(
+    sample_group_size: int | None = None, expected_world: int = 0, timeout_s: float = 300.0, device: str = "auto"
+) -> DistInfo:
+    """Join (or create) the process group for this launcher and build the rank grid."""
+    launch = detect_launch()
+    size = check_layout(launch, expected_world, sample_group_size)
+    use_cuda = torch.cuda.is_available() and device != "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise DistributedError("run.device='cuda' but no CUDA device is available (use auto or cpu)")
+    backend = "nccl" if use_cuda else "gloo"
+    dev = torch.device("cuda", launch.local_rank % torch.cuda.device_count()) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    timeout = timedelta(seconds=timeout_s)
+    if not dist.is_initialized():
+        os.environ.setdefault("LOCAL_RANK", str(launch.local_rank))
+        if launch.world_size == 1 and launch.master_addr is None:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        else:
+            os.environ.update(
+                RANK=str(launch.rank),
+                WORLD_SIZE=str(launch.world_size),
+                MASTER_ADDR=str(launch.master_addr),
+                MASTER_PORT=str(launch.master_port),
+            )
+            dist.init_process_group(
+                backend, init_method="env://", rank=launch.rank, world_size=launch.world_size, timeout=timeout
+            )
+    elif dist.get_world_size() != launch.world_size:
+        raise DistributedError(
+            f"a process group of {dist.get_world_size()} ranks exists but the launcher says {launch.world_size}"
+        )
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout, verbose=False)
+    group = None
+    for start in range(0, launch.world_size, size):  # every rank must create every group
+        ranks = list(range(start, start + size))
+        g = dist.new_group(ranks, timeout=timeout) if size < launch.world_size else dist.group.WORLD
+        if launch.rank in ranks:
+            group = g
+    peers: list[tuple[str, int]] = [("", 0)] * launch.world_size
+    dist.all_gather_object(peers, (socket.gethostname(), os.getpid()))
+    return DistInfo(launch, backend, dev, size, group, peers)
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether a local process runs (a zombie, dead but not yet reaped, counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        return True
+
+
+def lost_ranks(info: DistInfo) -> list[int]:
+    """Ranks on this host whose process is gone (what can be known after a failed collective)."""
+    host = socket.gethostname()
+    return [
+        rank
+        for rank, (peer_host, pid) in enumerate(info.peers)
+        if rank != info.rank and peer_host == host and pid and not _process_alive(pid)
+    ]
+
+
+def describe_failure(info: DistInfo, err: BaseException, timeout_s: float) -> str:
+    gone = lost_ranks(info)
+    who = f"rank {', '.join(map(str, gone))} is gone" if gone else "a peer rank died or stopped answering"
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return (
+        f"rank {info.rank}: a collective failed: {who} (collective timeout {timeout_s:g}s, "
+        f"parallel.timeout_s); stopping. Cause: {first}"
+    )
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum across a group in the forward pass; identity in the backward pass.
+
+    Every rank of the group computes the same loss from the summed estimates, so each
+    already holds the full dL/d(sum); its local backward then yields its own share of the
+    parameter gradient (MATH.md section 4).
+    """
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, group: Any) -> torch.Tensor:
+        out = tensor.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
+def all_reduce_sum(tensor: torch.Tensor, group: Any = None) -> torch.Tensor:
+    """Differentiable sum over a group (identity backward); a no-op without peers."""
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return tensor
+    return _AllReduceSum.apply(tensor, group)
+
+
+def sum_partial_sums(group: Any):
+    """A reducer for Stein partial sums: one all-reduce of all of them, packed together."""
+
+    def reduce(sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        keys = sorted(sums)
+        shapes = [sums[k].shape for k in keys]
+        flat = all_reduce_sum(torch.cat([sums[k].reshape(-1) for k in keys]), group)
+        out, at = {}, 0
+        for k, shape in zip(keys, shapes, strict=True):
+            n = shape.numel()
+            out[k] = flat[at : at + n].reshape(shape)
+            at += n
+        return out
+
+    return reduce
+
+
+def sum_values(values: torch.Tensor, group: Any = None) -> torch.Tensor:
+    """Non-differentiable sum across a group (metrics, flags)."""
+    values = values.detach().clone()
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(values, op=dist.ReduceOp.SUM, group=group)
+    return values
+
+
+def shutdown(barrier: bool = True) -> None:
+    """Leave the process group together (without this, gloo's threads can abort exit)."""
+    if not dist.is_initialized():
+        return
+    if barrier and dist.get_world_size() > 1:
+        dist.barrier()
+    dist.destroy_process_group()

@@ -1,0 +1,37 @@
+"""Run under N ranks: the parameter gradient of the training loss at step 0, summed over ranks.
+
+Usage: grad_check.py OUT.pt CONFIG [overrides...]. Uses the trainer's own pieces (points,
+sharded estimator, loss terms, adversarial moves) in float64; each rank back-propagates its
+local loss and the shares are summed across all ranks, which is what DeepSpeed's gradient
+averaging of ``world_size * L_p`` amounts to (MATH.md section 4).
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from dstein.config import load_config
+from dstein.distributed import init_distributed, shutdown, sum_values
+from dstein.pdes import build_pde
+from dstein.train import adversarial_points, build_estimator, build_model, collocation, loss_terms, total_loss
+
+out, config_path, *overrides = sys.argv[1:]
+cfg = load_config(config_path, overrides)
+info = init_distributed(cfg.parallel.sample_group_size, timeout_s=60, device="cpu")
+pde = build_pde(cfg.pde.name, cfg.pde.dim, dict(cfg.pde.params))
+estimator = build_estimator(cfg, pde, info)
+model = build_model(cfg, pde, torch.float64, torch.device("cpu"))
+points = collocation(pde, cfg, 3, torch.float64, torch.device("cpu"), info.point_group, info.num_point_groups)
+if cfg.train.adversarial.steps:
+    points = adversarial_points(model, pde, estimator, points, cfg, 3, info.sample_group)
+terms = loss_terms(model, pde, estimator, points, 3)
+loss = total_loss(terms, cfg.train.condition_weight)
+grads = torch.autograd.grad(loss, list(model.parameters()))
+flat = sum_values(torch.cat([g.reshape(-1) for g in grads]))
+loss_total = sum_values(loss.detach().reshape(1)) / info.sample_group_size
+if info.rank == 0:
+    torch.save({"grad": flat, "loss": loss_total, "world": info.world_size}, out)
+shutdown()
