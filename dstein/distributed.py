@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import sys
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -285,10 +286,21 @@ def sum_values(values: torch.Tensor, group: Any = None) -> torch.Tensor:
     return values
 
 
-def shutdown(barrier: bool = True) -> None:
-    """Leave the process group together (without this, gloo's threads can abort exit)."""
-    if not dist.is_initialized():
-        return
-    if barrier and dist.get_world_size() > 1:
+def exit_process(status: int, barrier: bool = True) -> None:
+    """End an entry point's process: wait for the peers, flush, and exit at once.
+
+    Tearing down gloo process groups at interpreter exit races with the peers closing their
+    connections and can abort the process ("terminate called without an active exception")
+    after all work is done; with everything written and flushed, skipping the teardown is
+    safe. Without a process group this is a plain exit.
+    """
+    if dist.is_initialized() and barrier and dist.get_world_size() > 1:
         dist.barrier()
-    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()  # mpirun treats an exit without it as an abnormal termination
+    if dist.is_initialized():
+        os._exit(status)
+    sys.exit(status)

@@ -10,14 +10,13 @@ Exit status: 0 done; 2 a user error (config, file, layout); 3 a lost peer rank.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dstein.config import ConfigError, load_config, to_yaml
-from dstein.distributed import DistributedError, shutdown
+from dstein.distributed import DistributedError, exit_process
 
 
 def _is_rank_zero() -> bool:
@@ -45,15 +44,6 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    status = 1
-    try:
-        status = _main(argv)
-        return status
-    finally:
-        shutdown(barrier=status == 0)
-
-
-def _main(argv: list[str] | None) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         config = load_config(args.config, overrides)
@@ -67,9 +57,7 @@ def _main(argv: list[str] | None) -> int:
         if args.debug:
             raise
         print(f"error: {err}", file=sys.stderr, flush=True)
-        if "collective failed" in str(err):
-            os._exit(3)  # a broken process group can hang interpreter shutdown
-        return 2
+        return 3 if "collective failed" in str(err) else 2
     except (ConfigError, ValueError) as err:
         if args.debug:
             raise
@@ -86,4 +74,5 @@ def _main(argv: list[str] | None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    exit_process(status, barrier=status == 0)

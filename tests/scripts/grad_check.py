@@ -14,7 +14,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from dstein.config import load_config
-from dstein.distributed import init_distributed, shutdown, sum_values
+from dstein.distributed import exit_process, init_distributed, sum_values
 from dstein.pdes import build_pde
 from dstein.train import adversarial_points, build_estimator, build_model, collocation, loss_terms, total_loss
 
@@ -34,4 +34,4 @@ flat = sum_values(torch.cat([g.reshape(-1) for g in grads]))
 loss_total = sum_values(loss.detach().reshape(1)) / info.sample_group_size
 if info.rank == 0:
     torch.save({"grad": flat, "loss": loss_total, "world": info.world_size}, out)
-shutdown()
+exit_process(0)
