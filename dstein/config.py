@@ -163,7 +163,7 @@ class EvalConfig:
     every: int = 100
     """Evaluate on the test set every this many steps (and at the end)."""
     points: int = 1000
-    """Test points."""
+    """Test points (with data.test_file: the file's first eval.points rows)."""
     samples: int = 1024
     """Samples per test point for the smoothed model's value and gradient (Stein methods)."""
     truth_samples: int = 20000
@@ -176,6 +176,17 @@ class EvalConfig:
         _check(self.points >= 1, f"eval.points={self.points} must be >= 1")
         _check(self.samples >= 1, f"eval.samples={self.samples} must be >= 1")
         _check(self.truth_samples >= 2, f"eval.truth_samples={self.truth_samples} must be >= 2")
+
+
+@dataclass
+class DataConfig:
+    train_file: str | None = None
+    """HDF5 file of training points (launch/make_dataset.py); None: the online sampler."""
+    test_file: str | None = None
+    """HDF5 file holding the test set and its truth; None: drawn from eval.seed."""
+    shuffle: bool = True
+    """Shuffle the file's training rows each epoch (from seed and epoch); false reads them in
+    file order, which reproduces the online run for a file written from the same config."""
 
 
 @dataclass
@@ -221,6 +232,7 @@ class Config:
     estimator: EstimatorConfig = field(default_factory=EstimatorConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 

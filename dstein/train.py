@@ -27,6 +27,7 @@ import torch
 
 import dstein
 from dstein.config import Config, to_yaml
+from dstein.data import H5Collocation, read_test_set, validate
 from dstein.distributed import (
     DistInfo,
     DistributedError,
@@ -259,7 +260,21 @@ class Trainer:
     device: torch.device
     dtype: torch.dtype
     run_dir: Path
+    reader: H5Collocation | None = None
     log: Callable[[str], None] = field(default=lambda msg: print(msg, flush=True))
+
+    def points(self, step: int) -> dict[str, Batch]:
+        """This point group's training points of ``step``: from the file or the online sampler."""
+        info = self.info
+        if self.reader is None:
+            return collocation(
+                self.pde, self.config, step, self.dtype, self.device, info.point_group, info.num_point_groups
+            )
+        out = {}
+        for kind in self.reader.batch:
+            X, start, total = self.reader.read(kind, step)
+            out[kind] = Batch(torch.from_numpy(X).to(device=self.device, dtype=self.dtype), start, total)
+        return out
 
     @property
     def model(self) -> torch.nn.Module:
@@ -339,8 +354,32 @@ def build_trainer(config: Config, info: DistInfo | None = None) -> Trainer:
         model=model, optimizer=optimizer, model_parameters=model.parameters(),
         config=deepspeed_config(config, info.world_size), dist_init_required=False,
     )  # fmt: skip
-    test = pde.test_set(config.eval.points, config.eval.seed, config.eval.truth_samples)
-    return Trainer(config, info, pde, engine, estimator, test, device, dtype, Path(config.run.dir))
+    reader, test = open_data(config, pde, info)
+    return Trainer(config, info, pde, engine, estimator, test, device, dtype, Path(config.run.dir), reader)
+
+
+def open_data(config: Config, pde: PDE, info: DistInfo) -> tuple[H5Collocation | None, TestSet]:
+    """The training-point reader (None: online sampler) and the test set, files validated first."""
+    params = {k: v for k, v in pde.describe().items() if k not in ("name", "dim")}
+    reader = None
+    kinds = {"domain": config.train.domain_points, **{k: config.train.condition_points for k in pde.conditions}}
+    if config.data.train_file:
+        validate(
+            config.data.train_file, pde_name=pde.name, dim=pde.dim, pde_params=params, groups={"train": list(kinds)}
+        )
+        reader = H5Collocation(
+            config.data.train_file, kinds, config.seed, config.data.shuffle, info.point_group, info.num_point_groups
+        )
+    if config.data.test_file:
+        validate(
+            config.data.test_file,
+            pde_name=pde.name,
+            dim=pde.dim,
+            pde_params=params,
+            groups={"test": ["X", "u", "grad"]},
+        )
+        return reader, read_test_set(config.data.test_file, config.eval.points)
+    return reader, pde.test_set(config.eval.points, config.eval.seed, config.eval.truth_samples)
 
 
 def train_step(tr: Trainer, step: int) -> dict[str, float]:
@@ -348,7 +387,7 @@ def train_step(tr: Trainer, step: int) -> dict[str, float]:
     cfg, info = tr.config, tr.info
     for group in tr.optimizer.param_groups:
         group["lr"] = cfg.train.lr * lr_factor(step, cfg.train.steps)
-    points = collocation(tr.pde, cfg, step, tr.dtype, tr.device, info.point_group, info.num_point_groups)
+    points = tr.points(step)
     if cfg.train.adversarial.steps:
         points = adversarial_points(tr.model, tr.pde, tr.estimator, points, cfg, step, info.sample_group)
     terms = loss_terms(tr.model, tr.pde, tr.estimator, points, step)

@@ -78,8 +78,13 @@ class PDE(abc.ABC):
         return self.sample_domain(n, gen)
 
     @abc.abstractmethod
+    def truth(self, X: torch.Tensor, samples: int, seed: int) -> TestSet:
+        """Ground truth at points X (``samples`` and ``seed`` for Monte Carlo truths)."""
+
     def test_set(self, n: int, seed: int, truth_samples: int) -> TestSet:
-        """Test points and ground truth (``truth_samples`` for Monte Carlo truths)."""
+        """``n`` test points drawn with ``seed`` and their ground truth."""
+        X = self.sample_test(n, torch.Generator().manual_seed(seed))
+        return self.truth(X, truth_samples, seed)
 
     def describe(self) -> dict:
         """Parameters that identify this PDE (stored with runs and data files)."""
@@ -97,9 +102,7 @@ class ExactPDE(PDE):
     def exact_grad(self, X: torch.Tensor) -> torch.Tensor:
         """Exact spatial gradient at X, shape (B, dim)."""
 
-    def test_set(self, n: int, seed: int, truth_samples: int) -> TestSet:
-        gen = torch.Generator().manual_seed(seed)
-        X = self.sample_test(n, gen)
+    def truth(self, X: torch.Tensor, samples: int, seed: int) -> TestSet:
         return TestSet(X=X, u=self.exact(X), grad=self.exact_grad(X))
 
 

@@ -117,7 +117,3 @@ class HJB(PDE):
         t = X[:, -1].double().cpu().numpy()
         u, grad, se = cole_hopf_radial(x, t, self.mu, self.T, samples, seed)
         return TestSet(X=X, u=torch.from_numpy(u), grad=torch.from_numpy(grad), u_se=torch.from_numpy(se))
-
-    def test_set(self, n: int, seed: int, truth_samples: int) -> TestSet:
-        gen = torch.Generator().manual_seed(seed)
-        return self.truth(self.sample_test(n, gen), truth_samples, seed)

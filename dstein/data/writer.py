@@ -1,0 +1,165 @@
+"""Write collocation and test sets to one HDF5 file, from one or several ranks.
+
+Training points are the online sampler's, step by step (``collocation(step)``), so a file
+with ``steps`` steps read in order reproduces an online run exactly; shuffled, it is a fixed
+collocation set. Ranks split the steps and the test points; each writes a part file, then
+rank 0 copies the parts block by block into one file written under a temporary name and
+renamed when complete. Nothing holds the whole set in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+import dstein
+from dstein.config import Config
+from dstein.data.schema import SCHEMA_VERSION
+from dstein.noise import split_evenly
+from dstein.pdes import PDE, build_pde
+
+ROW_BYTES_PER_CHUNK = 1 << 20  # aim for ~1 MiB HDF5 chunks
+
+
+def _chunk_rows(columns: int) -> int:
+    return max(1, min(4096, ROW_BYTES_PER_CHUNK // (8 * max(1, columns))))
+
+
+def _create(group: h5py.Group, name: str, rows: int, tail: tuple[int, ...]) -> h5py.Dataset:
+    cols = int(np.prod(tail)) if tail else 1
+    return group.create_dataset(
+        name, shape=(rows, *tail), dtype="f8", chunks=(min(rows, _chunk_rows(cols)), *tail),
+        compression="gzip", compression_opts=1, shuffle=True,
+    )  # fmt: skip
+
+
+def _train_kinds(pde: PDE, config: Config) -> dict[str, int]:
+    return {"domain": config.train.domain_points, **{k: config.train.condition_points for k in pde.conditions}}
+
+
+def _write_part(
+    path: Path,
+    pde: PDE,
+    config: Config,
+    steps: range,
+    test_rows: tuple[int, int],
+    test_X: torch.Tensor | None,
+    truth_samples: int,
+    progress: bool,
+) -> None:
+    """This rank's share: training points of ``steps`` and the truth at its test rows."""
+    from tqdm import tqdm
+
+    from dstein.train import collocation
+
+    kinds = _train_kinds(pde, config)
+    with h5py.File(path, "w") as fh:
+        dsets = {k: _create(fh, k, len(steps) * b, (pde.in_dim,)) for k, b in kinds.items()}
+        for i, step in enumerate(tqdm(steps, desc="train points", disable=not progress, unit="step")):
+            for kind, batch in collocation(pde, config, step, torch.float64, torch.device("cpu")).items():
+                b = kinds[kind]
+                dsets[kind][i * b : (i + 1) * b] = batch.X.numpy()
+        if test_X is not None:
+            lo, hi = test_rows
+            X = test_X[lo:hi]
+            truth = pde.truth(X, truth_samples, config.eval.seed)
+            fh["X"], fh["u"], fh["grad"] = X.numpy(), truth.u.numpy(), truth.grad.numpy()
+            if truth.u_se is not None:
+                fh["u_se"] = truth.u_se.numpy()
+
+
+def _root_attrs(fh: h5py.File, pde: PDE, config: Config, steps: int) -> None:
+    params = dict(pde.describe())
+    params.pop("name"), params.pop("dim")
+    fh.attrs.update(
+        schema_version=SCHEMA_VERSION, dstein_version=dstein.__version__,
+        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), pde=pde.name, dim=pde.dim, in_dim=pde.in_dim,
+        time_dependent=pde.time_dependent, pde_params=json.dumps(params, sort_keys=True),
+        sampler=f"{type(pde).__module__}.{type(pde).__name__}", seed=config.seed, steps=steps,
+        batch=json.dumps(_train_kinds(pde, config)),
+    )  # fmt: skip
+
+
+def _assemble(
+    out: Path, parts: list[Path], pde: PDE, config: Config, steps: int, test_points: int, truth_samples: int
+) -> None:
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    kinds = _train_kinds(pde, config)
+    try:
+        with h5py.File(tmp, "w") as fh:
+            _root_attrs(fh, pde, config, steps)
+            if steps:
+                train = fh.create_group("train")
+                for kind, b in kinds.items():
+                    dset = _create(train, kind, steps * b, (pde.in_dim,))
+                    at = 0
+                    for part in parts:
+                        with h5py.File(part, "r") as src:
+                            n = src[kind].shape[0]
+                            for lo in range(0, n, 65536):
+                                block = src[kind][lo : lo + 65536]
+                                dset[at + lo : at + lo + block.shape[0]] = block
+                            at += n
+                    if kind != "domain":
+                        target = _create(train, f"{kind}_target", steps * b, ())
+                        for lo in range(0, steps * b, 65536):
+                            X = torch.from_numpy(dset[lo : lo + 65536])
+                            target[lo : lo + X.shape[0]] = pde.condition_target(kind, X).numpy()
+            if test_points:
+                test = fh.create_group("test")
+                test.attrs.update(truth_samples=truth_samples, seed=config.eval.seed)
+                with h5py.File(parts[0], "r") as first:
+                    names = ["X", "u", "grad"] + (["u_se"] if "u_se" in first else [])
+                tails = {"X": (pde.in_dim,), "u": (), "grad": (pde.dim,), "u_se": ()}
+                for name in names:
+                    dset = _create(test, name, test_points, tails[name])
+                    at = 0
+                    for part in parts:
+                        with h5py.File(part, "r") as src:
+                            if name in src:
+                                n = src[name].shape[0]
+                                dset[at : at + n] = src[name][:]
+                                at += n
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def generate(
+    config: Config,
+    out: str | Path,
+    *,
+    steps: int,
+    test_points: int,
+    truth_samples: int,
+    rank: int = 0,
+    world_size: int = 1,
+    barrier=lambda: None,
+    progress: bool = False,
+) -> Path:
+    """Write ``out``: ``steps`` steps of training points and ``test_points`` test points."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pde = build_pde(config.pde.name, config.pde.dim, dict(config.pde.params), config.pde.target)
+    test_X = pde.sample_test(test_points, torch.Generator().manual_seed(config.eval.seed)) if test_points else None
+    parts = [out.with_name(f".{out.name}.part{r}-of-{world_size}") for r in range(world_size)]
+    try:
+        _write_part(
+            parts[rank], pde, config, range(*split_evenly(steps, rank, world_size)),
+            split_evenly(test_points, rank, world_size), test_X, truth_samples, progress and rank == 0,
+        )  # fmt: skip
+        barrier()
+        if rank == 0:
+            _assemble(out, parts, pde, config, steps, test_points, truth_samples)
+        barrier()
+    finally:
+        if parts[rank].exists():
+            parts[rank].unlink()
+    return out
