@@ -1,6 +1,10 @@
 """Benchmarks that write JSON: ``python launch/bench.py --suite NAME [--out FILE.json]``.
 
 Suites:
+  data     HDF5: write d = 10,000 training points (--data-steps steps of 50 + 50) and read
+           them back in order and shuffled (points per second); generate the HJB d = 250
+           test set (1000 points, 20,000 Monte Carlo samples each) and report its largest
+           standard error.
   scaling  strong scaling of sample sharding: the same HJB training step (d = 1000, 4096
            samples, width 128, depth 4, 50 + 50 points) on 1 rank and on 2 ranks, one thread
            per rank, CPU gloo; reports seconds per step (median) and the speed-up.
@@ -106,7 +110,45 @@ def suite_scaling(args: argparse.Namespace) -> dict:
     }
 
 
-SUITES = {"scaling": suite_scaling}
+def suite_data(args: argparse.Namespace) -> dict:
+    """HDF5: write and read d = 10,000 training points; generate the HJB d = 250 test set."""
+    from dstein.config import load_config
+    from dstein.data import H5Collocation, generate, read_test_set
+
+    tmp = Path(args.tmp)
+    tmp.mkdir(parents=True, exist_ok=True)
+    cfg = load_config(ROOT / "configs/hjb_10k.yaml", ["eval.truth_samples=2"])
+    path = tmp / "hjb_10k-train.h5"
+    start = time.perf_counter()
+    generate(cfg, path, steps=args.data_steps, test_points=0, truth_samples=2)
+    write_s = time.perf_counter() - start
+    rows = args.data_steps * cfg.train.domain_points
+    out: dict = {"train_file": {"dim": 10000, "rows_per_kind": rows, "kinds": 2, "write_seconds": write_s,
+                                "file_bytes": path.stat().st_size}}  # fmt: skip
+    for shuffle in (False, True):
+        reader = H5Collocation(path, {"domain": 50, "terminal": 50}, seed=0, shuffle=shuffle)
+        start, points = time.perf_counter(), 0
+        for step in range(args.data_steps):
+            for kind in ("domain", "terminal"):
+                points += reader.read(kind, step)[0].shape[0]
+        seconds = time.perf_counter() - start
+        out[f"read_{'shuffled' if shuffle else 'in_order'}"] = {"points": points, "seconds": seconds,
+                                                                 "points_per_second": points / seconds}  # fmt: skip
+        reader.close()
+    cfg250 = load_config(ROOT / "configs/hjb_250.yaml")
+    test_path = tmp / "hjb_250-test.h5"
+    start = time.perf_counter()
+    generate(cfg250, test_path, steps=0, test_points=1000, truth_samples=cfg250.eval.truth_samples)
+    test = read_test_set(test_path)
+    out["hjb_250_test_set"] = {
+        "points": 1000, "truth_samples": cfg250.eval.truth_samples, "seconds": time.perf_counter() - start,
+        "max_u_se": float(test.u_se.max()), "max_relative_se": float((test.u_se / test.u.abs()).max()),
+        "u_range": [float(test.u.min()), float(test.u.max())], "bytes": test_path.stat().st_size,
+    }  # fmt: skip
+    return {"suite": "data", **out}
+
+
+SUITES = {"data": suite_data, "scaling": suite_scaling}
 
 
 def machine() -> dict:
@@ -128,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     parser.add_argument("--steps", type=int, default=3, help="timed steps")
     parser.add_argument("--tmp", default="/tmp/dstein-bench", help="scratch folder")
+    parser.add_argument("--data-steps", type=int, default=40, help="data suite: steps of d = 10,000 points to write")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

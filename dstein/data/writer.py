@@ -24,7 +24,7 @@ from dstein.data.schema import SCHEMA_VERSION
 from dstein.noise import split_evenly
 from dstein.pdes import PDE, build_pde
 
-ROW_BYTES_PER_CHUNK = 1 << 20  # aim for ~1 MiB HDF5 chunks
+ROW_BYTES_PER_CHUNK = 1 << 16  # ~64 KiB chunks: a shuffled read decompresses little beyond its rows
 
 
 def _chunk_rows(columns: int) -> int:
@@ -32,6 +32,9 @@ def _chunk_rows(columns: int) -> int:
 
 
 def _create(group: h5py.Group, name: str, rows: int, tail: tuple[int, ...]) -> h5py.Dataset:
+    """A float64 dataset, chunked by rows and compressed (an empty one is left plain)."""
+    if rows == 0:
+        return group.create_dataset(name, shape=(0, *tail), dtype="f8")
     cols = int(np.prod(tail)) if tail else 1
     return group.create_dataset(
         name, shape=(rows, *tail), dtype="f8", chunks=(min(rows, _chunk_rows(cols)), *tail),
