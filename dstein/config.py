@@ -146,7 +146,9 @@ class TrainConfig:
     condition_weight: float = 20.0
     """Weight of each condition loss relative to the residual loss."""
     log_every: int = 10
-    """Write a training row to metrics.jsonl every this many steps."""
+    """Write a training row to metrics.jsonl (and TensorBoard) every this many steps."""
+    print_every: int = 100
+    """When output is not a terminal, print a progress line every this many steps."""
     adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
 
     def __post_init__(self) -> None:
@@ -156,6 +158,7 @@ class TrainConfig:
         _check(self.condition_points >= 1, f"train.condition_points={self.condition_points} must be >= 1")
         _check(self.condition_weight >= 0, f"train.condition_weight={self.condition_weight} must be >= 0")
         _check(self.log_every >= 1, f"train.log_every={self.log_every} must be >= 1")
+        _check(self.print_every >= 1, f"train.print_every={self.print_every} must be >= 1")
 
 
 @dataclass
@@ -170,6 +173,8 @@ class EvalConfig:
     """Monte Carlo samples per point for ground truths that are estimated (HJB)."""
     seed: int = 12345
     """Seed of the test set (independent of the training seed)."""
+    plots: bool = True
+    """Draw RUN_DIR/plots at the end of the run."""
 
     def __post_init__(self) -> None:
         _check(self.every >= 1, f"eval.every={self.every} must be >= 1")
@@ -291,6 +296,19 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         inner = err.__cause__ if isinstance(err.__cause__, ConfigError) else None
         if inner is not None:
             raise inner from err
+        raise ConfigError(f"config {path}: {_one_line(err)}") from err
+    assert isinstance(config, Config)
+    return config
+
+
+def load_resolved(path: str | Path) -> Config:
+    """A run directory's resolved ``config.yaml`` (no defaults list), checked against the schema."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(path))
+        config = OmegaConf.to_object(merged)
+    except ConfigError:
+        raise
+    except Exception as err:
         raise ConfigError(f"config {path}: {_one_line(err)}") from err
     assert isinstance(config, Config)
     return config

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 
@@ -71,3 +73,65 @@ class MetricsLog:
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     with open(path) as fh:
         return [json.loads(line) for line in fh if line.strip()]
+
+
+class Progress:
+    """What rank 0 shows while training: a progress bar on a terminal (step, loss, last
+    error, steps per second, ETA), plain log lines every ``every`` steps otherwise (batch
+    jobs: no control characters in the log). Other ranks show nothing."""
+
+    def __init__(self, total: int, enabled: bool, every: int, stream: TextIO | None = None):
+        self.total, self.every, self.enabled = total, every, enabled
+        self.stream = stream or sys.stdout
+        self.start = time.perf_counter()
+        self.bar = None
+        self.last_error = ""
+        if enabled and self.stream.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, file=self.stream, unit="step", dynamic_ncols=True)
+
+    def update(self, step: int, terms: dict[str, float], errors: dict[str, float] | None = None) -> None:
+        if not self.enabled:
+            return
+        if errors:
+            self.last_error = f"L2 {errors['l2_rel']:.4f} grad {errors['grad_l2_rel']:.3f}"
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix_str(f"loss {terms['loss']:.3e} {self.last_error}", refresh=False)
+            return
+        if step % self.every == 0 or step == self.total or errors:
+            elapsed = time.perf_counter() - self.start
+            rate = step / elapsed if elapsed > 0 else 0.0
+            eta = (self.total - step) / rate if rate > 0 else 0.0
+            print(
+                f"step {step}/{self.total}  loss {terms['loss']:.3e}  {self.last_error}  "
+                f"{rate:.2f} steps/s  ETA {eta:.0f}s",
+                file=self.stream, flush=True,
+            )  # fmt: skip
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class Scalars:
+    """TensorBoard scalars under ``RUN_DIR/tensorboard`` (rank 0 only)."""
+
+    def __init__(self, run_dir: Path, enabled: bool):
+        self.writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+    def add(self, step: int, values: dict[str, float], prefix: str) -> None:
+        if self.writer is not None:
+            for key, value in values.items():
+                self.writer.add_scalar(f"{prefix}/{key}", value, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None

@@ -19,7 +19,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -261,7 +261,6 @@ class Trainer:
     dtype: torch.dtype
     run_dir: Path
     reader: H5Collocation | None = None
-    log: Callable[[str], None] = field(default=lambda msg: print(msg, flush=True))
 
     def points(self, step: int) -> dict[str, Batch]:
         """This point group's training points of ``step``: from the file or the online sampler."""
@@ -403,12 +402,17 @@ def train_step(tr: Trainer, step: int) -> dict[str, float]:
 
 def run(config: Config, info: DistInfo | None = None) -> dict[str, Any]:
     """Train from scratch as configured; write the run directory (rank 0); return the summary."""
+    from dstein.metrics import Progress, Scalars
+    from dstein.report import finish_run
+
     tr = build_trainer(config, info)
     cfg, writer = tr.config, tr.info.is_writer
     if writer:
         tr.run_dir.mkdir(parents=True, exist_ok=True)
         (tr.run_dir / "config.yaml").write_text(to_yaml(cfg))
     metrics = MetricsLog(tr.run_dir / "metrics.jsonl", enabled=writer)
+    scalars = Scalars(tr.run_dir, enabled=writer)
+    progress = Progress(cfg.train.steps, enabled=writer, every=cfg.train.print_every)
     start = time.perf_counter()
     errors: dict[str, float] = {}
     try:
@@ -418,28 +422,31 @@ def run(config: Config, info: DistInfo | None = None) -> dict[str, Any]:
                 raise FloatingPointError(f"non-finite loss at step {step}: {terms}")
             done = step + 1
             seconds = time.perf_counter() - start
+            new_errors = None
             if done % cfg.train.log_every == 0 or done == cfg.train.steps or step == 0:
                 lr = cfg.train.lr * lr_factor(step, cfg.train.steps)
                 metrics.write({"step": done, **terms, "lr": lr, "seconds": seconds})
+                scalars.add(done, {**terms, "lr": lr, "steps_per_second": done / seconds}, "train")
             if done % cfg.eval.every == 0 or done == cfg.train.steps:
-                errors = evaluate(tr)
+                errors = new_errors = evaluate(tr)
                 metrics.write({"step": done, **errors, "seconds": time.perf_counter() - start})
-                if writer:
-                    tr.log(
-                        f"step {done}/{cfg.train.steps}  loss {terms['loss']:.3e}  "
-                        f"L2 rel {errors['l2_rel']:.4f}  grad L2 rel {errors['grad_l2_rel']:.4f}  "
-                        f"{seconds:.1f}s"
-                    )
+                scalars.add(done, errors, "eval")
+            progress.update(done, terms, new_errors)
     except RuntimeError as err:
         if tr.info.world_size > 1 and not isinstance(err, FloatingPointError):
             raise DistributedError(describe_failure(tr.info, err, cfg.parallel.timeout_s)) from err
         raise
     finally:
+        progress.close()
+        scalars.close()
         metrics.close()
+    wall = time.perf_counter() - start
+    if writer:
+        finish_run(tr.run_dir, tr.model, tr.pde, tr.test, cfg, tr.device, tr.dtype)
     summary = {
         **errors,
         "steps": cfg.train.steps,
-        "wall_seconds": time.perf_counter() - start,
+        "wall_seconds": wall,
         "world_size": tr.info.world_size,
         "sample_group_size": tr.info.sample_group_size,
         "method": cfg.estimator.method,

@@ -77,6 +77,18 @@ class PDE(abc.ABC):
     def sample_test(self, n: int, gen: torch.Generator) -> torch.Tensor:
         return self.sample_domain(n, gen)
 
+    def slice(self, n: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+        """Points along a 1-D line through the domain, their coordinate on it, and its name.
+
+        Default: the first coordinate varied over the test points' range through the first
+        test point.
+        """
+        sample = self.sample_test(256, torch.Generator().manual_seed(0))
+        coord = torch.linspace(float(sample[:, 0].min()), float(sample[:, 0].max()), n, dtype=torch.float64)
+        X = sample[:1].repeat(n, 1)
+        X[:, 0] = coord
+        return X, coord, "x_1"
+
     @abc.abstractmethod
     def truth(self, X: torch.Tensor, samples: int, seed: int) -> TestSet:
         """Ground truth at points X (``samples`` and ``seed`` for Monte Carlo truths)."""

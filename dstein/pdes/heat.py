@@ -55,6 +55,12 @@ class Heat(ExactPDE):
             return torch.cat([self.project(X)[:, :-1], torch.zeros_like(t)], 1)
         return torch.cat([x / x.norm(dim=1, keepdim=True), t.clamp(0.0, self.T)], 1)
 
+    def slice(self, n: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+        coord = torch.linspace(-1.0, 1.0, n, dtype=torch.float64)
+        X = torch.zeros(n, self.in_dim, dtype=torch.float64)
+        X[:, 0], X[:, -1] = coord, 0.5 * self.T
+        return X, coord, "x_1 (other x_i = 0, t = T/2)"
+
     def exact(self, X: torch.Tensor) -> torch.Tensor:
         x = X[:, :-1]
         return (x * x).sum(1) / (2 * self.dim) + X[:, -1]

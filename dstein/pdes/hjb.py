@@ -112,6 +112,12 @@ class HJB(PDE):
     def project_condition(self, kind: str, X: torch.Tensor) -> torch.Tensor:
         return torch.cat([X[:, :-1], torch.full_like(X[:, -1:], self.T)], 1)
 
+    def slice(self, n: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+        coord = torch.linspace(-3.0, 3.0, n, dtype=torch.float64)
+        X = torch.zeros(n, self.in_dim, dtype=torch.float64)
+        X[:, 0] = coord
+        return X, coord, "x_1 (other x_i = 0, t = 0)"
+
     def truth(self, X: torch.Tensor, samples: int, seed: int) -> TestSet:
         x = X[:, :-1].double().cpu().numpy()
         t = X[:, -1].double().cpu().numpy()

@@ -44,6 +44,10 @@ class Poisson(ExactPDE):
         X[rows, face] = torch.round(X[rows, face])
         return X
 
+    def slice(self, n: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+        coord = torch.linspace(0.0, 1.0, n, dtype=torch.float64)
+        return coord.unsqueeze(1).repeat(1, self.dim), coord, "s, along the diagonal x = (s, ..., s)"
+
     def exact(self, X: torch.Tensor) -> torch.Tensor:
         return torch.sin(X.sum(1)) / self.dim
 

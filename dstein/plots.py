@@ -1,0 +1,75 @@
+"""End-of-run figures in ``RUN_DIR/plots`` (matplotlib, Agg backend: no display needed).
+
+- ``losses.png``: every loss term against the step (log scale);
+- ``errors.png``: solution L1/L2 and gradient L2 relative errors against the step;
+- ``slice.png``: predicted and exact solution along a 1-D slice through the domain;
+- ``residual_hist.png``: histogram of the PDE residual on the test set.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+PLOTS = ("losses.png", "errors.png", "slice.png", "residual_hist.png")
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    tmp.replace(path)
+
+
+def plot_history(rows: list[dict], out: Path, title: str) -> None:
+    """Loss terms and errors from metrics.jsonl rows."""
+    plt = _pyplot()
+    train = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if "l2_rel" in r]
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    terms = [k for k in train[0] if k not in ("step", "lr", "seconds")] if train else []
+    for key in terms:
+        ax.plot([r["step"] for r in train], [max(r[key], 1e-30) for r in train], label=key, lw=1.2)
+    ax.set(yscale="log", xlabel="step", ylabel="loss term", title=f"{title}: losses")
+    ax.legend(), ax.grid(alpha=0.3)
+    _save(fig, out / "losses.png")
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    labels = {"l1_rel": "solution L1 rel.", "l2_rel": "solution L2 rel.", "grad_l2_rel": "gradient L2 rel."}
+    for key, label in labels.items():
+        ax.plot([r["step"] for r in evals], [r[key] for r in evals], marker="o", ms=3, label=label)
+    ax.set(yscale="log", xlabel="step", ylabel="relative error", title=f"{title}: test errors")
+    ax.legend(), ax.grid(alpha=0.3, which="both")
+    _save(fig, out / "errors.png")
+    plt.close(fig)
+
+
+def plot_slice(coord: np.ndarray, predicted: np.ndarray, exact: np.ndarray, label: str, out: Path, title: str) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    ax.plot(coord, exact, "k-", lw=2, label="exact")
+    ax.plot(coord, predicted, "C1--", lw=2, label="trained")
+    ax.set(xlabel=label, ylabel="u", title=f"{title}: 1-D slice")
+    ax.legend(), ax.grid(alpha=0.3)
+    _save(fig, out / "slice.png")
+    plt.close(fig)
+
+
+def plot_residuals(residual: np.ndarray, out: Path, title: str) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    ax.hist(residual, bins=50, color="C0", alpha=0.8)
+    rms = float(np.sqrt(np.mean(residual**2)))
+    ax.set(xlabel="PDE residual at test points", ylabel="points", title=f"{title}: residual (RMS {rms:.3g})")
+    ax.grid(alpha=0.3)
+    _save(fig, out / "residual_hist.png")
+    plt.close(fig)

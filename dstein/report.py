@@ -1,0 +1,112 @@
+"""What a user looks at after a run: the final model, the figures, and re-evaluation.
+
+``finish_run`` (rank 0, end of training) saves ``model.pt`` and draws ``plots/``;
+``evaluate_run`` (launch/evaluate.py) reloads a run directory, recomputes the test errors
+exactly as training did, writes ``eval.json`` and redraws the figures.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dstein import plots
+from dstein.config import Config
+from dstein.metrics import error_sums, errors_from_sums, read_metrics, write_json_atomic
+from dstein.pdes import PDE, TestSet
+
+MODEL_FILE = "model.pt"
+RESIDUAL_STREAM = 2_000_000
+
+
+def save_model(model: torch.nn.Module, run_dir: Path) -> None:
+    tmp = run_dir / (MODEL_FILE + ".tmp")
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
+    tmp.replace(run_dir / MODEL_FILE)
+
+
+def test_errors(
+    model: torch.nn.Module, test: TestSet, config: Config, device: torch.device, dtype: torch.dtype
+) -> dict:
+    """The test errors in one process, with the same noise as the distributed evaluation."""
+    from dstein.train import predict
+
+    u, grad = predict(model, test.X.to(device=device, dtype=dtype), config)
+    return errors_from_sums(error_sums(u, grad, test.u, test.grad))
+
+
+def test_residuals(
+    model: torch.nn.Module, pde: PDE, test: TestSet, config: Config, device, dtype, block: int = 64
+) -> np.ndarray:
+    """The PDE residual at the test points, estimated as in training (one process)."""
+    from dstein.train import build_estimator
+
+    estimator = build_estimator(config, pde)
+    out = []
+    for b, lo in enumerate(range(0, test.X.shape[0], block)):
+        X = test.X[lo : lo + block].to(device=device, dtype=dtype)
+        D = estimator(model, X, pde.needs, step=b, stream=RESIDUAL_STREAM)
+        out.append(pde.residual(X, D).detach().double().cpu())
+    return torch.cat(out).numpy()
+
+
+def draw_plots(
+    run_dir: Path, model: torch.nn.Module, pde: PDE, test: TestSet, config: Config, device, dtype
+) -> list[Path]:
+    """All four figures of ``plots/`` from the run's metrics and its model."""
+    from dstein.train import predict
+
+    out = run_dir / "plots"
+    out.mkdir(parents=True, exist_ok=True)
+    title = f"{pde.name} d={pde.dim}, {config.estimator.method}"
+    metrics = run_dir / "metrics.jsonl"
+    plots.plot_history(read_metrics(metrics) if metrics.exists() else [], out, title)
+    X, coord, label = pde.slice(200)
+    exact = pde.truth(X, config.eval.truth_samples, config.eval.seed).u.numpy()
+    u, _ = predict(model, X.to(device=device, dtype=dtype), config)
+    plots.plot_slice(coord.numpy(), u.double().cpu().numpy(), exact, label, out, title)
+    plots.plot_residuals(test_residuals(model, pde, test, config, device, dtype), out, title)
+    return [out / name for name in plots.PLOTS]
+
+
+def finish_run(run_dir: Path, model: torch.nn.Module, pde: PDE, test: TestSet, config: Config, device, dtype) -> None:
+    save_model(model, run_dir)
+    if config.eval.plots:
+        draw_plots(run_dir, model, pde, test, config, device, dtype)
+
+
+def evaluate_run(run_dir: str | Path, test_file: str | None = None, samples: int | None = None) -> dict[str, Any]:
+    """Re-evaluate a finished run's final model; write ``eval.json`` and redraw the plots."""
+    from dstein.config import ConfigError, load_resolved
+    from dstein.data import read_test_set, validate
+    from dstein.pdes import build_pde
+    from dstein.train import build_model
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"--run {run_dir}: no config.yaml there (not a dstein run directory)")
+    if not (run_dir / MODEL_FILE).is_file():
+        raise ConfigError(f"--run {run_dir}: no {MODEL_FILE} there (the run has not finished)")
+    config = load_resolved(run_dir / "config.yaml")
+    if samples is not None:
+        config.eval.samples = samples
+    pde = build_pde(config.pde.name, config.pde.dim, dict(config.pde.params), config.pde.target)
+    device, dtype = torch.device("cpu"), getattr(torch, config.run.dtype)
+    test_file = test_file or config.data.test_file
+    if test_file:
+        params = {k: v for k, v in pde.describe().items() if k not in ("name", "dim")}
+        validate(test_file, pde_name=pde.name, dim=pde.dim, pde_params=params, groups={"test": ["X", "u", "grad"]})
+        test = read_test_set(test_file, config.eval.points)
+    else:
+        test = pde.test_set(config.eval.points, config.eval.seed, config.eval.truth_samples)
+    model = build_model(config, pde, dtype, device)
+    model.load_state_dict(torch.load(run_dir / MODEL_FILE, map_location=device))
+    errors = test_errors(model, test, config, device, dtype)
+    result = {**errors, "model": MODEL_FILE, "test_points": int(test.X.shape[0]), "eval_samples": config.eval.samples,
+              "test_file": test_file}  # fmt: skip
+    write_json_atomic(run_dir / "eval.json", result)
+    draw_plots(run_dir, model, pde, test, config, device, dtype)
+    return result

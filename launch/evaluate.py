@@ -1,0 +1,48 @@
+"""Re-evaluate a finished run: ``python launch/evaluate.py --run RUN_DIR [--test-file FILE.h5] [--samples N]``.
+
+Loads the run's resolved config.yaml and final model (model.pt), computes the test errors
+exactly as training did (same test set and noise unless --test-file / --samples change
+them), prints a table, writes RUN_DIR/eval.json and redraws RUN_DIR/plots.
+Exit status: 0 done, 2 a user error (missing run directory, model or file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from dstein.config import ConfigError
+from dstein.data import DataFileError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", required=True, help="run directory (run.dir of the training run)")
+    parser.add_argument("--test-file", default=None, help="HDF5 file with a test set (default: the run's own)")
+    parser.add_argument("--samples", type=int, default=None, help="samples per test point for the smoothed model")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.samples is not None and args.samples < 1:
+        parser.error("--samples must be >= 1")
+    try:
+        from dstein.report import evaluate_run
+
+        result = evaluate_run(args.run, args.test_file, args.samples)
+    except (ConfigError, DataFileError) as err:
+        if args.debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"{'metric':<14}{'value':>12}")
+    for key in ("l1_rel", "l2_rel", "grad_l2_rel"):
+        print(f"{key:<14}{result[key]:>12.6f}")
+    where = Path(args.run) / "eval.json"
+    print(f"test points {result['test_points']}, eval samples {result['eval_samples']}; wrote {where}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
