@@ -13,3 +13,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/python -m pip install -q "${DSTEIN_TORCH:-torch==2.13.0}"
 fi
 .venv/bin/python -m pip install -q -e ".[dev]"
+# DeepSpeed JIT-builds a small shared-memory op on CPU at its first use (g++ and ninja).
+# Build it here, once: a rank killed during that build leaves a lock that makes every later
+# start wait forever (remove ~/.cache/torch_extensions/*/deepspeed_shm_comm/lock if it does).
+.venv/bin/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" >/dev/null
