@@ -201,7 +201,7 @@ def adversarial_points(
 
 
 def predict(
-    model: torch.nn.Module, X: torch.Tensor, config: Config, first_block: int = 0
+    model: torch.nn.Module, X: torch.Tensor, config: Config, first_block: int = 0, progress: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The trained solution and its spatial gradient at test points (blocks of EVAL_BLOCK).
 
@@ -209,7 +209,10 @@ def predict(
     ``eval.samples`` perturbations and its gradient by differentiating that average with
     respect to the points (pathwise, far less noisy than the Stein gradient; this is
     evaluation, not training). Block ``b``'s noise is keyed by ``first_block + b``.
+    ``progress`` shows a bar over the blocks (on standard error).
     """
+    from tqdm import tqdm
+
     d = config.pde.dim
     us, grads = [], []
     stein = config.estimator.method != "autograd"
@@ -217,7 +220,8 @@ def predict(
     scale = torch.full((X.shape[1],), config.estimator.sigma_x, dtype=X.dtype, device=X.device)
     if X.shape[1] > d:
         scale[d] = config.estimator.time_sigma
-    for b, lo in enumerate(range(0, X.shape[0], EVAL_BLOCK)):
+    starts = range(0, X.shape[0], EVAL_BLOCK)
+    for b, lo in enumerate(tqdm(starts, desc="evaluating", unit="block", disable=not progress, leave=False)):
         Xb = X[lo : lo + EVAL_BLOCK].detach().requires_grad_(True)
         if stein:
             key = counter_seed(config.seed, EVAL_STREAM, first_block + b)
