@@ -31,7 +31,6 @@ from dstein.data import H5Collocation, read_test_set, validate
 from dstein.distributed import (
     DistInfo,
     DistributedError,
-    all_reduce_sum,
     describe_failure,
     init_distributed,
     sum_partial_sums,
@@ -466,7 +465,7 @@ def run(config: Config, info: DistInfo | None = None) -> dict[str, Any]:
     return summary
 
 
-__all__ = ["Estimator", "Trainer", "all_reduce_sum", "build_trainer", "run", "train_step"]
+__all__ = ["Batch", "Estimator", "Trainer", "build_trainer", "run", "train_step"]
 
 if __name__ == "__main__":  # pragma: no cover - use launch/train.py
     sys.exit("use: python launch/train.py --config configs/NAME.yaml")
