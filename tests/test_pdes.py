@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -156,3 +157,18 @@ def test_registry_and_user_pde():
 def test_bad_pde_settings_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
         build_pde(**kwargs)
+
+
+def test_test_points_are_drawn_in_blocks_any_slice_alike():
+    """Several ranks write one test set, each drawing only its rows (PDE.test_points)."""
+    from dstein.pdes.base import TEST_BLOCK
+
+    pde = build_pde("heat", 3)
+    n = 2 * TEST_BLOCK + 100
+    whole = pde.test_points(0, n, seed=5)
+    cuts = [0, 7, TEST_BLOCK + 3, 2 * TEST_BLOCK, n]
+    pieces = [pde.test_points(a, b, seed=5) for a, b in itertools.pairwise(cuts)]
+    assert torch.equal(torch.cat(pieces), whole) and whole.shape == (n, 4)
+    assert pde.test_points(9, 9, seed=5).shape == (0, 4)
+    assert not torch.equal(pde.test_points(0, 10, seed=6), whole[:10])
+    assert torch.equal(pde.test_set(50, seed=5, truth_samples=2).X, whole[:50])

@@ -23,6 +23,7 @@ from dstein.config import Config
 from dstein.data.schema import SCHEMA_VERSION
 from dstein.noise import split_evenly
 from dstein.pdes import PDE, build_pde
+from dstein.pdes.base import TEST_BLOCK
 
 ROW_BYTES_PER_CHUNK = 1 << 16  # ~64 KiB chunks: a shuffled read decompresses little beyond its rows
 
@@ -47,16 +48,10 @@ def _train_kinds(pde: PDE, config: Config) -> dict[str, int]:
 
 
 def _write_part(
-    path: Path,
-    pde: PDE,
-    config: Config,
-    steps: range,
-    test_rows: tuple[int, int],
-    test_X: torch.Tensor | None,
-    truth_samples: int,
-    progress: bool,
+    path: Path, pde: PDE, config: Config, steps: range, test_rows: tuple[int, int], truth_samples: int, progress: bool
 ) -> None:
-    """This rank's share: training points of ``steps`` and the truth at its test rows."""
+    """This rank's share: training points of ``steps`` and the test points ``test_rows`` with
+    their truth, written block by block."""
     from tqdm import tqdm
 
     from dstein.train import collocation
@@ -68,13 +63,21 @@ def _write_part(
             for kind, batch in collocation(pde, config, step, torch.float64, torch.device("cpu")).items():
                 b = kinds[kind]
                 dsets[kind][i * b : (i + 1) * b] = batch.X.numpy()
-        if test_X is not None:
-            lo, hi = test_rows
-            X = test_X[lo:hi]
-            truth = pde.truth(X, truth_samples, config.eval.seed)
-            fh["X"], fh["u"], fh["grad"] = X.numpy(), truth.u.numpy(), truth.grad.numpy()
-            if truth.u_se is not None:
-                fh["u_se"] = truth.u_se.numpy()
+        lo, hi = test_rows
+        if hi <= lo:
+            return
+        tails = {"X": (pde.in_dim,), "u": (), "grad": (pde.dim,), "u_se": ()}
+        test = {}
+        for start in tqdm(range(lo, hi, TEST_BLOCK), desc="test truth", disable=not progress, unit="block"):
+            stop = min(hi, start + TEST_BLOCK)
+            truth = pde.truth(pde.test_points(start, stop, config.eval.seed), truth_samples, config.eval.seed)
+            values = {"X": truth.X, "u": truth.u, "grad": truth.grad, "u_se": truth.u_se}
+            for name, value in values.items():
+                if value is None:
+                    continue
+                if name not in test:
+                    test[name] = _create(fh, name, hi - lo, tails[name])
+                test[name][start - lo : stop - lo] = value.numpy()
 
 
 def _root_attrs(fh: h5py.File, pde: PDE, config: Config, steps: int) -> None:
@@ -89,6 +92,20 @@ def _root_attrs(fh: h5py.File, pde: PDE, config: Config, steps: int) -> None:
     )  # fmt: skip
 
 
+def _copy_rows(parts: list[Path], name: str, dset: h5py.Dataset, block: int = 16384) -> None:
+    """Concatenate dataset ``name`` of the part files into ``dset``, block by block."""
+    at = 0
+    for part in parts:
+        with h5py.File(part, "r") as src:
+            if name not in src:
+                continue
+            n = src[name].shape[0]
+            for lo in range(0, n, block):
+                rows = src[name][lo : lo + block]
+                dset[at + lo : at + lo + rows.shape[0]] = rows
+            at += n
+
+
 def _assemble(
     out: Path, parts: list[Path], pde: PDE, config: Config, steps: int, test_points: int, truth_samples: int
 ) -> None:
@@ -101,14 +118,7 @@ def _assemble(
                 train = fh.create_group("train")
                 for kind, b in kinds.items():
                     dset = _create(train, kind, steps * b, (pde.in_dim,))
-                    at = 0
-                    for part in parts:
-                        with h5py.File(part, "r") as src:
-                            n = src[kind].shape[0]
-                            for lo in range(0, n, 65536):
-                                block = src[kind][lo : lo + 65536]
-                                dset[at + lo : at + lo + block.shape[0]] = block
-                            at += n
+                    _copy_rows(parts, kind, dset)
                     if kind != "domain":
                         target = _create(train, f"{kind}_target", steps * b, ())
                         for lo in range(0, steps * b, 65536):
@@ -122,13 +132,7 @@ def _assemble(
                 tails = {"X": (pde.in_dim,), "u": (), "grad": (pde.dim,), "u_se": ()}
                 for name in names:
                     dset = _create(test, name, test_points, tails[name])
-                    at = 0
-                    for part in parts:
-                        with h5py.File(part, "r") as src:
-                            if name in src:
-                                n = src[name].shape[0]
-                                dset[at : at + n] = src[name][:]
-                                at += n
+                    _copy_rows(parts, name, dset)
         os.replace(tmp, out)
     finally:
         if tmp.exists():
@@ -151,12 +155,11 @@ def generate(
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     pde = build_pde(config.pde.name, config.pde.dim, dict(config.pde.params), config.pde.target)
-    test_X = pde.sample_test(test_points, torch.Generator().manual_seed(config.eval.seed)) if test_points else None
     parts = [out.with_name(f".{out.name}.part{r}-of-{world_size}") for r in range(world_size)]
     try:
         _write_part(
             parts[rank], pde, config, range(*split_evenly(steps, rank, world_size)),
-            split_evenly(test_points, rank, world_size), test_X, truth_samples, progress and rank == 0,
+            split_evenly(test_points, rank, world_size), truth_samples, progress and rank == 0,
         )  # fmt: skip
         barrier()
         if rank == 0:

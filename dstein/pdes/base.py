@@ -14,6 +14,10 @@ from typing import ClassVar
 import torch
 
 from dstein.estimators.base import Derivatives
+from dstein.noise import counter_seed
+
+#: Test points are drawn in blocks of this many (see PDE.test_points).
+TEST_BLOCK = 1024
 
 
 @dataclass
@@ -93,10 +97,26 @@ class PDE(abc.ABC):
     def truth(self, X: torch.Tensor, samples: int, seed: int) -> TestSet:
         """Ground truth at points X (``samples`` and ``seed`` for Monte Carlo truths)."""
 
+    def test_points(self, start: int, stop: int, seed: int) -> torch.Tensor:
+        """Rows ``start:stop`` of the endless sequence of test points of ``seed``.
+
+        Points are drawn in blocks of TEST_BLOCK, block ``k`` from a generator seeded by
+        ``(seed, k)``: any slice can be produced without drawing the rows before it (several
+        ranks write one test set, none holding all of it).
+        """
+        if stop <= start:
+            return torch.zeros(0, self.in_dim, dtype=torch.float64)
+        blocks = []
+        for k in range(start // TEST_BLOCK, (stop - 1) // TEST_BLOCK + 1):
+            gen = torch.Generator().manual_seed(counter_seed(seed, k, 0x54455354))
+            block = self.sample_test(TEST_BLOCK, gen)
+            base = k * TEST_BLOCK
+            blocks.append(block[max(start, base) - base : min(stop, base + TEST_BLOCK) - base])
+        return torch.cat(blocks)
+
     def test_set(self, n: int, seed: int, truth_samples: int) -> TestSet:
-        """``n`` test points drawn with ``seed`` and their ground truth."""
-        X = self.sample_test(n, torch.Generator().manual_seed(seed))
-        return self.truth(X, truth_samples, seed)
+        """``n`` test points of ``seed`` and their ground truth."""
+        return self.truth(self.test_points(0, n, seed), truth_samples, seed)
 
     def describe(self) -> dict:
         """Parameters that identify this PDE (stored with runs and data files)."""
