@@ -81,9 +81,8 @@ def finish_run(run_dir: Path, model: torch.nn.Module, pde: PDE, test: TestSet, c
 def evaluate_run(run_dir: str | Path, test_file: str | None = None, samples: int | None = None) -> dict[str, Any]:
     """Re-evaluate a finished run's final model; write ``eval.json`` and redraw the plots."""
     from dstein.config import ConfigError, load_resolved
-    from dstein.data import read_test_set, validate
     from dstein.pdes import build_pde
-    from dstein.train import build_model
+    from dstein.train import build_model, load_test_set
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
@@ -96,12 +95,7 @@ def evaluate_run(run_dir: str | Path, test_file: str | None = None, samples: int
     pde = build_pde(config.pde.name, config.pde.dim, dict(config.pde.params), config.pde.target)
     device, dtype = torch.device("cpu"), getattr(torch, config.run.dtype)
     test_file = test_file or config.data.test_file
-    if test_file:
-        params = {k: v for k, v in pde.describe().items() if k not in ("name", "dim")}
-        validate(test_file, pde_name=pde.name, dim=pde.dim, pde_params=params, groups={"test": ["X", "u", "grad"]})
-        test = read_test_set(test_file, config.eval.points)
-    else:
-        test = pde.test_set(config.eval.points, config.eval.seed, config.eval.truth_samples)
+    test = load_test_set(config, pde, test_file)
     model = build_model(config, pde, dtype, device)
     model.load_state_dict(torch.load(run_dir / MODEL_FILE, map_location=device))
     errors = test_errors(model, test, config, device, dtype)

@@ -362,26 +362,28 @@ def build_trainer(config: Config, info: DistInfo | None = None) -> Trainer:
 
 def open_data(config: Config, pde: PDE, info: DistInfo) -> tuple[H5Collocation | None, TestSet]:
     """The training-point reader (None: online sampler) and the test set, files validated first."""
-    params = {k: v for k, v in pde.describe().items() if k not in ("name", "dim")}
     reader = None
-    kinds = {"domain": config.train.domain_points, **{k: config.train.condition_points for k in pde.conditions}}
     if config.data.train_file:
+        kinds = pde.point_counts(config.train.domain_points, config.train.condition_points)
         validate(
-            config.data.train_file, pde_name=pde.name, dim=pde.dim, pde_params=params, groups={"train": list(kinds)}
+            config.data.train_file,
+            pde_name=pde.name,
+            dim=pde.dim,
+            pde_params=pde.params(),
+            groups={"train": list(kinds)},
         )
         reader = H5Collocation(
             config.data.train_file, kinds, config.seed, config.data.shuffle, info.point_group, info.num_point_groups
         )
-    if config.data.test_file:
-        validate(
-            config.data.test_file,
-            pde_name=pde.name,
-            dim=pde.dim,
-            pde_params=params,
-            groups={"test": ["X", "u", "grad"]},
-        )
-        return reader, read_test_set(config.data.test_file, config.eval.points)
-    return reader, pde.test_set(config.eval.points, config.eval.seed, config.eval.truth_samples)
+    return reader, load_test_set(config, pde, config.data.test_file)
+
+
+def load_test_set(config: Config, pde: PDE, test_file: str | None) -> TestSet:
+    """The test set from ``test_file`` (validated; its first eval.points rows) or drawn from eval.seed."""
+    if not test_file:
+        return pde.test_set(config.eval.points, config.eval.seed, config.eval.truth_samples)
+    validate(test_file, pde_name=pde.name, dim=pde.dim, pde_params=pde.params(), groups={"test": ["X", "u", "grad"]})
+    return read_test_set(test_file, config.eval.points)
 
 
 def train_step(tr: Trainer, step: int) -> dict[str, float]:

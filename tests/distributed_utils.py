@@ -65,3 +65,8 @@ def wait_all(procs: list[subprocess.Popen], timeout: float = 300) -> list[tuple[
 
 def run_command(cmd: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=ROOT, env=base_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def train_command(config: str, *overrides: str) -> list[str]:
+    """``python launch/train.py --config CONFIG overrides...`` (one process)."""
+    return [sys.executable, "launch/train.py", "--config", config, *overrides]

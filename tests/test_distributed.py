@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from distributed_utils import VENV_BIN, free_port, run_command, spawn_ranks, wait_all
+from distributed_utils import VENV_BIN, free_port, run_command, spawn_ranks, train_command, wait_all
 
 from dstein.distributed import Launch, check_layout, detect_launch
 from dstein.metrics import read_metrics
@@ -114,9 +114,7 @@ def assert_same_losses(a: list[dict], b: list[dict], rtol: float = 1e-5) -> None
 @pytest.fixture(scope="module")
 def plain_hjb_10k(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("plain")
-    out = run_command(
-        [sys.executable, "launch/train.py", "--config", "configs/hjb_10k.yaml", *TINY_10K, f"run.dir={run_dir}"]
-    )
+    out = run_command(train_command("configs/hjb_10k.yaml", *TINY_10K, f"run.dir={run_dir}"))
     assert out.returncode == 0, out.stderr[-3000:]
     assert json.loads((run_dir / "summary.json").read_text())["world_size"] == 1
     return losses(run_dir)

@@ -7,7 +7,7 @@ import sys
 
 import matplotlib.image
 import pytest
-from distributed_utils import run_command
+from distributed_utils import run_command, train_command
 
 from dstein.plots import PLOTS
 
@@ -20,9 +20,7 @@ SMALL = [
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
-    out = run_command(
-        [sys.executable, "launch/train.py", "--config", "configs/quickstart.yaml", *SMALL, f"run.dir={run_dir}"]
-    )
+    out = run_command(train_command("configs/quickstart.yaml", *SMALL, f"run.dir={run_dir}"))
     assert out.returncode == 0, out.stderr[-3000:]
     return run_dir, out
 

@@ -44,7 +44,7 @@ def _create(group: h5py.Group, name: str, rows: int, tail: tuple[int, ...]) -> h
 
 
 def _train_kinds(pde: PDE, config: Config) -> dict[str, int]:
-    return {"domain": config.train.domain_points, **{k: config.train.condition_points for k in pde.conditions}}
+    return pde.point_counts(config.train.domain_points, config.train.condition_points)
 
 
 def _write_part(
@@ -81,12 +81,10 @@ def _write_part(
 
 
 def _root_attrs(fh: h5py.File, pde: PDE, config: Config, steps: int) -> None:
-    params = dict(pde.describe())
-    params.pop("name"), params.pop("dim")
     fh.attrs.update(
         schema_version=SCHEMA_VERSION, dstein_version=dstein.__version__,
         created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), pde=pde.name, dim=pde.dim, in_dim=pde.in_dim,
-        time_dependent=pde.time_dependent, pde_params=json.dumps(params, sort_keys=True),
+        time_dependent=pde.time_dependent, pde_params=json.dumps(pde.params(), sort_keys=True),
         sampler=f"{type(pde).__module__}.{type(pde).__name__}", seed=config.seed, steps=steps,
         batch=json.dumps(_train_kinds(pde, config)),
     )  # fmt: skip

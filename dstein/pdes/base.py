@@ -122,6 +122,14 @@ class PDE(abc.ABC):
         """Parameters that identify this PDE (stored with runs and data files)."""
         return {"name": self.name, "dim": self.dim}
 
+    def params(self) -> dict:
+        """The PDE's own parameters (``describe`` without name and dimension)."""
+        return {k: v for k, v in self.describe().items() if k not in ("name", "dim")}
+
+    def point_counts(self, domain_points: int, condition_points: int) -> dict[str, int]:
+        """Points per step of each kind: ``domain`` and every condition set."""
+        return {"domain": domain_points, **{kind: condition_points for kind in self.conditions}}
+
 
 class ExactPDE(PDE):
     """A PDE with a closed-form solution: the test set is exact."""
