@@ -34,7 +34,8 @@ def _check(condition: bool, message: str) -> None:
 @dataclass
 class RunConfig:
     dir: str = "runs/default"
-    """Run directory: resolved config, metrics.jsonl, summary.json (and later checkpoints)."""
+    """Run directory: resolved config, metrics.jsonl, summary.json, checkpoints/. Tie it to
+    the job (a SLURM job id), never to the clock: a requeued job must find it again."""
     device: str = "auto"
     """'auto' (CUDA if available, else CPU), 'cpu' or 'cuda'."""
     dtype: str = "float32"
@@ -228,6 +229,38 @@ class DeepSpeedConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    every: int = 1000
+    """Save every this many steps (0: only at the end and when preempted)."""
+    keep: int = 2
+    """Complete checkpoints to keep (the newest); older ones are deleted after a save."""
+    resume: str = "auto"
+    """auto: resume from the newest complete checkpoint if there is one, else start fresh;
+    never: start fresh (refused if checkpoint.dir holds checkpoints of an earlier run);
+    or a path: a step-NNNNNNNN folder, or a checkpoint directory (its newest complete one)."""
+    dir: str | None = None
+    """Where step-NNNNNNNN folders go; None: RUN_DIR/checkpoints. Must be shared by all nodes."""
+    signal: str = "SIGUSR1"
+    """Preemption signal besides SIGTERM: a SIG* name (SIGUSR1, SIGUSR2, ...) or none. Either
+    only sets a flag; the ranks agree on it once per step, save, and exit with status 4."""
+
+    def __post_init__(self) -> None:
+        import signal as _signal
+
+        _check(self.every >= 0, f"checkpoint.every={self.every} must be >= 0")
+        _check(self.keep >= 1, f"checkpoint.keep={self.keep} must be >= 1")
+        _check(bool(self.resume), "checkpoint.resume must be auto, never or a path")
+        ok = self.signal == "none" or (
+            self.signal.startswith("SIG") and isinstance(getattr(_signal, self.signal, None), _signal.Signals)
+        )
+        _check(ok, f"checkpoint.signal={self.signal!r} must be a signal name such as SIGUSR1, SIGUSR2, or none")
+        _check(
+            self.signal not in ("SIGKILL", "SIGSTOP", "SIGINT"),
+            f"checkpoint.signal={self.signal!r} cannot be caught or is Ctrl-C: use SIGUSR1, SIGUSR2 or SIGHUP",
+        )
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     seed: int = 0
@@ -240,6 +273,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def __post_init__(self) -> None:
         _check(self.seed >= 0, f"seed={self.seed} must be >= 0")
@@ -248,7 +282,11 @@ class Config:
         return asdict(self)
 
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+        """A hash of every setting that can change the results (not where they are written)."""
+        tree = self.to_dict()
+        tree["run"].pop("dir")
+        tree.pop("checkpoint")
+        return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def register_schema() -> None:

@@ -53,11 +53,22 @@ def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
 
 
 class MetricsLog:
-    """Appends one JSON object per line to ``metrics.jsonl`` (only the writing rank opens it)."""
+    """Appends one JSON object per line to ``metrics.jsonl`` (only the writing rank opens it).
 
-    def __init__(self, path: Path, enabled: bool = True):
+    ``after``: the step the run starts from. Rows of later steps (written by a run that went
+    on past its last checkpoint before it was stopped) are dropped, so a resumed run's file
+    reads as one uninterrupted run; a fresh start (0) empties the file.
+    """
+
+    def __init__(self, path: Path, enabled: bool = True, after: int = 0):
         self.path = path
-        self._fh = open(path, "a") if enabled else None  # noqa: SIM115 - held open for the run
+        self._fh = None
+        if enabled:
+            keep = [row for row in read_metrics(path) if row.get("step", 0) <= after] if after and path.exists() else []
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(json.dumps(row, sort_keys=True) + "\n" for row in keep))
+            os.replace(tmp, path)
+            self._fh = open(path, "a")  # noqa: SIM115 - held open for the run
 
     def write(self, row: dict[str, Any]) -> None:
         if self._fh is not None:
@@ -80,8 +91,8 @@ class Progress:
     error, steps per second, ETA), plain log lines every ``every`` steps otherwise (batch
     jobs: no control characters in the log). Other ranks show nothing."""
 
-    def __init__(self, total: int, enabled: bool, every: int, stream: TextIO | None = None):
-        self.total, self.every, self.enabled = total, every, enabled
+    def __init__(self, total: int, enabled: bool, every: int, stream: TextIO | None = None, initial: int = 0):
+        self.total, self.every, self.enabled, self.initial = total, every, enabled, initial
         self.stream = stream or sys.stdout
         self.start = time.perf_counter()
         self.bar = None
@@ -89,7 +100,7 @@ class Progress:
         if enabled and self.stream.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, file=self.stream, unit="step", dynamic_ncols=True)
+            self.bar = tqdm(total=total, initial=initial, file=self.stream, unit="step", dynamic_ncols=True)
 
     def update(self, step: int, terms: dict[str, float], errors: dict[str, float] | None = None) -> None:
         if not self.enabled:
@@ -102,7 +113,7 @@ class Progress:
             return
         if step % self.every == 0 or step == self.total or errors:
             elapsed = time.perf_counter() - self.start
-            rate = step / elapsed if elapsed > 0 else 0.0
+            rate = (step - self.initial) / elapsed if elapsed > 0 else 0.0
             eta = (self.total - step) / rate if rate > 0 else 0.0
             print(
                 f"step {step}/{self.total}  loss {terms['loss']:.3e}  {self.last_error}  "
@@ -119,12 +130,13 @@ class Progress:
 class Scalars:
     """TensorBoard scalars under ``RUN_DIR/tensorboard`` (rank 0 only)."""
 
-    def __init__(self, run_dir: Path, enabled: bool):
+    def __init__(self, run_dir: Path, enabled: bool, after: int = 0):
         self.writer = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            # purge_step: TensorBoard hides what an earlier run logged after the starting step
+            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=after + 1)
 
     def add(self, step: int, values: dict[str, float], prefix: str) -> None:
         if self.writer is not None:

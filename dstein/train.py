@@ -405,43 +405,68 @@ def train_step(tr: Trainer, step: int) -> dict[str, float]:
     return {k: float(v) for k, v in zip(names, total.tolist(), strict=True)}
 
 
+def client_state(tr: Trainer, done: int) -> dict[str, Any]:
+    """What a checkpoint holds besides DeepSpeed's model and optimizer state."""
+    return {"data_cursor": tr.reader.cursor(done) if tr.reader is not None else None}
+
+
 def run(config: Config, info: DistInfo | None = None) -> dict[str, Any]:
-    """Train from scratch as configured; write the run directory (rank 0); return the summary."""
+    """Train as configured, from scratch or from the checkpoint that ``checkpoint.resume``
+    selects; write the run directory (rank 0); return the summary.
+
+    Raises ``Preempted`` on every rank after saving, when a rank received a preemption signal.
+    """
+    from dstein.checkpoint import Checkpointer, Preempted, Preemption
     from dstein.metrics import Progress, Scalars
     from dstein.report import finish_run
 
     tr = build_trainer(config, info)
     cfg, writer = tr.config, tr.info.is_writer
+    checkpoints = Checkpointer(cfg, tr.info.rank, tr.info.world_size)
+    resumed = checkpoints.resume(tr.engine, tr.reader)
+    first = resumed.step
     if writer:
+        for line in resumed.messages:
+            print(line, flush=True)
         tr.run_dir.mkdir(parents=True, exist_ok=True)
         (tr.run_dir / "config.yaml").write_text(to_yaml(cfg))
-    metrics = MetricsLog(tr.run_dir / "metrics.jsonl", enabled=writer)
-    scalars = Scalars(tr.run_dir, enabled=writer)
-    progress = Progress(cfg.train.steps, enabled=writer, every=cfg.train.print_every)
+    metrics = MetricsLog(tr.run_dir / "metrics.jsonl", enabled=writer, after=first)
+    scalars = Scalars(tr.run_dir, enabled=writer, after=first)
+    progress = Progress(cfg.train.steps, enabled=writer, every=cfg.train.print_every, initial=first)
+    preemption = Preemption(cfg.checkpoint.signal)
     start = time.perf_counter()
     errors: dict[str, float] = {}
     try:
-        for step in range(cfg.train.steps):
+        for step in range(first, cfg.train.steps):
             terms = train_step(tr, step)
             if not all(math.isfinite(v) for v in terms.values()):
                 raise FloatingPointError(f"non-finite loss at step {step}: {terms}")
             done = step + 1
             seconds = time.perf_counter() - start
             new_errors = None
-            if done % cfg.train.log_every == 0 or done == cfg.train.steps or step == 0:
+            if done % cfg.train.log_every == 0 or done == cfg.train.steps or step == first:
                 lr = cfg.train.lr * lr_factor(step, cfg.train.steps)
                 metrics.write({"step": done, **terms, "lr": lr, "seconds": seconds})
-                scalars.add(done, {**terms, "lr": lr, "steps_per_second": done / seconds}, "train")
+                scalars.add(done, {**terms, "lr": lr, "steps_per_second": (done - first) / seconds}, "train")
             if done % cfg.eval.every == 0 or done == cfg.train.steps:
                 errors = new_errors = evaluate(tr)
                 metrics.write({"step": done, **errors, "seconds": time.perf_counter() - start})
                 scalars.add(done, errors, "eval")
             progress.update(done, terms, new_errors)
+            stop = preemption.agreed()
+            if checkpoints.due(done) or stop:
+                path = checkpoints.save(tr.engine, done, client_state(tr, done))
+            if stop:
+                progress.close()
+                raise Preempted(done, path, preemption.received or "a signal on another rank")
+        if not errors:  # resumed from the final checkpoint: nothing left to train
+            errors = evaluate(tr)
     except RuntimeError as err:
         if tr.info.world_size > 1 and not isinstance(err, FloatingPointError):
             raise DistributedError(describe_failure(tr.info, err, cfg.parallel.timeout_s)) from err
         raise
     finally:
+        preemption.restore()
         progress.close()
         scalars.close()
         metrics.close()

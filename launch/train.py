@@ -4,7 +4,12 @@ Overrides are Hydra overrides (``train.steps=3``, ``estimator.method=autograd``)
 the same under every launcher: plain python, ``deepspeed [--num_gpus N]``, ``torchrun
 --nproc_per_node N``, ``mpirun -np N`` and ``srun`` (see dstein/distributed.py).
 
-Exit status: 0 done; 2 a user error (config, file, layout); 3 a lost peer rank.
+Resumes by itself: with ``checkpoint.resume=auto`` (the default) the same command starts
+fresh or continues from the newest complete checkpoint in ``RUN_DIR/checkpoints``.
+
+Exit status: 0 done; 2 a user error (config, file, layout, unusable checkpoint); 3 a lost
+peer rank; 4 preempted (SIGTERM or ``checkpoint.signal``): a checkpoint was saved and the same
+command continues the run, so a batch script requeues the job on 4.
 """
 
 from __future__ import annotations
@@ -50,9 +55,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(to_yaml(config), end="")
             return 0
+        from dstein.checkpoint import PREEMPTED_EXIT, Preempted
         from dstein.train import run
 
-        summary = run(config)
+        try:
+            summary = run(config)
+        except Preempted as done:
+            if _is_rank_zero():
+                print(f"{done}; exit {PREEMPTED_EXIT}: run the same command to continue", flush=True)
+            return PREEMPTED_EXIT
     except DistributedError as err:
         if args.debug:
             raise
@@ -75,4 +86,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     status = main()
-    exit_process(status, barrier=status == 0)
+    exit_process(status, barrier=status in (0, 4))  # 4: every rank saved and stopped alike

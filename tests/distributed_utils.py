@@ -33,12 +33,15 @@ def base_env(threads: int = 1) -> dict[str, str]:
     return env
 
 
-def spawn_ranks(args: list[str], world: int, port: int | None = None) -> list[subprocess.Popen]:
-    """``world`` processes of ``python args...`` with RANK/WORLD_SIZE/MASTER_* set."""
+def spawn_ranks(
+    args: list[str], world: int, port: int | None = None, env: dict[str, str] | None = None
+) -> list[subprocess.Popen]:
+    """``world`` processes of ``python args...`` with RANK/WORLD_SIZE/MASTER_* set (and ``env``)."""
     port = port or free_port()
     procs = []
+    extra = env or {}
     for rank in range(world):
-        env = base_env()
+        env = {**base_env(), **extra}
         env.update(
             RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
         )
