@@ -15,3 +15,11 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 @pytest.fixture
 def root() -> Path:
     return ROOT
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    """A SLURM node to submit to (see tests/slurm_cluster.py)."""
+    from slurm_cluster import cluster
+
+    yield from cluster()

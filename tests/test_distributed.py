@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -155,18 +154,7 @@ def test_launchers_reproduce_the_single_process_losses(plain_hjb_10k, tmp_path, 
     assert_same_losses(losses(tmp_path), plain_hjb_10k)
 
 
-def _slurm_idle() -> bool:
-    if not shutil.which("srun") or not shutil.which("sinfo"):
-        return False
-    try:
-        out = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return False
-    return "idle" in out.stdout
-
-
-@pytest.mark.skipif(not _slurm_idle(), reason="no idle SLURM node (see ../shared/slurm-local)")
-def test_srun_reproduces_the_single_process_losses(plain_hjb_10k, tmp_path):
+def test_srun_reproduces_the_single_process_losses(slurm, plain_hjb_10k, tmp_path):
     script = ["launch/train.py", "--config", "configs/hjb_10k.yaml", *TINY_10K, f"run.dir={tmp_path}"]
     out = run_command(["srun", "-n", "2", "--cpus-per-task=1", sys.executable, *script])
     assert out.returncode == 0, out.stderr[-3000:]
