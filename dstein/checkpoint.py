@@ -46,6 +46,7 @@ import torch.distributed as dist
 
 import dstein
 from dstein.config import Config, ConfigError, load_resolved, to_yaml
+from dstein.distributed import from_rank0
 
 MARKER = "COMMITTED"
 PREFIX = "step-"
@@ -64,6 +65,13 @@ FIXED = (
 
 class CheckpointError(ConfigError):
     """A checkpoint cannot be used as asked; the message says which and why."""
+
+
+class RunStopped(Exception):
+    """The run stopped on a fault (non-finite values, a failed write) without touching the
+    last complete checkpoint; the message says what happened and where that checkpoint is."""
+
+    exit_status = 5
 
 
 class Preempted(Exception):
@@ -166,14 +174,6 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _from_rank0(value: Any) -> Any:
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 @dataclass
 class Resume:
     """What ``Checkpointer.resume`` did: the step to continue from and what to tell the user."""
@@ -197,13 +197,15 @@ class Checkpointer:
 
     # ----- save -------------------------------------------------------------------------
     def save(self, engine: Any, done: int, client: dict[str, Any]) -> Path:
-        """Save the state after ``done`` steps on every rank; return the committed folder."""
+        """Save the state after ``done`` steps on every rank; return the committed folder.
+
+        A write that fails on any rank (disk full, permissions) raises ``RunStopped`` on every
+        rank, after the unfinished folder is removed; earlier complete folders are untouched.
+        """
+        from dstein.faults import fault
+
         path = step_dir(self.root, done)
-        if self.rank == 0:
-            self.root.mkdir(parents=True, exist_ok=True)
-            if path.exists():  # left by a save that was interrupted, or an older run's
-                shutil.rmtree(path)
-        _barrier()
+        previous = self.latest()
         state = {
             **client,
             "step": done,
@@ -211,15 +213,21 @@ class Checkpointer:
             "config_digest": self.config.digest(),
             "dstein_version": dstein.__version__,
         }
-        engine.save_checkpoint(str(self.root), tag=path.name, client_state=state, save_latest=False)
-        (path / RNG_DIR).mkdir(parents=True, exist_ok=True)
-        torch.save(rng_state(), path / RNG_DIR / f"rank-{self.rank:05d}.pt")
-        if self.rank == 0:
-            (path / CONFIG_FILE).write_text(to_yaml(self.config))
-        _barrier()
-        if self.rank == 0:
-            from dstein.faults import fault
 
+        def clear() -> None:
+            self.root.mkdir(parents=True, exist_ok=True)
+            if path.exists():  # left by a save that was interrupted, or an older run's
+                shutil.rmtree(path)
+
+        def write() -> None:
+            engine.save_checkpoint(str(self.root), tag=path.name, client_state=state, save_latest=False)
+            (path / RNG_DIR).mkdir(parents=True, exist_ok=True)
+            torch.save(rng_state(), path / RNG_DIR / f"rank-{self.rank:05d}.pt")
+            if self.rank == 0:
+                (path / CONFIG_FILE).write_text(to_yaml(self.config))
+            fault("fail-save", done, self.rank)
+
+        def commit() -> None:
             fault("stall-save", done)  # test hook: a job killed before the commit
             _fsync_tree(path)
             marker = {key: state[key] for key in ("step", "world_size", "config_digest", "dstein_version")}
@@ -227,9 +235,42 @@ class Checkpointer:
             tmp = path / (MARKER + ".tmp")
             tmp.write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
             os.replace(tmp, path / MARKER)
+
+        self._together(clear if self.rank == 0 else None, path, previous)
+        self._together(write, path, previous)
+        self._together(commit if self.rank == 0 else None, path, previous)
+        if self.rank == 0:
             self.prune()
         _barrier()
         return path
+
+    def _together(self, work: Any, path: Path, previous: Path | None) -> None:
+        """Run this rank's part of a save; if it failed on any rank, clean up and stop all."""
+        error = None
+        if work is not None:
+            try:
+                work()
+            except OSError as err:
+                error = f"rank {self.rank}: {err}"
+        errors = [error]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            errors = [None] * dist.get_world_size()
+            dist.all_gather_object(errors, error)
+        failed = [e for e in errors if e]
+        if not failed:
+            return
+        if self.rank == 0:
+            shutil.rmtree(path, ignore_errors=True)
+        raise RunStopped(
+            f"could not write checkpoint {path} ({failed[0]}); nothing was committed and the previous "
+            f"complete checkpoint {previous if previous else '(none)'} is intact: free space or fix the "
+            "directory (checkpoint.dir), then run the same command to resume"
+        )
+
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint folder, if any."""
+        complete, _ = scan(self.root) if self.root.is_dir() else ([], [])
+        return complete[-1] if complete else None
 
     def prune(self) -> None:
         """Delete all but the newest ``keep`` complete folders, and incomplete ones older
@@ -287,7 +328,7 @@ class Checkpointer:
                 choice = (str(path) if path else None, notes, None)
             except CheckpointError as err:
                 choice = (None, [], str(err))
-        path_s, notes, error = _from_rank0(choice)
+        path_s, notes, error = from_rank0(choice)
         if error:
             raise CheckpointError(error)
         if path_s is None:

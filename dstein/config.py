@@ -44,11 +44,24 @@ class RunConfig:
     Stein differences at small sigma, MATH.md)."""
     threads: int = 0
     """torch intra-op threads per process; 0 keeps torch's default."""
+    matmul_precision: str = "highest"
+    """float32 matrix products on GPUs: highest (true float32, TF32 off), high (TF32) or
+    medium (bf16). Anything below highest is refused unless estimator.sigma_x is large enough
+    for the Stein differences to survive it (MATH.md, precision)."""
 
     def __post_init__(self) -> None:
+        ok = ("highest", "high", "medium")
+        _check(
+            self.matmul_precision in ok,
+            f"run.matmul_precision={self.matmul_precision!r} must be one of {ok}",
+        )
         _check(bool(self.dir), "run.dir must be a non-empty path")
         _check(self.device in ("auto", "cpu", "cuda"), f"run.device={self.device!r} must be auto, cpu or cuda")
-        _check(self.dtype == "float32", f"run.dtype={self.dtype!r}: training supports float32 only")
+        _check(
+            self.dtype == "float32",
+            f"run.dtype={self.dtype!r}: training supports float32 only (bf16/fp16 cannot resolve the "
+            "Stein differences at small sigma; DeepSpeed cannot reduce float64 gradients)",
+        )
         _check(self.threads >= 0, f"run.threads={self.threads} must be >= 0")
 
 
@@ -151,9 +164,17 @@ class TrainConfig:
     print_every: int = 100
     """When output is not a terminal, print a progress line every this many steps."""
     adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
+    nonfinite: str = "skip"
+    """A step whose loss or gradient is NaN/Inf on any rank is never applied; then skip: go on
+    with the next step (at most max_skips in a row), or stop: end the run (exit status 5),
+    leaving the last complete checkpoint as it is."""
+    max_skips: int = 5
+    """Consecutive non-finite steps tolerated under nonfinite=skip before the run stops."""
 
     def __post_init__(self) -> None:
         _check(self.steps >= 1, f"train.steps={self.steps} must be >= 1")
+        _check(self.nonfinite in ("skip", "stop"), f"train.nonfinite={self.nonfinite!r} must be skip or stop")
+        _check(self.max_skips >= 0, f"train.max_skips={self.max_skips} must be >= 0")
         _check(self.lr > 0, f"train.lr={self.lr} must be > 0")
         _check(self.domain_points >= 1, f"train.domain_points={self.domain_points} must be >= 1")
         _check(self.condition_points >= 1, f"train.condition_points={self.condition_points} must be >= 1")

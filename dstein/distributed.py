@@ -286,6 +286,15 @@ def sum_values(values: torch.Tensor, group: Any = None) -> torch.Tensor:
     return values
 
 
+def from_rank0(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (a picklable object; decisions rank 0 takes alone)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def exit_process(status: int, barrier: bool = True) -> None:
     """End an entry point's process: wait for the peers, flush, and exit at once.
 

@@ -264,6 +264,7 @@ class Trainer:
     dtype: torch.dtype
     run_dir: Path
     reader: H5Collocation | None = None
+    watch: GradientWatch | None = None
 
     def points(self, step: int) -> dict[str, Batch]:
         """This point group's training points of ``step``: from the file or the online sampler."""
@@ -306,7 +307,15 @@ def build_estimator(config: Config, pde: PDE, info: DistInfo | None = None) -> E
         estimator.chunks_for = lambda n: deal_chunks(n, rank, size)
         estimator.reduce = sum_partial_sums(info.sample_group)
         for samples in {est.samples, est.condition_samples or est.samples}:  # fail before any work
-            deal_chunks(num_chunks(samples, estimator.chunk_for(samples)), 0, size)
+            chunk = estimator.chunk_for(samples)
+            if num_chunks(samples, chunk) < size:
+                from dstein.config import ConfigError
+
+                raise ConfigError(
+                    f"estimator.samples={samples} in chunks of {chunk} gives {num_chunks(samples, chunk)} noise "
+                    f"chunks, fewer than the {size} ranks of a sample group (each needs one): lower "
+                    "estimator.chunk, raise estimator.samples, or set parallel.sample_group_size"
+                )
     return estimator
 
 
@@ -326,6 +335,26 @@ def deepspeed_config(config: Config, world_size: int) -> dict[str, Any]:
     return out
 
 
+def check_estimator_fits(config: Config, pde: PDE, dtype: torch.dtype) -> None:
+    """Refuse a method that cannot give what the PDE needs, and a precision too coarse for
+    sigma_x (judged as on a GPU, so that a config behaves alike on every device)."""
+    from dstein.config import ConfigError
+    from dstein.estimators import provides
+    from dstein.estimators.stein import precision_problem
+
+    method = config.estimator.method
+    missing = pde.needs - provides(method)
+    if missing:
+        raise ConfigError(
+            f"pde {pde.name} needs {sorted(missing)}, which estimator.method={method} cannot give "
+            f"(it gives {sorted(provides(method))})"
+        )
+    if method != "autograd":
+        problem = precision_problem(config.estimator.sigma_x, dtype, config.run.matmul_precision, True, pde.needs)
+        if problem:
+            raise ConfigError(f"run.matmul_precision={config.run.matmul_precision}: {problem}")
+
+
 def build_trainer(config: Config, info: DistInfo | None = None) -> Trainer:
     """Join the ranks, build PDE, model, DeepSpeed engine, estimator and test set."""
     import deepspeed
@@ -343,10 +372,11 @@ def build_trainer(config: Config, info: DistInfo | None = None) -> Trainer:
             f"{info.num_point_groups} point groups: every point group needs points"
         )
     device, dtype = info.device, getattr(torch, config.run.dtype)
-    if device.type == "cuda":  # the perturbed passes must not run in TF32 (MATH.md, precision)
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
     pde = build_pde(config.pde.name, config.pde.dim, dict(config.pde.params), config.pde.target)
+    check_estimator_fits(config, pde, dtype)
+    if device.type == "cuda":  # TF32/bf16 products only where sigma allows (checked above)
+        torch.set_float32_matmul_precision(config.run.matmul_precision)
+        torch.backends.cudnn.allow_tf32 = config.run.matmul_precision != "highest"
     estimator = build_estimator(config, pde, info)
     model = build_model(config, pde, dtype, device)
     optimizer = (
@@ -386,23 +416,99 @@ def load_test_set(config: Config, pde: PDE, test_file: str | None) -> TestSet:
     return read_test_set(test_file, config.eval.points)
 
 
-def train_step(tr: Trainer, step: int) -> dict[str, float]:
-    """One optimizer step; returns the loss terms of the whole step (all point groups)."""
+@dataclass
+class StepResult:
+    """The loss terms of the whole step (all point groups) and, when the step was not
+    applied, what was not finite: a loss term, or "gradient", and on which ranks."""
+
+    terms: dict[str, float]
+    fault: str | None = None
+    ranks: tuple[int, ...] = ()
+
+
+class GradientWatch:
+    """Tensor hooks on the parameters that note a non-finite LOCAL gradient, before DeepSpeed
+    sums gradients across ranks (after which every rank would see it anyway, or, with ZeRO
+    partitions, only some)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.bad = False
+        for p in model.parameters():
+            if p.requires_grad:
+                p.register_hook(self._check)
+
+    def _check(self, grad: torch.Tensor) -> None:
+        if not self.bad and not bool(torch.isfinite(grad).all()):
+            self.bad = True
+
+
+def _ranks_with(flag: bool, info: DistInfo) -> tuple[int, ...]:
+    """The ranks on which ``flag`` holds (every rank calls this, with its own flag)."""
+    rows = torch.zeros(info.world_size, dtype=torch.float64, device=info.device)
+    rows[info.rank] = float(flag)
+    return tuple(int(r) for r in torch.nonzero(sum_values(rows)).flatten().tolist())
+
+
+def train_step(tr: Trainer, step: int) -> StepResult:
+    """One optimizer step, applied only if the loss and the gradient are finite on every rank."""
+    from dstein.faults import fault_loss
+
     cfg, info = tr.config, tr.info
     for group in tr.optimizer.param_groups:
         group["lr"] = cfg.train.lr * lr_factor(step, cfg.train.steps)
     points = tr.points(step)
     if cfg.train.adversarial.steps:
         points = adversarial_points(tr.model, tr.pde, tr.estimator, points, cfg, step, info.sample_group)
-    terms = loss_terms(tr.model, tr.pde, tr.estimator, points, step)
+    terms = fault_loss(loss_terms(tr.model, tr.pde, tr.estimator, points, step), step + 1, info.rank)
     loss = total_loss(terms, cfg.train.condition_weight)
-    tr.engine.backward(loss * info.world_size)
-    tr.engine.step()
     local = torch.stack([loss.detach(), *(v.detach() for v in terms.values())]).double()
-    # each point group's terms are held by its sample_group_size ranks
+    # each point group's terms are held by its sample_group_size ranks; a NaN anywhere
+    # makes every rank's sum NaN, so all ranks take the same branch below
     total = sum_values(local) / info.sample_group_size
-    names = ["loss", *terms]
-    return {k: float(v) for k, v in zip(names, total.tolist(), strict=True)}
+    result = StepResult(dict(zip(["loss", *terms], total.tolist(), strict=True)))
+    if not bool(torch.isfinite(total).all()):
+        bad = {k for k, v in terms.items() if not bool(torch.isfinite(v.detach()).all())}
+        for name in terms:  # the first term that is not finite on some rank, and where
+            ranks = _ranks_with(name in bad, info)
+            if ranks:
+                result.fault, result.ranks = name, ranks
+                return result
+        result.fault, result.ranks = "loss", _ranks_with(not bool(torch.isfinite(local).all()), info)
+        return result
+    if tr.watch is None:
+        tr.watch = GradientWatch(tr.model)
+    tr.watch.bad = False
+    tr.engine.backward(loss * info.world_size)
+    ranks = _ranks_with(tr.watch.bad, info)
+    if ranks:
+        tr.engine.optimizer.zero_grad()  # drop the reduced gradients: this step is not applied
+        tr.engine.zero_grad()
+        result.fault, result.ranks = "gradient", ranks
+        return result
+    tr.engine.step()
+    return result
+
+
+def skip_or_stop(
+    result: StepResult, done: int, skips: int, cfg: Config, latest: Callable[[], Any], metrics: MetricsLog | None
+) -> None:
+    """A step that was not applied: report it and go on (train.nonfinite=skip, within
+    train.max_skips in a row), or raise ``RunStopped`` naming the step, the term and the ranks."""
+    from dstein.checkpoint import RunStopped
+
+    ranks = ", ".join(map(str, result.ranks))
+    what = f"non-finite {result.fault} in step {done} on rank{'s' if len(result.ranks) > 1 else ''} {ranks}"
+    if cfg.train.nonfinite == "stop" or skips > cfg.train.max_skips:
+        why = "train.nonfinite=stop" if cfg.train.nonfinite == "stop" else f"{skips} in a row"
+        last = latest()
+        raise RunStopped(
+            f"{what}: stopped ({why}); the step was not applied and the last complete checkpoint, "
+            f"{last if last else '(none yet)'}, is untouched"
+        )
+    if metrics is not None:
+        print(f"warning: {what}: step skipped ({skips} in a row; train.max_skips={cfg.train.max_skips})",
+              file=sys.stderr, flush=True)  # fmt: skip
+        metrics.write({"step": done, "skipped": result.fault, "ranks": list(result.ranks)})
 
 
 def client_state(tr: Trainer, done: int) -> dict[str, Any]:
@@ -412,10 +518,25 @@ def client_state(tr: Trainer, done: int) -> dict[str, Any]:
 
 def run(config: Config, info: DistInfo | None = None) -> dict[str, Any]:
     """Train as configured, from scratch or from the checkpoint that ``checkpoint.resume``
-    selects; write the run directory (rank 0); return the summary.
+    selects; write the run directory (rank 0, holding its lock); return the summary.
 
-    Raises ``Preempted`` on every rank after saving, when a rank received a preemption signal.
+    Raises ``Preempted`` on every rank after saving, when a rank received a preemption signal;
+    ``RunStopped`` on a fault; ``RunDirError`` when the run directory is in use or unwritable.
     """
+    from dstein.rundir import lock_on_rank0, release
+
+    if info is None:
+        par = config.parallel
+        info = init_distributed(par.sample_group_size, par.world_size, par.timeout_s, config.run.device)
+    fd, note = lock_on_rank0(Path(config.run.dir), info.rank)
+    try:
+        return _train(config, info, [note] if note else [])
+    finally:
+        if fd is not None:
+            release(fd)
+
+
+def _train(config: Config, info: DistInfo, notes: list[str]) -> dict[str, Any]:
     from dstein.checkpoint import Checkpointer, Preempted, Preemption
     from dstein.metrics import Progress, Scalars
     from dstein.report import finish_run
@@ -426,7 +547,7 @@ def run(config: Config, info: DistInfo | None = None) -> dict[str, Any]:
     resumed = checkpoints.resume(tr.engine, tr.reader)
     first = resumed.step
     if writer:
-        for line in resumed.messages:
+        for line in [*notes, *resumed.messages]:
             print(line, flush=True)
         tr.run_dir.mkdir(parents=True, exist_ok=True)
         (tr.run_dir / "config.yaml").write_text(to_yaml(cfg))
@@ -436,18 +557,22 @@ def run(config: Config, info: DistInfo | None = None) -> dict[str, Any]:
     preemption = Preemption(cfg.checkpoint.signal)
     start = time.perf_counter()
     errors: dict[str, float] = {}
+    skips = 0
     try:
         for step in range(first, cfg.train.steps):
-            terms = train_step(tr, step)
-            if not all(math.isfinite(v) for v in terms.values()):
-                raise FloatingPointError(f"non-finite loss at step {step}: {terms}")
-            done = step + 1
+            result = train_step(tr, step)
+            terms, done = result.terms, step + 1
             seconds = time.perf_counter() - start
             new_errors = None
-            if done % cfg.train.log_every == 0 or done == cfg.train.steps or step == first:
-                lr = cfg.train.lr * lr_factor(step, cfg.train.steps)
-                metrics.write({"step": done, **terms, "lr": lr, "seconds": seconds})
-                scalars.add(done, {**terms, "lr": lr, "steps_per_second": (done - first) / seconds}, "train")
+            if result.fault:
+                skips += 1
+                skip_or_stop(result, done, skips, cfg, checkpoints.latest, metrics if writer else None)
+            else:
+                skips = 0
+                if done % cfg.train.log_every == 0 or done == cfg.train.steps or step == first:
+                    lr = cfg.train.lr * lr_factor(step, cfg.train.steps)
+                    metrics.write({"step": done, **terms, "lr": lr, "seconds": seconds})
+                    scalars.add(done, {**terms, "lr": lr, "steps_per_second": (done - first) / seconds}, "train")
             if done % cfg.eval.every == 0 or done == cfg.train.steps:
                 errors = new_errors = evaluate(tr)
                 metrics.write({"step": done, **errors, "seconds": time.perf_counter() - start})
@@ -462,7 +587,7 @@ def run(config: Config, info: DistInfo | None = None) -> dict[str, Any]:
         if not errors:  # resumed from the final checkpoint: nothing left to train
             errors = evaluate(tr)
     except RuntimeError as err:
-        if tr.info.world_size > 1 and not isinstance(err, FloatingPointError):
+        if tr.info.world_size > 1:
             raise DistributedError(describe_failure(tr.info, err, cfg.parallel.timeout_s)) from err
         raise
     finally:

@@ -6,7 +6,8 @@ so ``data.train_file=FILE.h5 data.shuffle=false`` reproduces the online run; tes
 (--test-points, default eval.points) carry the ground truth (HJB: Monte Carlo with
 --truth-samples samples per point and its standard error). Under a launcher (torchrun,
 mpirun, srun, deepspeed) the ranks share the work. The file appears only when complete.
-Exit status: 0 done, 2 a user error.
+Exit status: 0 done, 2 a user error, 5 the file could not be written (disk full, permissions):
+an existing file of that name is left as it was.
 """
 
 from __future__ import annotations
@@ -61,11 +62,17 @@ def main(argv: list[str] | None = None) -> int:
             config, out, steps=steps, test_points=test_points, truth_samples=truth, rank=info.rank,
             world_size=info.world_size, barrier=dist.barrier, progress=sys.stderr.isatty(),
         )  # fmt: skip
-    except (ConfigError, DistributedError, ValueError, OSError) as err:
+    except (ConfigError, DistributedError, ValueError) as err:
         if args.debug:
             raise
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # disk full, permissions: nothing half-written is left as the file
+        if args.debug:
+            raise
+        kept = "is unchanged" if Path(args.out).exists() else "was not created"
+        print(f"error: could not write {args.out} ({err}); {args.out} {kept}", file=sys.stderr)
+        return 5
     if info.rank == 0:
         seconds = time.perf_counter() - start
         print(f"wrote {out} ({steps} steps of training points, {test_points} test points) in {seconds:.1f}s")

@@ -9,7 +9,9 @@ fresh or continues from the newest complete checkpoint in ``RUN_DIR/checkpoints`
 
 Exit status: 0 done; 2 a user error (config, file, layout, unusable checkpoint); 3 a lost
 peer rank; 4 preempted (SIGTERM or ``checkpoint.signal``): a checkpoint was saved and the same
-command continues the run, so a batch script requeues the job on 4.
+command continues the run, so a batch script requeues the job on 4; 5 stopped on a fault
+(non-finite loss or gradient, a checkpoint that could not be written), the last complete
+checkpoint untouched.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(to_yaml(config), end="")
             return 0
-        from dstein.checkpoint import PREEMPTED_EXIT, Preempted
+        from dstein.checkpoint import PREEMPTED_EXIT, Preempted, RunStopped
         from dstein.train import run
 
         try:
@@ -64,6 +66,12 @@ def main(argv: list[str] | None = None) -> int:
             if _is_rank_zero():
                 print(f"{done}; exit {PREEMPTED_EXIT}: run the same command to continue", flush=True)
             return PREEMPTED_EXIT
+        except RunStopped as err:
+            if args.debug:
+                raise
+            if _is_rank_zero():
+                print(f"error: {err}", file=sys.stderr, flush=True)
+            return RunStopped.exit_status
     except DistributedError as err:
         if args.debug:
             raise
@@ -86,4 +94,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     status = main()
-    exit_process(status, barrier=status in (0, 4))  # 4: every rank saved and stopped alike
+    exit_process(status, barrier=status in (0, 4, 5))  # every rank stopped at the same point

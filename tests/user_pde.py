@@ -38,3 +38,10 @@ class Reaction(ExactPDE):
 
     def exact_grad(self, X):
         return (self.exact(X) / self.dim**0.5).unsqueeze(1).expand(-1, self.dim).clone()
+
+
+class NeedsHessian(Reaction):
+    """Declares a derivative no estimator gives (for the bad-input tests)."""
+
+    name = "needs-hessian"
+    needs = frozenset({"u", "hess"})

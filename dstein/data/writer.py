@@ -21,6 +21,7 @@ import torch
 import dstein
 from dstein.config import Config
 from dstein.data.schema import SCHEMA_VERSION
+from dstein.faults import fault
 from dstein.noise import split_evenly
 from dstein.pdes import PDE, build_pde
 from dstein.pdes.base import TEST_BLOCK
@@ -131,7 +132,8 @@ def _assemble(
                 for name in names:
                     dset = _create(test, name, test_points, tails[name])
                     _copy_rows(parts, name, dset)
-        os.replace(tmp, out)
+        fault("fail-dataset", 0)
+        os.replace(tmp, out)  # the only moment `out` changes: a failure before leaves it as it was
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -19,7 +19,12 @@ from dstein.noise import default_chunk
 METHODS = ("autograd", "stein", "stein-antithetic")
 STEIN_METHODS = ("stein", "stein-antithetic")
 
-__all__ = ["ALL_NEEDS", "METHODS", "Derivatives", "SteinSpec", "estimate", "make_spec"]
+__all__ = ["ALL_NEEDS", "METHODS", "Derivatives", "SteinSpec", "estimate", "make_spec", "provides"]
+
+
+def provides(method: str) -> frozenset[str]:
+    """The derivatives ``method`` can estimate."""
+    return ALL_NEEDS
 
 
 def make_spec(

@@ -67,24 +67,41 @@ class SteinSpec:
         return self.chunk // 2 if self.antithetic else self.chunk
 
 
-def check_precision(model: torch.nn.Module, sigma_x: float, needs: frozenset[str]) -> None:
-    """Refuse a precision that cannot resolve the finite differences hidden in the estimate.
+#: Unit roundoff of the matrix products under torch.set_float32_matmul_precision on CUDA:
+#: 'high' allows TF32 (10-bit mantissa), 'medium' bf16 (7-bit mantissa).
+MATMUL_ROUNDOFF = {"high": (2.0**-10, "TF32 matmul"), "medium": (2.0**-7, "bf16 matmul")}
+
+
+def precision_problem(sigma_x: float, dtype: torch.dtype, matmul: str, on_cuda: bool, needs: frozenset[str]) -> str:
+    """Why ``sigma_x`` is too small for the perturbed forward passes at this precision ('' if fine).
 
     The Laplacian rests on ``g+ + g- - 2 g0 ~ sx^2``; first derivatives on ``g+ - g- ~ sx``.
     Either must exceed the unit roundoff by two orders of magnitude (MATH.md, precision).
     """
+    eps, precision = torch.finfo(dtype).eps, str(dtype).removeprefix("torch.")
+    if on_cuda and matmul in MATMUL_ROUNDOFF and dtype == torch.float32:
+        eps, precision = MATMUL_ROUNDOFF[matmul]
+    scale = sigma_x**2 if "lap" in needs else sigma_x
+    if scale >= 100 * eps:
+        return ""
+    smallest = (100 * eps) ** (0.5 if "lap" in needs else 1.0)
+    return (
+        f"estimator.sigma_x={sigma_x} is too small for {precision} perturbed forward passes (unit roundoff "
+        f"{eps:.1e}): use sigma_x >= {smallest:.2g}, or float32 with TF32 off (run.matmul_precision=highest)"
+    )
+
+
+def check_precision(model: torch.nn.Module, sigma_x: float, needs: frozenset[str]) -> None:
+    """Refuse a precision that cannot resolve the finite differences hidden in the estimate."""
     params = list(model.parameters())
     dtype = params[0].dtype if params else torch.float32
-    eps = torch.finfo(dtype).eps
-    precision = str(dtype).removeprefix("torch.")
-    if any(p.is_cuda for p in params) and torch.backends.cuda.matmul.allow_tf32:
-        eps, precision = max(eps, 2.0**-10), "TF32 matmul"
-    scale = sigma_x**2 if "lap" in needs else sigma_x
-    if scale < 100 * eps:
-        raise ValueError(
-            f"estimator.sigma_x={sigma_x} is too small for {precision} perturbed forward passes "
-            f"(unit roundoff {eps:.1e}): use float32 with TF32 off, float64, or a larger sigma_x"
-        )
+    on_cuda = any(p.is_cuda for p in params)
+    matmul = torch.get_float32_matmul_precision()
+    if on_cuda and matmul == "highest" and torch.backends.cuda.matmul.allow_tf32:
+        matmul = "high"
+    problem = precision_problem(sigma_x, dtype, matmul, on_cuda, needs)
+    if problem:
+        raise ValueError(problem)
 
 
 def _perturbed_values(model, X, z, scale, antithetic):

@@ -1,0 +1,261 @@
+"""Reliability: every bad input ends in exit status 2 and one line; numerical faults follow
+train.nonfinite on every rank alike; the run directory is locked; failed writes leave the
+previous complete file or checkpoint usable.
+
+Faults are injected through DSTEIN_FAULT (dstein/faults.py).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from distributed_utils import ROOT, base_env, free_port, spawn_ranks, wait_all
+from test_checkpoint import CONFIG, TINY, finish, last_step, losses, start
+
+from dstein.checkpoint import MARKER, scan, step_dir
+
+SMALL = ["pde.dim=5", "model.width=16", "model.depth=2", "estimator.samples=64", "estimator.condition_samples=8",
+         "train.steps=2", "eval.points=8", "eval.truth_samples=100", "eval.plots=false"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def hjb5_file(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "hjb5.h5"
+    cmd = [sys.executable, "launch/make_dataset.py", "--config", CONFIG, "--out", str(out), "--steps", "2",
+           "--test-points", "8", "--truth-samples", "100", *SMALL]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, env=base_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return out
+
+
+# (case, config, overrides, ranks, what the one error line must contain)
+BAD = [
+    ("unknown key", CONFIG, ["train.stepz=3"], 1, "train.stepz: Key 'stepz' not in 'TrainConfig'"),
+    ("wrong type", CONFIG, ["train.steps=abc"], 1, "train.steps: Value 'abc' of type 'str' could not be converted"),
+    ("zero sigma", CONFIG, ["estimator.sigma_x=0"], 1, "estimator.sigma_x=0.0 must be > 0"),
+    ("negative sigma", CONFIG, ["estimator.sigma_x=-0.1"], 1, "estimator.sigma_x=-0.1 must be > 0"),
+    ("zero time sigma", CONFIG, ["estimator.sigma_t=0"], 1, "estimator.sigma_t=0.0 must be > 0"),
+    ("zero samples", CONFIG, ["estimator.samples=0"], 1, "estimator.samples=0 must be >= 2"),
+    ("negative samples", CONFIG, ["estimator.samples=-8"], 1, "estimator.samples=-8 must be >= 2"),
+    ("partial chunk", CONFIG, ["estimator.samples=100", "estimator.chunk=64"], 1,
+     "estimator.samples=100 must be a whole number of chunks of estimator.chunk=64"),
+    ("odd antithetic samples", CONFIG, ["estimator.samples=255"], 1,
+     "estimator.samples=255 must be even for stein-antithetic"),
+    ("odd antithetic condition samples", CONFIG, ["estimator.condition_samples=3"], 1,
+     "estimator.condition_samples=3 must be even for stein-antithetic"),
+    ("odd antithetic chunk", CONFIG, ["estimator.samples=96", "estimator.chunk=3"], 1,
+     "estimator.chunk=3 must be even for stein-antithetic"),
+    ("unknown method", CONFIG, ["estimator.method=finite-differences"], 1,
+     "estimator.method='finite-differences' must be one of"),
+    ("bf16 training", CONFIG, ["run.dtype=bfloat16"], 1, "run.dtype='bfloat16': training supports float32 only"),
+    ("bf16 products at small sigma", CONFIG, ["run.matmul_precision=medium"], 1,
+     "estimator.sigma_x=0.01 is too small for bf16 matmul perturbed forward passes"),
+    ("TF32 products at small sigma", CONFIG, ["run.matmul_precision=high"], 1,
+     "estimator.sigma_x=0.01 is too small for TF32 matmul perturbed forward passes"),
+    ("unknown precision", CONFIG, ["run.matmul_precision=low"], 1, "run.matmul_precision='low' must be one of"),
+    ("unknown device", CONFIG, ["run.device=tpu"], 1, "run.device='tpu' must be auto, cpu or cuda"),
+    ("non-smooth activation", CONFIG, ["model.activation=relu"], 1, "model.activation='relu' must be one of"),
+    ("zero width", CONFIG, ["model.width=0"], 1, "model.width=0 must be >= 1"),
+    ("zero learning rate", CONFIG, ["train.lr=0"], 1, "train.lr=0.0 must be > 0"),
+    ("unknown nonfinite policy", CONFIG, ["train.nonfinite=ignore"], 1,
+     "train.nonfinite='ignore' must be skip or stop"),
+    ("uncatchable signal", CONFIG, ["checkpoint.signal=SIGKILL"], 1, "checkpoint.signal='SIGKILL' cannot be caught"),
+    ("unknown signal", CONFIG, ["checkpoint.signal=USR9"], 1, "checkpoint.signal='USR9' must be a signal name"),
+    ("keep no checkpoint", CONFIG, ["checkpoint.keep=0"], 1, "checkpoint.keep=0 must be >= 1"),
+    ("ZeRO 3", CONFIG, ["deepspeed.zero_stage=3"], 1, "deepspeed.zero_stage=3 must be 0, 1 or 2"),
+    ("unknown PDE", CONFIG, ["pde.name=wave"], 1, "pde.name='wave' is not one of ['heat', 'hjb', 'poisson']"),
+    ("PDE class not importable", CONFIG, ["pde.target=nomodule:Foo"], 1,
+     "pde.target='nomodule:Foo' cannot be imported"),
+    ("derivative no method gives", "configs/poisson_2d.yaml", ["pde.target=user_pde:NeedsHessian"], 1,
+     "pde needs-hessian needs ['hess'], which estimator.method=stein-antithetic cannot give"),
+    ("missing config file", "configs/nope.yaml", [], 1, "--config configs/nope.yaml: no such file"),
+    ("config not YAML", "README.md", [], 1, "--config README.md: expected a .yaml file"),
+    ("unwritable run directory", CONFIG, ["run.dir=/proc/dstein-run"], 1,
+     "run.dir=/proc/dstein-run cannot be created or written"),
+    ("run directory is a file", CONFIG, ["run.dir=README.md/run"], 1, "run.dir=README.md/run cannot be created"),
+    ("sample group not dividing the world", CONFIG, ["parallel.sample_group_size=3"], 1,
+     "parallel.sample_group_size=3 does not divide the world size 1"),
+    ("world size not the launcher's", CONFIG, ["parallel.world_size=2"], 1,
+     "parallel.world_size=2 but the launcher (python) started 1 ranks"),
+    ("fewer chunks than sample-group ranks", CONFIG, ["estimator.samples=64", "estimator.chunk=64"], 2,
+     "estimator.samples=64 in chunks of 64 gives 1 noise chunks, fewer than the 2 ranks of a sample group"),
+    ("fewer points than point groups", CONFIG, ["parallel.sample_group_size=1", "train.domain_points=1"], 2,
+     "train.domain_points=1 is fewer than the 2 point groups"),
+    ("missing data file", CONFIG, ["data.train_file=/nonexistent/train.h5"], 1, "/nonexistent/train.h5"),
+    ("data file of another dimension", CONFIG, ["data.test_file={hjb5}", "pde.dim=6"], 1, "{hjb5}"),
+    ("data file of another PDE", "configs/heat_100.yaml", ["data.test_file={hjb5}", "pde.dim=5"], 1, "{hjb5}"),
+    ("missing checkpoint", CONFIG, ["checkpoint.resume=/nonexistent/ckpt"], 1,
+     "checkpoint.resume=/nonexistent/ckpt: no such directory"),
+]  # fmt: skip
+
+
+# Refused while the config is read, before any process group exists: checked in this process
+# (launch/train.py's main() returns the exit status), with training patched to fail if reached.
+AT_LOAD = {
+    "unknown key", "wrong type", "zero sigma", "negative sigma", "zero time sigma", "zero samples",
+    "negative samples", "partial chunk", "odd antithetic samples", "odd antithetic condition samples",
+    "odd antithetic chunk", "unknown method", "bf16 training", "unknown precision", "unknown device",
+    "non-smooth activation", "zero width", "zero learning rate", "unknown nonfinite policy", "uncatchable signal",
+    "unknown signal", "keep no checkpoint", "ZeRO 3", "missing config file", "config not YAML",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(("case", "config", "overrides", "ranks", "message"), BAD, ids=[b[0] for b in BAD])
+def test_bad_input_exits_2_with_one_line(tmp_path, hjb5_file, monkeypatch, capsys, case, config, overrides, ranks,
+                                         message):  # fmt: skip
+    if case in AT_LOAD:
+        import dstein.train
+        from launch.train import main
+
+        def reached(*args, **kwargs):
+            raise AssertionError("the bad input reached training")
+
+        monkeypatch.setattr(dstein.train, "run", reached)
+        monkeypatch.chdir(ROOT)
+        assert main(["--config", config, *SMALL, f"run.dir={tmp_path / 'run'}", *overrides]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+        return
+    overrides = [o.replace("{hjb5}", str(hjb5_file)) for o in overrides]
+    message = message.replace("{hjb5}", str(hjb5_file))
+    args = ["launch/train.py", "--config", config, *SMALL, f"run.dir={tmp_path / 'run'}", *overrides]
+    if ranks == 1:
+        done = subprocess.run([sys.executable, *args], cwd=ROOT, env=base_env(), capture_output=True, text=True,
+                              timeout=300)  # fmt: skip
+        results = [(done.returncode, done.stdout, done.stderr)]
+    else:
+        results = wait_all(spawn_ranks(args, ranks, port=free_port()), timeout=300)
+    for code, _, err in results:
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert code == 2 and "Traceback" not in err, (code, err[-3000:])
+        assert len(errors) <= 1 and all(message in line for line in errors), err[-3000:]
+    assert any(message in line for _, _, err in results for line in err.splitlines() if line.startswith("error:"))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    args = ["launch/train.py", "--config", CONFIG, "--debug", "estimator.sigma_x=0", f"run.dir={tmp_path}"]
+    done = subprocess.run([sys.executable, *args], cwd=ROOT, env=base_env(), capture_output=True, text=True)
+    assert done.returncode != 0 and "Traceback" in done.stderr
+
+
+# --- numerical faults ----------------------------------------------------------------------
+
+
+def model_and_optimizer(path: Path) -> list[torch.Tensor]:
+    state = torch.load(path / "mp_rank_00_model_states.pt", weights_only=False)
+    tensors = list(state["module"].values())
+    for per_param in state["optimizer"]["state"].values():
+        tensors += [v for k, v in sorted(per_param.items()) if torch.is_tensor(v) and k != "step"]
+    return tensors
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_nonfinite_step_is_skipped_on_every_rank(tmp_path, world):
+    """A NaN residual on the last rank only, in step 30 of 40: every rank skips the step alike.
+    Skipping leaves the model and Adam state as they were (checkpoints 29 and 30 equal), and a
+    NaN gradient behind a finite loss (discarded after DeepSpeed reduced it) gives the very
+    same run as a NaN loss (discarded before the backward pass)."""
+    last = world - 1
+    runs = {}
+    for kind in ("nan-loss", "nan-grad"):
+        run_dir = tmp_path / kind
+        finish(start(run_dir, world, "train.steps=40", "checkpoint.every=1", "checkpoint.keep=50",
+                     env={"DSTEIN_FAULT": f"{kind}@30@{last}"}))  # fmt: skip
+        runs[kind] = run_dir
+        rows = [r for r in losses(run_dir) if r["step"] == 30]
+        what = "residual" if kind == "nan-loss" else "gradient"
+        assert rows == [{"step": 30, "skipped": what, "ranks": [last]}]
+    checkpoints = runs["nan-loss"] / "checkpoints"
+    before, after = model_and_optimizer(step_dir(checkpoints, 29)), model_and_optimizer(step_dir(checkpoints, 30))
+    assert len(before) == len(after) > 0
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    def applied(run_dir: Path) -> list[dict]:
+        return [r for r in losses(run_dir) if "skipped" not in r]
+
+    assert applied(runs["nan-loss"]) == applied(runs["nan-grad"])
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_nonfinite_stop_names_step_term_rank_and_keeps_the_checkpoint(tmp_path, world):
+    last = world - 1
+    procs = start(tmp_path, world, "train.nonfinite=stop", env={"DSTEIN_FAULT": f"nan-loss@25@{last}"})
+    results = wait_all(procs, timeout=300)
+    assert all(code == 5 for code, _, _ in results), results[0][2][-3000:]
+    expected = (f"error: non-finite residual in step 25 on rank {last}: stopped (train.nonfinite=stop); the step "
+                f"was not applied and the last complete checkpoint, {step_dir(tmp_path / 'checkpoints', 20)}, "
+                "is untouched")  # fmt: skip
+    assert expected in results[0][2]
+    complete, incomplete = scan(tmp_path / "checkpoints")
+    assert complete[-1] == step_dir(tmp_path / "checkpoints", 20) and not incomplete
+    out = finish(start(tmp_path, world))  # the fault is gone: the run resumes and completes
+    assert "resuming from" in out and "step 20 of" in out
+
+
+def test_too_many_skips_in_a_row_stop(tmp_path):
+    faults = ",".join(f"nan-grad@{s}" for s in range(11, 15))
+    procs = start(tmp_path, 1, "train.max_skips=3", env={"DSTEIN_FAULT": faults})
+    ((code, _, err),) = wait_all(procs)
+    assert code == 5 and "non-finite gradient in step 14 on rank 0: stopped (4 in a row)" in err
+    assert err.count("step skipped") == 3
+
+
+# --- the run-directory lock -----------------------------------------------------------------
+
+
+def test_second_run_on_a_directory_in_use_refuses_and_a_killed_one_is_taken_over(tmp_path):
+    first = start(tmp_path, 1, "train.steps=100000")
+    deadline = time.time() + 240
+    while last_step(tmp_path) < 12:
+        assert first[0].poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    second = subprocess.run(
+        [sys.executable, "launch/train.py", "--config", CONFIG, *TINY, "train.steps=100000", f"run.dir={tmp_path}"],
+        cwd=ROOT, env=base_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert second.returncode == 2, second.stderr[-2000:]
+    assert f"error: run.dir={tmp_path} is in use by pid {first[0].pid} on " in second.stderr
+    first[0].send_signal(signal.SIGKILL)
+    first[0].communicate()
+    saved = int(scan(tmp_path / "checkpoints")[0][-1].name.removeprefix("step-"))
+    out = finish(start(tmp_path, 1, f"train.steps={saved + 10}"))
+    assert f"taking over the lock of run.dir={tmp_path} left by pid {first[0].pid}" in out
+    assert f"resuming from {step_dir(tmp_path / 'checkpoints', saved)}" in out and last_step(tmp_path) == saved + 10
+    assert (tmp_path / ".lock").read_text() == ""  # released at the end
+
+
+# --- failed writes --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, world):
+    procs = start(tmp_path, world, env={"DSTEIN_FAULT": f"fail-save@30@{world - 1}"})
+    results = wait_all(procs, timeout=300)
+    assert all(code == 5 for code, _, _ in results), results[0][2][-3000:]
+    ckpt = tmp_path / "checkpoints"
+    assert f"error: could not write checkpoint {step_dir(ckpt, 30)} (rank {world - 1}: [Errno 28]" in results[0][2]
+    assert f"the previous complete checkpoint {step_dir(ckpt, 20)} is intact" in results[0][2]
+    complete, incomplete = scan(ckpt)
+    assert complete[-1] == step_dir(ckpt, 20) and not incomplete and not step_dir(ckpt, 30).exists()
+    out = finish(start(tmp_path, world))
+    assert f"resuming from {step_dir(ckpt, 20)}" in out and (step_dir(ckpt, 80) / MARKER).exists()
+
+
+def test_failed_dataset_write_keeps_the_previous_file(tmp_path, hjb5_file):
+    out = tmp_path / "data.h5"
+    out.write_bytes(hjb5_file.read_bytes())
+    before = out.read_bytes()
+    cmd = [sys.executable, "launch/make_dataset.py", "--config", CONFIG, "--out", str(out), "--steps", "3",
+           "--test-points", "8", "--truth-samples", "100", *SMALL]  # fmt: skip
+    env = {**base_env(), "DSTEIN_FAULT": "fail-dataset@0"}
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 5 and f"error: could not write {out} (" in done.stderr
+    assert f"{out} is unchanged" in done.stderr
+    assert out.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["data.h5"]  # no temporary left
