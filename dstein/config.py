@@ -17,7 +17,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from dstein.estimators import METHODS
+from dstein.estimators import METHODS, PAIRED_METHODS
 
 SCHEMA_NAME = "dstein"
 
@@ -98,8 +98,10 @@ class ModelConfig:
 
 @dataclass
 class EstimatorConfig:
-    method: str = "stein-antithetic"
-    """autograd (exact stacked back-propagation), stein or stein-antithetic."""
+    method: str = "auto"
+    """autograd (exact stacked back-propagation), stein, stein-antithetic, stein-subspace (in
+    the row space of the first layer: cost and variance independent of d), or auto:
+    stein-subspace when pde.dim > model.width, else stein-antithetic (resolved on load)."""
     samples: int = 2048
     """Gaussian perturbations per collocation point (antithetic: 2 per pair)."""
     chunk: int | None = None
@@ -110,15 +112,21 @@ class EstimatorConfig:
     """Standard deviation of the time smoothing; None: same as sigma_x."""
     condition_samples: int | None = None
     """Samples for condition points (which need only the value); None: same as samples."""
+    recompute: bool = True
+    """Keep no chunk's activations for the backward pass but evaluate the chunk again there
+    (its noise regenerated from its seed): peak memory set by estimator.chunk, not by
+    estimator.samples, for about one more forward pass per step."""
 
     def __post_init__(self) -> None:
-        _check(self.method in METHODS, f"estimator.method={self.method!r} must be one of {METHODS}")
+        methods = (*METHODS, "auto")
+        _check(self.method in methods, f"estimator.method={self.method!r} must be one of {methods}")
+        paired = self.method in PAIRED_METHODS or self.method == "auto"
         for name in ("samples", "condition_samples"):
             value = getattr(self, name)
             if value is not None:
                 _check(value >= 2, f"estimator.{name}={value} must be >= 2")
-                if self.method == "stein-antithetic":
-                    _check(value % 2 == 0, f"estimator.{name}={value} must be even for stein-antithetic")
+                if paired:
+                    _check(value % 2 == 0, f"estimator.{name}={value} must be even for {self.method} (pairs)")
         _check(self.sigma_x > 0, f"estimator.sigma_x={self.sigma_x} must be > 0")
         _check(self.sigma_t is None or self.sigma_t > 0, f"estimator.sigma_t={self.sigma_t} must be > 0")
         if self.chunk is not None:
@@ -127,8 +135,8 @@ class EstimatorConfig:
                 self.samples % self.chunk == 0,
                 f"estimator.samples={self.samples} must be a whole number of chunks of estimator.chunk={self.chunk}",
             )
-            if self.method == "stein-antithetic":
-                _check(self.chunk % 2 == 0, f"estimator.chunk={self.chunk} must be even for stein-antithetic")
+            if paired:
+                _check(self.chunk % 2 == 0, f"estimator.chunk={self.chunk} must be even for {self.method} (pairs)")
 
     @property
     def time_sigma(self) -> float:
@@ -141,9 +149,16 @@ class AdversarialConfig:
     """Signed-gradient steps moving collocation points towards larger loss (0: off)."""
     step_size: float = 0.05
     """Size of each signed-gradient step."""
+    samples: int | None = None
+    """Samples per domain point for the attack steps (the points only move by the sign of
+    the loss gradient, so fewer may do); None: estimator.samples."""
 
     def __post_init__(self) -> None:
         _check(self.steps >= 0, f"train.adversarial.steps={self.steps} must be >= 0")
+        _check(
+            self.samples is None or self.samples >= 2,
+            f"train.adversarial.samples={self.samples} must be >= 2 (or null: estimator.samples)",
+        )
         _check(self.step_size > 0, f"train.adversarial.step_size={self.step_size} must be > 0")
 
 
@@ -298,6 +313,11 @@ class Config:
 
     def __post_init__(self) -> None:
         _check(self.seed >= 0, f"seed={self.seed} must be >= 0")
+        if self.estimator.method == "auto":
+            self.estimator.method = "stein-subspace" if self.pde.dim > self.model.width else "stein-antithetic"
+        samples = self.train.adversarial.samples
+        if samples is not None and self.estimator.method in PAIRED_METHODS:
+            _check(samples % 2 == 0, f"train.adversarial.samples={samples} must be even for {self.estimator.method}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -36,7 +36,7 @@ from dstein.distributed import (
     sum_partial_sums,
     sum_values,
 )
-from dstein.estimators import Derivatives, estimate
+from dstein.estimators import PAIRED_METHODS, Derivatives, estimate
 from dstein.estimators.stein import Reducer
 from dstein.metrics import MetricsLog, error_sums, errors_from_sums, write_json_atomic
 from dstein.models import MLP
@@ -69,6 +69,7 @@ class Estimator:
     seed: int
     chunk: int | None = None
     condition_samples: int | None = None
+    recompute: bool = False
     chunks_for: Callable[[int], range] | None = None
     reduce: Reducer | None = None
 
@@ -76,7 +77,7 @@ class Estimator:
         """The configured chunk for the training samples, else the default for ``samples``."""
         if samples == self.samples and self.chunk:
             return self.chunk
-        return default_chunk(samples, paired=self.method == "stein-antithetic")
+        return default_chunk(samples, paired=self.method in PAIRED_METHODS)
 
     def __call__(
         self,
@@ -97,7 +98,7 @@ class Estimator:
         return estimate(
             model, X, method=self.method, needs=needs, samples=samples, sigma_x=self.sigma_x,
             sigma_t=self.sigma_t, seed=self.seed, step=step, stream=stream, chunk=chunk,
-            chunks=chunks, reduce=self.reduce, rows=rows,
+            chunks=chunks, reduce=self.reduce, rows=rows, recompute=self.recompute,
         )  # fmt: skip
 
 
@@ -145,11 +146,15 @@ def loss_terms(
     points: dict[str, Batch],
     step: int,
     stream_base: int = 0,
+    samples: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Squared PDE residual (``residual``) and condition misfits (one per condition), each
-    summed over this point group's points and divided by the step's total count."""
+    summed over this point group's points and divided by the step's total count.
+    ``samples``: for the domain points, instead of the estimator's."""
     dom = points["domain"]
-    D = estimator(model, dom.X, pde.needs, step=step, stream=stream_base + DOMAIN_STREAM, rows=dom.rows)
+    D = estimator(
+        model, dom.X, pde.needs, step=step, stream=stream_base + DOMAIN_STREAM, rows=dom.rows, samples=samples
+    )
     res = pde.residual(dom.X, D)
     terms = {"residual": (res * res).sum() / dom.total}
     for k, kind in enumerate(pde.conditions):
@@ -185,7 +190,7 @@ def adversarial_points(
     for j in range(adv.steps):
         moving = {k: b.X.detach().requires_grad_(True) for k, b in points.items()}
         batches = {k: points[k].with_points(X) for k, X in moving.items()}
-        terms = loss_terms(model, pde, estimator, batches, step, stream_base=ATTACK_STREAM + 10 * j)
+        terms = loss_terms(model, pde, estimator, batches, step, ATTACK_STREAM + 10 * j, adv.samples)
         loss = total_loss(terms, config.train.condition_weight)
         grads = torch.autograd.grad(loss, list(moving.values()))
         moved = {}
@@ -300,13 +305,14 @@ def build_estimator(config: Config, pde: PDE, info: DistInfo | None = None) -> E
     estimator = Estimator(
         method=est.method, samples=est.samples, sigma_x=est.sigma_x,
         sigma_t=est.time_sigma if pde.time_dependent else None, seed=config.seed,
-        chunk=est.chunk, condition_samples=est.condition_samples,
+        chunk=est.chunk, condition_samples=est.condition_samples, recompute=est.recompute,
     )  # fmt: skip
     if info is not None and info.sample_group_size > 1 and est.method != "autograd":
         rank, size = info.sample_rank, info.sample_group_size
         estimator.chunks_for = lambda n: deal_chunks(n, rank, size)
         estimator.reduce = sum_partial_sums(info.sample_group)
-        for samples in {est.samples, est.condition_samples or est.samples}:  # fail before any work
+        attack = config.train.adversarial.samples if config.train.adversarial.steps else None
+        for samples in {est.samples, est.condition_samples or est.samples, attack or est.samples}:  # before any work
             chunk = estimator.chunk_for(samples)
             if num_chunks(samples, chunk) < size:
                 from dstein.config import ConfigError

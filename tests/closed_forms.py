@@ -74,3 +74,63 @@ class Quadratic(torch.nn.Module):
 
     def exact(self, X):
         return self.smoothed(X, 0.0, 0.0)
+
+
+class LayeredQuadratic(torch.nn.Module):
+    """g = |W x + w t + c|^2 / 2 with a linear input layer (W: k x d), for the subspace estimator.
+
+    Smoothing adds sx^2 |W|_F^2 / 2 + st^2 |w|^2 / 2; grad f = W'h, u_t = w.h, lap = |W|_F^2,
+    with h the unperturbed pre-activation."""
+
+    def __init__(self, d: int, time: bool, k: int = 6, seed: int = 0):
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.input_layer = torch.nn.Linear(d + (1 if time else 0), k).double()
+        with torch.no_grad():
+            self.input_layer.weight.copy_(torch.randn(k, d + (1 if time else 0), generator=gen) / math.sqrt(d))
+            self.input_layer.bias.copy_(torch.randn(k, generator=gen) * 0.5)
+        self.d, self.time = d, time
+
+    def body(self, h):
+        return 0.5 * (h * h).sum(-1, keepdim=True)
+
+    def forward(self, X):
+        return self.body(self.input_layer(X))
+
+    def smoothed(self, X, sx, st):
+        W = self.input_layer.weight.detach()
+        Wx = W[:, : self.d]
+        h = self.input_layer(X).detach()
+        grad = h @ Wx
+        out = {
+            "u": self.body(h).squeeze(-1) + 0.5 * sx**2 * float((Wx * Wx).sum()),
+            "grad": grad,
+            "grad_sq": (grad * grad).sum(1),
+            "lap": torch.full((X.shape[0],), float((Wx * Wx).sum()), dtype=X.dtype),
+        }
+        if self.time:
+            w = W[:, self.d]
+            out["u"] = out["u"] + 0.5 * st**2 * float(w @ w)
+            out["u_t"] = h @ w
+        return out
+
+
+class LayeredSin(torch.nn.Module):
+    """SinWave written as a linear input layer (a rank-1 row space) followed by sin."""
+
+    def __init__(self, d: int, time: bool, seed: int = 0):
+        super().__init__()
+        self.wave = SinWave(d, time, seed)
+        self.input_layer = torch.nn.Linear(d + (1 if time else 0), 1, bias=False).double()
+        with torch.no_grad():
+            weight = torch.cat([self.wave.a, torch.tensor([self.wave.b])]) if time else self.wave.a
+            self.input_layer.weight.copy_(weight.unsqueeze(0))
+
+    def body(self, h):
+        return torch.sin(h)
+
+    def forward(self, X):
+        return self.body(self.input_layer(X))
+
+    def smoothed(self, X, sx, st):
+        return self.wave.smoothed(X, sx, st)

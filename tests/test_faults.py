@@ -75,6 +75,11 @@ BAD = [
      "pde.target='nomodule:Foo' cannot be imported"),
     ("derivative no method gives", "configs/poisson_2d.yaml", ["pde.target=user_pde:NeedsHessian"], 1,
      "pde needs-hessian needs ['hess'], which estimator.method=stein-antithetic cannot give"),
+    ("gradient along a direction with the subspace estimator", "configs/poisson_2d.yaml",
+     ["pde.target=user_pde:Advection", "estimator.method=stein-subspace"], 1,
+     "pde advection needs ['grad'], which estimator.method=stein-subspace cannot give"),
+    ("odd adversarial samples", CONFIG, ["train.adversarial.samples=33"], 1,
+     "train.adversarial.samples=33 must be even for stein-antithetic"),
     ("missing config file", "configs/nope.yaml", [], 1, "--config configs/nope.yaml: no such file"),
     ("config not YAML", "README.md", [], 1, "--config README.md: expected a .yaml file"),
     ("unwritable run directory", CONFIG, ["run.dir=/proc/dstein-run"], 1,
@@ -104,6 +109,7 @@ AT_LOAD = {
     "odd antithetic chunk", "unknown method", "bf16 training", "unknown precision", "unknown device",
     "non-smooth activation", "zero width", "zero learning rate", "unknown nonfinite policy", "uncatchable signal",
     "unknown signal", "keep no checkpoint", "ZeRO 3", "missing config file", "config not YAML",
+    "odd adversarial samples",
 }  # fmt: skip
 
 

@@ -45,3 +45,14 @@ class NeedsHessian(Reaction):
 
     name = "needs-hessian"
     needs = frozenset({"u", "hess"})
+
+
+class Advection(Reaction):
+    """lap u + b . grad u = ... : a gradient along a fixed direction (the subspace estimator
+    cannot give it a correct parameter gradient, so it is refused there)."""
+
+    name = "advection"
+    needs = frozenset({"u", "grad", "lap"})
+
+    def residual(self, X: torch.Tensor, D: Derivatives) -> torch.Tensor:
+        return D.require("lap") + D.require("grad").sum(1) / self.dim**0.5 - 2 * D.require("u")

@@ -3,6 +3,8 @@
 - ``autograd``: exact derivatives of the unsmoothed network (stacked back-propagation).
 - ``stein``: vanilla Stein estimator of the Gaussian-smoothed network.
 - ``stein-antithetic``: antithetic pairs with the ``g(x)`` control variate.
+- ``stein-subspace``: stein-antithetic in the row space of the model's linear input layer
+  (MATH.md section 3): per-sample cost and variance independent of d.
 """
 
 from __future__ import annotations
@@ -16,15 +18,18 @@ from dstein.estimators.base import ALL_NEEDS, Derivatives, check_needs
 from dstein.estimators.stein import Reducer, SteinSpec, check_precision, stein_estimate
 from dstein.noise import default_chunk
 
-METHODS = ("autograd", "stein", "stein-antithetic")
-STEIN_METHODS = ("stein", "stein-antithetic")
+METHODS = ("autograd", "stein", "stein-antithetic", "stein-subspace")
+STEIN_METHODS = ("stein", "stein-antithetic", "stein-subspace")
+PAIRED_METHODS = ("stein-antithetic", "stein-subspace")
 
 __all__ = ["ALL_NEEDS", "METHODS", "Derivatives", "SteinSpec", "estimate", "make_spec", "provides"]
 
 
 def provides(method: str) -> frozenset[str]:
-    """The derivatives ``method`` can estimate."""
-    return ALL_NEEDS
+    """The derivatives a PDE residual may use with ``method``. The subspace estimator gives
+    ``grad`` values too, but a loss on them would get only a first-order parameter gradient
+    (MATH.md section 3), so PDEs needing ``grad`` are refused for it."""
+    return ALL_NEEDS - {"grad"} if method == "stein-subspace" else ALL_NEEDS
 
 
 def make_spec(
@@ -42,18 +47,18 @@ def make_spec(
     """Validated description of a Stein estimate (errors name the offending argument)."""
     if method not in STEIN_METHODS:
         raise ValueError(f"estimator.method={method!r} is not a Stein method {STEIN_METHODS}")
-    antithetic = method == "stein-antithetic"
+    antithetic = method in PAIRED_METHODS
     if not isinstance(samples, int) or samples < (4 if antithetic else 2):
         raise ValueError(f"estimator.samples={samples!r} must be an integer >= {4 if antithetic else 2}")
     if antithetic and samples % 2:
-        raise ValueError(f"estimator.samples={samples} must be even for stein-antithetic (pairs)")
+        raise ValueError(f"estimator.samples={samples} must be even for {method} (pairs)")
     if not sigma_x or sigma_x <= 0:
         raise ValueError(f"estimator.sigma_x={sigma_x!r} must be > 0")
     if sigma_t is not None and sigma_t <= 0:
         raise ValueError(f"estimator.sigma_t={sigma_t!r} must be > 0")
     chunk = default_chunk(samples, paired=antithetic) if chunk is None else chunk
     if antithetic and chunk % 2:
-        raise ValueError(f"estimator.chunk={chunk} must be even for stein-antithetic (pairs)")
+        raise ValueError(f"estimator.chunk={chunk} must be even for {method} (pairs)")
     spec = SteinSpec(
         antithetic=antithetic,
         needs=check_needs(needs),
@@ -64,6 +69,7 @@ def make_spec(
         seed=seed,
         step=step,
         stream=stream,
+        subspace=method == "stein-subspace",
     )
     spec.num_chunks  # noqa: B018 - validates that samples is a whole number of chunks
     return spec
@@ -85,6 +91,7 @@ def estimate(
     chunks: Iterable[int] | None = None,
     reduce: Reducer | None = None,
     rows: tuple[int, int] | None = None,
+    recompute: bool = False,
 ) -> Derivatives:
     """Derivatives of the model at points ``X`` (time, if any, in the last column).
 
@@ -93,7 +100,8 @@ def estimate(
     samples from a generator seeded by ``(seed, step, stream, chunk index)``; ``chunks``
     restricts the evaluation to some chunks and ``reduce`` sums the partial sums across
     ranks (the distributed trainer sets both). The result is differentiable with respect
-    to the model's parameters.
+    to the model's parameters. ``recompute`` trades a second forward pass per chunk in the
+    backward pass for a peak memory set by ``chunk`` alone.
     """
     needs = check_needs(needs)
     time_dependent = sigma_t is not None
@@ -115,4 +123,4 @@ def estimate(
         chunk=chunk,
     )
     check_precision(model, spec.sigma_x, needs)
-    return stein_estimate(model, X, spec, chunks=chunks, reduce=reduce, rows=rows)
+    return stein_estimate(model, X, spec, chunks=chunks, reduce=reduce, rows=rows, recompute=recompute)

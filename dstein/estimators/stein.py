@@ -48,6 +48,7 @@ class SteinSpec:
     seed: int = 0
     step: int = 0
     stream: int = 0
+    subspace: bool = False
 
     @property
     def time_dependent(self) -> bool:
@@ -104,16 +105,86 @@ def check_precision(model: torch.nn.Module, sigma_x: float, needs: frozenset[str
         raise ValueError(problem)
 
 
-def _perturbed_values(model, X, z, scale, antithetic):
-    """g at X + scale*z (and X - scale*z), as (B, n) tensors."""
-    B, n, D = z.shape
-    eps = z * scale
-    Xe = X.unsqueeze(1)
-    if antithetic:
-        Y = torch.cat([(Xe + eps).reshape(B * n, D), (Xe - eps).reshape(B * n, D)])
-        g = model(Y).reshape(2, B, n)
-        return g[0], g[1]
-    return model((Xe + eps).reshape(B * n, D)).reshape(B, n), None
+class FullSpace:
+    """Perturbations of all ``D`` input coordinates: ``g(X +- scale * z)``, ``z`` of width D."""
+
+    def __init__(self, model: torch.nn.Module, X: torch.Tensor, spec: SteinSpec):
+        self.model, self.X = model, X
+        self.d = split_input(X, spec.time_dependent)
+        self.width = X.shape[1]  # columns of z: the d spatial ones (the "rank"), then time
+        self.rank = self.d
+        self.scale = torch.full((self.width,), spec.sigma_x, dtype=X.dtype, device=X.device)
+        if spec.sigma_t is not None:
+            self.scale[self.d] = spec.sigma_t
+
+    def center(self) -> torch.Tensor:
+        return self.model(self.X).reshape(-1)
+
+    def values(self, z: torch.Tensor, antithetic: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """g at X + scale*z (and X - scale*z), as (B, n) tensors."""
+        B, n, D = z.shape
+        eps = z * self.scale
+        Xe = self.X.unsqueeze(1)
+        if antithetic:
+            Y = torch.cat([(Xe + eps).reshape(B * n, D), (Xe - eps).reshape(B * n, D)])
+            g = self.model(Y).reshape(2, B, n)
+            return g[0], g[1]
+        return self.model((Xe + eps).reshape(B * n, D)).reshape(B, n), None
+
+    def spatial(self, coords: torch.Tensor) -> torch.Tensor:
+        """A vector of z's spatial coordinates as a vector in R^d (here: itself)."""
+        return coords
+
+
+Space = FullSpace  # the subspace estimator's space (dstein/estimators/subspace.py) has this interface
+
+#: Keys of the partial sums, in a fixed order (checkpointed chunks return tuples).
+SUM_KEYS = ("value", "time", "grad", "grad_norms", "lap")
+
+
+def _chunk_terms(
+    space: Space, spec: SteinSpec, c: int, rows: tuple[int, int], g0: torch.Tensor | None
+) -> tuple[torch.Tensor, ...]:
+    """One chunk's sums (SUM_KEYS that the spec needs, in order); its noise from its seed."""
+    B = space.X.shape[0]
+    offset, total = rows
+    z = sample_chunk(
+        spec.seed, spec.step, spec.stream, c, (total, spec.terms_per_chunk, space.width),
+        dtype=space.X.dtype, device=space.X.device,
+    )  # fmt: skip
+    if total != B:
+        z = z[offset : offset + B]
+    g_plus, g_minus = space.values(z, spec.antithetic)
+    if g_minus is None:
+        value = odd = g_plus
+    else:
+        value = 0.5 * (g_plus + g_minus)
+        odd = 0.5 * (g_plus - g_minus)
+    r = space.rank
+    zx = z[..., :r]
+    out = []
+    if "u" in spec.needs:
+        out.append(value.sum(1))
+    if "u_t" in spec.needs:
+        out.append((z[..., r] * odd).sum(1))
+    if {"grad", "grad_sq"} & spec.needs:
+        out.append(torch.einsum("bnd,bn->bd", zx, odd))
+    if "grad_sq" in spec.needs or "lap" in spec.needs:
+        zx_sq = (zx * zx).sum(-1)
+        if "grad_sq" in spec.needs:
+            out.append((zx_sq * odd * odd).sum(1))
+        if "lap" in spec.needs:
+            even = value if g0 is None else value - g0.unsqueeze(1)
+            out.append(((zx_sq - r) * even).sum(1))
+    return tuple(out)
+
+
+def _keys(needs: frozenset[str]) -> list[str]:
+    wanted = {
+        "value": "u" in needs, "time": "u_t" in needs, "grad": bool({"grad", "grad_sq"} & needs),
+        "grad_norms": "grad_sq" in needs, "lap": "lap" in needs,
+    }  # fmt: skip
+    return [k for k in SUM_KEYS if wanted[k]]
 
 
 def partial_sums(
@@ -122,63 +193,39 @@ def partial_sums(
     spec: SteinSpec,
     chunks: Iterable[int],
     rows: tuple[int, int] | None = None,
+    space: Space | None = None,
+    recompute: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Sums of the estimator terms over the samples of ``chunks`` for each point of ``X``.
 
     ``rows = (offset, total)`` says that ``X`` holds rows ``offset:offset+B`` of a batch of
     ``total`` points (a point group's slice). Noise is drawn for the whole batch and sliced,
     so a point's samples do not depend on how points are split across groups.
+
+    ``recompute``: keep no chunk's activations or noise for the backward pass; each chunk is
+    evaluated again there, its noise regenerated from its seed, so that peak memory is set by
+    the chunk size, not by the number of samples (MATH.md section 4, memory).
     """
-    d = split_input(X, spec.time_dependent)
-    B, D = X.shape
-    offset, total = rows if rows is not None else (0, B)
-    scale = torch.full((D,), spec.sigma_x, dtype=X.dtype, device=X.device)
-    if spec.sigma_t is not None:
-        scale[d] = spec.sigma_t
-    g0 = model(X).reshape(B) if spec.antithetic and "lap" in spec.needs else None
-    need_grad = bool({"grad", "grad_sq"} & spec.needs)
+    from torch.utils.checkpoint import checkpoint
+
+    space = space or FullSpace(model, X, spec)
+    rows = rows if rows is not None else (0, X.shape[0])
+    g0 = space.center() if spec.antithetic and "lap" in spec.needs else None
+    keys = _keys(spec.needs)
     sums: dict[str, torch.Tensor] = {}
-
-    def add(key: str, value: torch.Tensor) -> None:
-        sums[key] = sums[key] + value if key in sums else value
-
     for c in chunks:
-        z = sample_chunk(
-            spec.seed,
-            spec.step,
-            spec.stream,
-            c,
-            (total, spec.terms_per_chunk, D),
-            dtype=X.dtype,
-            device=X.device,
-        )
-        if total != B:
-            z = z[offset : offset + B]
-        g_plus, g_minus = _perturbed_values(model, X, z, scale, spec.antithetic)
-        if g_minus is None:
-            value = odd = g_plus
+        if recompute and torch.is_grad_enabled():
+            terms = checkpoint(_chunk_terms, space, spec, c, rows, g0, use_reentrant=False)
         else:
-            value = 0.5 * (g_plus + g_minus)
-            odd = 0.5 * (g_plus - g_minus)
-        zx = z[..., :d]
-        if "u" in spec.needs:
-            add("value", value.sum(1))
-        if "u_t" in spec.needs:
-            add("time", (z[..., d] * odd).sum(1))
-        if need_grad:
-            add("grad", torch.einsum("bnd,bn->bd", zx, odd))
-        if "grad_sq" in spec.needs or "lap" in spec.needs:
-            zx_sq = (zx * zx).sum(-1)
-            if "grad_sq" in spec.needs:
-                add("grad_norms", (zx_sq * odd * odd).sum(1))
-            if "lap" in spec.needs:
-                even = value if g0 is None else value - g0.unsqueeze(1)
-                add("lap", ((zx_sq - d) * even).sum(1))
+            terms = _chunk_terms(space, spec, c, rows, g0)
+        for key, value in zip(keys, terms, strict=True):
+            sums[key] = sums[key] + value if key in sums else value
     return sums
 
 
-def finalize(sums: dict[str, torch.Tensor], spec: SteinSpec) -> Derivatives:
-    """Turn summed terms (over ALL samples of the estimate) into derivatives."""
+def finalize(sums: dict[str, torch.Tensor], spec: SteinSpec, space: Space | None = None) -> Derivatives:
+    """Turn summed terms (over ALL samples of the estimate) into derivatives; ``space`` maps
+    gradient coordinates to R^d (the subspace estimator's basis; identity by default)."""
     n = spec.terms
     sx, st = spec.sigma_x, spec.sigma_t
     out = Derivatives()
@@ -187,7 +234,7 @@ def finalize(sums: dict[str, torch.Tensor], spec: SteinSpec) -> Derivatives:
     if "u_t" in spec.needs:
         out.u_t = sums["time"] / (n * st)  # type: ignore[operator]
     if "grad" in spec.needs:
-        out.grad = sums["grad"] / (n * sx)
+        out.grad = sums["grad"] / (n * sx) if space is None else space.spatial(sums["grad"] / (n * sx))
     if "grad_sq" in spec.needs:
         total = sums["grad"]
         out.grad_sq = ((total * total).sum(-1) - sums["grad_norms"]) / (n * (n - 1) * sx * sx)
@@ -203,11 +250,20 @@ def stein_estimate(
     chunks: Iterable[int] | None = None,
     reduce: Reducer | None = None,
     rows: tuple[int, int] | None = None,
+    recompute: bool = False,
 ) -> Derivatives:
-    """Partial sums over ``chunks`` (all by default), summed by ``reduce``, then finalized."""
+    """Partial sums over ``chunks`` (all by default), summed by ``reduce``, then finalized.
+
+    ``spec.subspace``: in the row space of the model's linear input layer (subspace.py)."""
     if "grad_sq" in spec.needs and spec.terms < 2:
         raise ValueError("grad_sq needs at least 2 samples (pairs) for its U-statistic")
-    sums = partial_sums(model, X, spec, range(spec.num_chunks) if chunks is None else chunks, rows)
+    space: Space | None = None
+    if spec.subspace:
+        from dstein.estimators.subspace import InputSubspace
+
+        space = InputSubspace(model, X, spec)  # type: ignore[assignment]
+    chunks = range(spec.num_chunks) if chunks is None else chunks
+    sums = partial_sums(model, X, spec, chunks, rows, space=space, recompute=recompute)
     if reduce is not None:
         sums = reduce(sums)
-    return finalize(sums, spec)
+    return finalize(sums, spec, space)

@@ -1,0 +1,90 @@
+"""The subspace (Rao-Blackwellized) Stein estimator (MATH.md section 3).
+
+For a model ``g(x, t) = body(Wx x + wt t + b)`` whose first layer is linear, ``g`` sees a
+spatial perturbation ``delta`` only through ``Wx delta``. With ``Wx = U diag(s) V^T`` (rank
+r <= width), split ``delta = V xi + delta_perp``: ``g`` depends on ``xi ~ N(0, sx^2 I_r)``
+alone, and averaging over ``delta_perp`` analytically leaves the Stein estimators of
+``stein.py`` with ``d`` replaced by ``r``: noise ``z`` of width r (+1 for time), Laplacian
+weights ``|z|^2 - r``, gradient coordinates in the basis V. Per sample the first layer costs
+O(width * r) instead of O(width * d); no d-dimensional noise is drawn or stored. Only the
+basis (O(width^2 d), once per estimate) and ``Wx X`` grow with d.
+
+The basis comes from the width x width Gram matrix ``Wx Wx^T = U diag(s^2) U^T``, in float64.
+Parameter gradients flow through ``M = Wx V`` with V held constant (MATH.md: this is the
+conditional expectation of the full estimator's gradient for value, time derivative,
+Laplacian and gradient norm). A gradient along a fixed direction is not supported
+(``provides`` excludes nothing else: ``grad`` values are given, for evaluation, but a loss on
+them would get a first-order parameter gradient only).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dstein.estimators.base import split_input
+from dstein.estimators.stein import SteinSpec
+
+#: Eigenvalues of the Gram matrix below this fraction of the largest are dropped (rank r).
+RANK_RTOL = 1e-6
+
+
+def split_model(model: nn.Module) -> tuple[nn.Linear, nn.Module]:
+    """The model's linear input layer and the rest (``model(X) == body(input_layer(X))``)."""
+    layer, body = getattr(model, "input_layer", None), getattr(model, "body", None)
+    if not isinstance(layer, nn.Linear) or not callable(body):
+        raise ValueError(
+            f"estimator.method=stein-subspace needs a model whose first layer is linear, exposed as "
+            f"input_layer (torch.nn.Linear) with the rest as body; {type(model).__name__} has "
+            f"{'no input_layer' if layer is None else 'input_layer of type ' + type(layer).__name__}"
+            f"{'' if callable(body) else ' and no body'} (dstein.models.MLP qualifies)"
+        )
+    return layer, body
+
+
+def row_basis(Wx: torch.Tensor) -> torch.Tensor:
+    """An orthonormal basis V (d x r) of the row space of ``Wx`` (width x d), no gradient."""
+    with torch.no_grad():
+        W64 = Wx.detach().double()
+        s2, U = torch.linalg.eigh(W64 @ W64.T)
+        keep = s2 > RANK_RTOL * s2.max().clamp_min(torch.finfo(torch.float64).tiny)
+        s2, U = s2[keep], U[:, keep]
+        V = W64.T @ (U / s2.sqrt())
+    return V.to(Wx.dtype)
+
+
+class InputSubspace:
+    """The space of the subspace estimator, with the interface of ``stein.FullSpace``."""
+
+    def __init__(self, model: nn.Module, X: torch.Tensor, spec: SteinSpec):
+        layer, self.body = split_model(model)
+        self.X = X
+        self.d = split_input(X, spec.time_dependent)
+        if layer.in_features != X.shape[1]:
+            raise ValueError(f"the input layer takes {layer.in_features} inputs, the points have {X.shape[1]}")
+        Wx = layer.weight[:, : self.d]
+        self.V = row_basis(Wx)
+        self.rank = self.V.shape[1]
+        self.width = self.rank + (1 if spec.time_dependent else 0)
+        self.h0 = layer(X)  # (B, width of the layer): the unperturbed pre-activations
+        M = (Wx @ self.V) * spec.sigma_x  # (k, r): differentiable in Wx, V constant
+        if spec.sigma_t is not None:
+            M = torch.cat([M, layer.weight[:, self.d :] * spec.sigma_t], dim=1)
+        self.M = M  # pre-activation change per unit of z
+
+    def center(self) -> torch.Tensor:
+        return self.body(self.h0).reshape(-1)
+
+    def values(self, z: torch.Tensor, antithetic: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        B, n, _ = z.shape
+        shift = z @ self.M.T  # (B, n, k): O(k r) per sample
+        h = self.h0.unsqueeze(1)
+        if antithetic:
+            g = self.body(torch.cat([(h + shift).reshape(B * n, -1), (h - shift).reshape(B * n, -1)]))
+            g = g.reshape(2, B, n)
+            return g[0], g[1]
+        return self.body((h + shift).reshape(B * n, -1)).reshape(B, n), None
+
+    def spatial(self, coords: torch.Tensor) -> torch.Tensor:
+        """Gradient coordinates in the basis V as vectors in R^d."""
+        return coords @ self.V.T
