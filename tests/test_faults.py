@@ -183,6 +183,7 @@ def test_nonfinite_step_is_skipped_on_every_rank(tmp_path, world):
     before, after = model_and_optimizer(step_dir(checkpoints, 29)), model_and_optimizer(step_dir(checkpoints, 30))
     assert len(before) == len(after) > 0
     assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+
     def applied(run_dir: Path) -> list[dict]:
         return [r for r in losses(run_dir) if "skipped" not in r]
 
