@@ -36,7 +36,7 @@ from dstein.distributed import (
     sum_partial_sums,
     sum_values,
 )
-from dstein.estimators import PAIRED_METHODS, Derivatives, estimate
+from dstein.estimators import NETWORK_METHODS, PAIRED_METHODS, STEIN_METHODS, Derivatives, estimate
 from dstein.estimators.stein import Reducer
 from dstein.metrics import MetricsLog, error_sums, errors_from_sums, write_json_atomic
 from dstein.models import MLP
@@ -90,9 +90,12 @@ class Estimator:
         samples: int | None = None,
         rows: tuple[int, int] | None = None,
     ) -> Derivatives:
-        if self.method == "autograd":
-            return estimate(model, X, method="autograd", needs=needs, sigma_t=self.sigma_t)
         samples = samples or self.samples
+        if self.method in NETWORK_METHODS:
+            return estimate(
+                model, X, method=self.method, needs=needs, samples=samples, sigma_t=self.sigma_t, seed=self.seed,
+                step=step, stream=stream,
+            )  # fmt: skip
         chunk = self.chunk_for(samples)
         chunks = self.chunks_for(num_chunks(samples, chunk)) if self.chunks_for else None
         return estimate(
@@ -219,7 +222,7 @@ def predict(
 
     d = config.pde.dim
     us, grads = [], []
-    stein = config.estimator.method != "autograd"
+    stein = config.estimator.method in STEIN_METHODS
     n = config.eval.samples
     scale = torch.full((X.shape[1],), config.estimator.sigma_x, dtype=X.dtype, device=X.device)
     if X.shape[1] > d:
@@ -307,7 +310,7 @@ def build_estimator(config: Config, pde: PDE, info: DistInfo | None = None) -> E
         sigma_t=est.time_sigma if pde.time_dependent else None, seed=config.seed,
         chunk=est.chunk, condition_samples=est.condition_samples, recompute=est.recompute,
     )  # fmt: skip
-    if info is not None and info.sample_group_size > 1 and est.method != "autograd":
+    if info is not None and info.sample_group_size > 1 and est.method in STEIN_METHODS:
         rank, size = info.sample_rank, info.sample_group_size
         estimator.chunks_for = lambda n: deal_chunks(n, rank, size)
         estimator.reduce = sum_partial_sums(info.sample_group)
@@ -355,7 +358,7 @@ def check_estimator_fits(config: Config, pde: PDE, dtype: torch.dtype) -> None:
             f"pde {pde.name} needs {sorted(missing)}, which estimator.method={method} cannot give "
             f"(it gives {sorted(provides(method))})"
         )
-    if method != "autograd":
+    if method in STEIN_METHODS:
         problem = precision_problem(config.estimator.sigma_x, dtype, config.run.matmul_precision, True, pde.needs)
         if problem:
             raise ConfigError(f"run.matmul_precision={config.run.matmul_precision}: {problem}")
@@ -484,7 +487,10 @@ def train_step(tr: Trainer, step: int) -> StepResult:
     if tr.watch is None:
         tr.watch = GradientWatch(tr.model)
     tr.watch.bad = False
-    tr.engine.backward(loss * info.world_size)
+    # Stein estimates are sharded: each rank's backward gives its share of the gradient.
+    # Network methods are computed whole by every rank of a sample group: count them once.
+    shares = 1 if cfg.estimator.method in STEIN_METHODS else info.sample_group_size
+    tr.engine.backward(loss * (info.world_size / shares))
     ranks = _ranks_with(tr.watch.bad, info)
     if ranks:
         tr.engine.optimizer.zero_grad()  # drop the reduced gradients: this step is not applied

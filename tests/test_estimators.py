@@ -101,6 +101,34 @@ def test_autograd_is_exact(family, d):
             assert torch.allclose(getattr(D, k), exact[k], rtol=0, atol=1e-10), k
 
 
+@pytest.mark.parametrize("d", [5, 50])
+def test_hutchinson_is_exact_but_for_an_unbiased_laplacian(d):
+    """Value, time derivative and gradient exact; the trace estimate within 4 SE of the
+    Laplacian (sin(a.x + bt): v'Hv = -sin(.) (a.v)^2 has mean -|a|^2 sin(.))."""
+    fn, X = SinWave(d, True), points(d, True)
+    exact = fn.exact(X)
+    est = repeats(fn, X, "hutchinson", NEEDS_T, samples=16, reps=40, time=True)
+    for k in ("u", "u_t", "grad", "grad_sq"):
+        assert torch.allclose(est[k][0], exact[k], rtol=0, atol=1e-10), k
+    assert_within_se(est["lap"], exact["lap"], name=f"hutchinson d={d}")
+    assert est["lap"].std(0).min() > 0
+
+
+def test_forward_over_reverse_laplacian_equals_the_loop():
+    import dstein.estimators.autograd as ag
+    from dstein.models import MLP
+
+    torch.manual_seed(2)
+    model, X = MLP(31, 16, 3).double(), points(30, True, n=5)
+    fast = dstein.estimate(model, X, method="autograd", needs={"lap"}, sigma_t=1.0).lap
+    loop_max, ag.LOOP_MAX_DIM = ag.LOOP_MAX_DIM, 10**9
+    try:
+        slow = dstein.estimate(model, X, method="autograd", needs={"lap"}, sigma_t=1.0).lap
+    finally:
+        ag.LOOP_MAX_DIM = loop_max
+    assert torch.allclose(fast, slow, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("method", ["stein", "stein-antithetic"])
 def test_grad_sq_unbiased_where_squared_mean_is_not(method):
     """d = 50, 256 samples: the U-statistic passes; squaring the mean gradient is biased."""
@@ -163,15 +191,18 @@ def test_same_seed_same_estimate_other_seed_other_estimate():
     assert torch.equal(a, b) and not torch.equal(a, c) and not torch.equal(a, d)
 
 
-@pytest.mark.parametrize("method", ["autograd", "stein", "stein-antithetic"])
-def test_parameter_gradient_is_exact_derivative_of_the_estimate(method):
-    """gradcheck: every estimate is a differentiable function of the parameters (noise fixed)."""
+@pytest.mark.parametrize(
+    ("method", "d"), [("autograd", 2), ("autograd", 20), ("hutchinson", 20), ("stein", 2), ("stein-antithetic", 2)]
+)
+def test_parameter_gradient_is_exact_derivative_of_the_estimate(method, d):
+    """gradcheck: every estimate is a differentiable function of the parameters (noise fixed).
+    autograd at d = 20 takes the forward-over-reverse Laplacian, at d = 2 the loop."""
     from dstein.models import MLP
 
     torch.manual_seed(0)
-    model = MLP(3, 4, 2).double()
+    model = MLP(d + 1, 4, 2).double()
     names = [n for n, _ in model.named_parameters()]
-    X = points(2, True)
+    X = points(d, True)
 
     class WithParams(torch.nn.Module):
         def __init__(self, flat):

@@ -1,6 +1,7 @@
 """Derivative estimators behind one interface: ``estimate(model, X, method=..., needs=...)``.
 
 - ``autograd``: exact derivatives of the unsmoothed network (stacked back-propagation).
+- ``hutchinson``: exact first derivatives, Laplacian by a randomized Hessian trace (SDGD/HTE).
 - ``stein``: vanilla Stein estimator of the Gaussian-smoothed network.
 - ``stein-antithetic``: antithetic pairs with the ``g(x)`` control variate.
 - ``stein-subspace``: stein-antithetic in the row space of the model's linear input layer
@@ -13,12 +14,14 @@ from collections.abc import Iterable
 
 import torch
 
-from dstein.estimators.autograd import autograd_estimate
+from dstein.estimators.autograd import autograd_estimate, hutchinson_estimate
 from dstein.estimators.base import ALL_NEEDS, Derivatives, check_needs
 from dstein.estimators.stein import Reducer, SteinSpec, check_precision, stein_estimate
 from dstein.noise import default_chunk
 
-METHODS = ("autograd", "stein", "stein-antithetic", "stein-subspace")
+METHODS = ("autograd", "hutchinson", "stein", "stein-antithetic", "stein-subspace")
+#: Methods of the unsmoothed network, computed whole on every rank (no sample sharding).
+NETWORK_METHODS = ("autograd", "hutchinson")
 STEIN_METHODS = ("stein", "stein-antithetic", "stein-subspace")
 PAIRED_METHODS = ("stein-antithetic", "stein-subspace")
 
@@ -109,6 +112,10 @@ def estimate(
         raise ValueError("needs 'u_t' but sigma_t is None: a time-dependent input needs sigma_t")
     if method == "autograd":
         return autograd_estimate(model, X, needs, time_dependent)
+    if method == "hutchinson":
+        if not isinstance(samples, int) or samples < 1:
+            raise ValueError(f"estimator.samples={samples!r}: hutchinson needs an integer number of probes >= 1")
+        return hutchinson_estimate(model, X, needs, time_dependent, samples, seed, step, stream)
     if samples is None or sigma_x is None:
         raise ValueError(f"method {method!r} needs samples and sigma_x")
     spec = make_spec(
