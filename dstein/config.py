@@ -112,12 +112,18 @@ class EstimatorConfig:
     """Standard deviation of the time smoothing; None: same as sigma_x."""
     condition_samples: int | None = None
     """Samples for condition points (which need only the value); None: same as samples."""
-    recompute: bool = True
-    """Keep no chunk's activations for the backward pass but evaluate the chunk again there
-    (its noise regenerated from its seed): peak memory set by estimator.chunk, not by
-    estimator.samples, for about one more forward pass per step."""
+    recompute: str = "auto"
+    """always: keep no chunk's activations for the backward pass but evaluate the chunk again
+    there (its noise regenerated from its seed): peak memory set by estimator.chunk, not by
+    estimator.samples, for about 1.5x the step time; never: keep them; auto: always when
+    the kept activations would exceed 2 GiB per rank (estimated from the batch, the samples
+    and the model's layer widths)."""
 
     def __post_init__(self) -> None:
+        _check(
+            self.recompute in ("auto", "always", "never"),
+            f"estimator.recompute={self.recompute!r} must be auto, always or never",
+        )
         methods = (*METHODS, "auto")
         _check(self.method in methods, f"estimator.method={self.method!r} must be one of {methods}")
         paired = self.method in PAIRED_METHODS or self.method == "auto"

@@ -50,6 +50,8 @@ ATTACK_STREAM = 100  # + 10 * attack step + (0: domain, 1 + k: condition k)
 EVAL_STREAM = 1_000_000
 # Counter of the collocation point generator (separate from the noise counters).
 POINTS_STREAM = 7
+# estimator.recompute=auto recomputes chunks when the kept activations would exceed this.
+RECOMPUTE_ABOVE_BYTES = 2 * 2**30
 # Test points are evaluated in blocks of this size; a block's noise is keyed by its index.
 EVAL_BLOCK = 64
 
@@ -69,7 +71,7 @@ class Estimator:
     seed: int
     chunk: int | None = None
     condition_samples: int | None = None
-    recompute: bool = False
+    recompute: str = "never"
     chunks_for: Callable[[int], range] | None = None
     reduce: Reducer | None = None
 
@@ -98,11 +100,20 @@ class Estimator:
             )  # fmt: skip
         chunk = self.chunk_for(samples)
         chunks = self.chunks_for(num_chunks(samples, chunk)) if self.chunks_for else None
+        mine = len(chunks) * chunk if chunks is not None else samples
         return estimate(
             model, X, method=self.method, needs=needs, samples=samples, sigma_x=self.sigma_x,
             sigma_t=self.sigma_t, seed=self.seed, step=step, stream=stream, chunk=chunk,
-            chunks=chunks, reduce=self.reduce, rows=rows, recompute=self.recompute,
+            chunks=chunks, reduce=self.reduce, rows=rows, recompute=self.recomputes(model, X, mine),
         )  # fmt: skip
+
+    def recomputes(self, model: torch.nn.Module, X: torch.Tensor, samples: int) -> bool:
+        """Whether chunks are evaluated again in the backward pass (``estimator.recompute``)."""
+        if self.recompute != "auto":
+            return self.recompute == "always"
+        widths = sum(m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear))
+        kept = X.shape[0] * samples * (3 * widths + X.shape[1]) * X.element_size()  # activations, noise
+        return kept > RECOMPUTE_ABOVE_BYTES
 
 
 def lr_factor(step: int, total: int) -> float:

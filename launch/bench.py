@@ -8,6 +8,18 @@ Suites:
   scaling  strong scaling of sample sharding: the same HJB training step (d = 1000, 4096
            samples, width 128, depth 4, 50 + 50 points) on 1 rank and on 2 ranks, one thread
            per rank, CPU gloo; reports seconds per step (median) and the speed-up.
+  methods  seconds per HJB training step and memory versus d (--dims, default 100 ... 100,000)
+           for autograd, hutchinson (64 probes), stein-antithetic and stein-subspace (2048
+           samples; width 128, depth 4, 50 + 50 points, no adversarial steps). A
+           configuration whose first step exceeds --max-step-seconds (60) or whose process
+           exceeds --memory-limit-gb (16) is recorded as skipped, with the reason.
+  samples  the same versus samples (1024 ... 32768, chunks of 256) at d = 1000.
+  acceptance  the ratios of issue 6 from one run: subspace vs autograd and antithetic at
+           d = 10,000; subspace at d = 100,000 vs 1000; memory at 32768 vs 1024 samples;
+           antithetic at d = 250 vs the original code's 2.56 s per step (REFERENCE.md).
+
+Memory on a CPU: the process's resident set before the first step and its peak over the
+steps; step_memory_mb is their difference (what the steps add). On CUDA: peak allocated.
 
 Timings are medians over the timed steps after warm-up steps; ranks synchronise before
 and after each timed step. Quote ratios from one run: shared machines are noisy.
@@ -42,8 +54,23 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def worker(out: str, warmup: int, steps: int, overrides: list[str]) -> None:
-    """One rank: build the trainer from the environment's launcher and time training steps."""
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def worker(out: str, warmup: int, steps: int, overrides: list[str], max_step_seconds: float = 0.0) -> None:
+    """One rank: build the trainer from the environment's launcher and time training steps.
+
+    Memory: the resident set before the first step and its peak over the steps (CPU), and
+    the peak of allocated device memory (CUDA). A first step slower than ``max_step_seconds``
+    ends the run with a ``skipped`` record instead of timings."""
     import torch
     import torch.distributed as dist
 
@@ -52,48 +79,89 @@ def worker(out: str, warmup: int, steps: int, overrides: list[str]) -> None:
 
     config = load_config(ROOT / "configs/quickstart.yaml", [*overrides, "run.dir=/tmp/dstein-bench"])
     tr = build_trainer(config)
+    before = _rss_mb()
+    if tr.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     times = []
     for step in range(warmup + steps):
         dist.barrier()
         start = time.perf_counter()
         train_step(tr, step)
+        if tr.device.type == "cuda":
+            torch.cuda.synchronize()
         dist.barrier()
+        seconds = time.perf_counter() - start
+        if step == 0 and tr.info.rank == 0:
+            Path(out).with_suffix(".first-step").write_text(str(seconds))
         if step >= warmup:
-            times.append(time.perf_counter() - start)
+            times.append(seconds)
+        elif max_step_seconds and seconds > max_step_seconds:
+            if tr.info.rank == 0:
+                why = f"first step took {seconds:.0f} s > {max_step_seconds:.0f} s"
+                Path(out).write_text(json.dumps({"skipped": why}))
+            return
     if tr.info.rank == 0:
         result = {
             "world_size": tr.info.world_size,
             "threads_per_rank": torch.get_num_threads(),
+            "method": config.estimator.method,
             "step_seconds": times,
             "median_step_seconds": statistics.median(times),
+            "rss_before_steps_mb": before,
+            "peak_rss_mb": _peak_rss_mb(),
+            "step_memory_mb": _peak_rss_mb() - before,
         }
+        if tr.device.type == "cuda":
+            result["cuda_peak_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
         Path(out).write_text(json.dumps(result))
 
 
-def launch_ranks(world: int, out: Path, warmup: int, steps: int, overrides: list[str]) -> dict:
+def launch_ranks(
+    world: int,
+    out: Path,
+    warmup: int,
+    steps: int,
+    overrides: list[str],
+    max_step_seconds: float = 0.0,
+    memory_limit_gb: float = 0.0,
+) -> dict:
+    """Run ``world`` worker ranks; their rank 0's JSON record, or a ``skipped`` record when the
+    first step is too slow (or does not finish within startup + max_step_seconds), or the
+    memory limit is hit."""
+    import resource
+
     port = str(_free_port())
+    out.unlink(missing_ok=True)
+    cap = int(memory_limit_gb * 2**30)
+
+    def limit() -> None:
+        if cap:
+            resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+
     procs = []
+    threads = str(max(1, (os.cpu_count() or 1) // world))
     for rank in range(world):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port, OMP_NUM_THREADS="1")  # fmt: skip
-        cmd = [
-            sys.executable,
-            __file__,
-            "--worker",
-            str(out),
-            "--warmup",
-            str(warmup),
-            "--steps",
-            str(steps),
-            "--",
-            *overrides,
-        ]
-        procs.append(
-            subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        )
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port, OMP_NUM_THREADS=threads)  # fmt: skip
+        cmd = [sys.executable, __file__, "--worker", str(out), "--warmup", str(warmup), "--steps", str(steps),
+               "--max-step-seconds", str(max_step_seconds), "--", *overrides]  # fmt: skip
+        procs.append(subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                      text=True, preexec_fn=limit))  # fmt: skip
+    # a first step still running after start-up + max_step_seconds is skipped at once
+    first = out.with_suffix(".first-step")
+    first.unlink(missing_ok=True)
+    started = time.monotonic()
+    while max_step_seconds and not first.exists() and any(p.poll() is None for p in procs):
+        if time.monotonic() - started > 120 + max_step_seconds:
+            for p in procs:
+                p.kill()
+            return {"skipped": f"first step not done within {max_step_seconds:.0f} s (plus start-up)"}
+        time.sleep(0.5)
     for proc in procs:
         _, err = proc.communicate()
         if proc.returncode:
+            if "out of memory" in err or "MemoryError" in err or "DefaultCPUAllocator" in err:
+                return {"skipped": f"out of memory (limit {memory_limit_gb:g} GB of address space)"}
             raise SystemExit(f"bench rank failed ({proc.returncode}):\n{err[-3000:]}")
     return json.loads(out.read_text())
 
@@ -102,6 +170,8 @@ def suite_scaling(args: argparse.Namespace) -> dict:
     tmp = Path(args.tmp)
     tmp.mkdir(parents=True, exist_ok=True)
     runs = {w: launch_ranks(w, tmp / f"scaling-{w}.json", args.warmup, args.steps, SCALING_OVERRIDES) for w in (1, 2)}
+    for record in runs.values():
+        assert "skipped" not in record, record
     return {
         "suite": "scaling",
         "config": "configs/quickstart.yaml + " + " ".join(SCALING_OVERRIDES),
@@ -148,7 +218,86 @@ def suite_data(args: argparse.Namespace) -> dict:
     return {"suite": "data", **out}
 
 
-SUITES = {"data": suite_data, "scaling": suite_scaling}
+# HJB (the quickstart's problem), width 128, depth 4, 50 + 50 points, no adversarial steps:
+# the configuration of issue 6's acceptance and of REFERENCE.md's table.
+STEP_BASE = [
+    "model.width=128", "model.depth=4", "train.domain_points=50", "train.condition_points=50",
+    "train.adversarial.steps=0", "eval.points=8", "eval.truth_samples=100", "estimator.condition_samples=null",
+]  # fmt: skip
+METHODS = ("autograd", "hutchinson", "stein-antithetic", "stein-subspace")
+HUTCHINSON_PROBES = 64
+
+
+def step_overrides(method: str, dim: int, samples: int, chunk: int | None = None) -> list[str]:
+    probes = HUTCHINSON_PROBES if method == "hutchinson" else samples
+    out = [*STEP_BASE, f"pde.dim={dim}", f"estimator.method={method}", f"estimator.samples={probes}"]
+    return out + ([f"estimator.chunk={chunk}"] if chunk else [])
+
+
+def time_steps(args: argparse.Namespace, name: str, overrides: list[str]) -> dict:
+    tmp = Path(args.tmp)
+    tmp.mkdir(parents=True, exist_ok=True)
+    record = launch_ranks(1, tmp / f"{name}.json", args.warmup, args.steps, overrides, args.max_step_seconds,
+                          args.memory_limit_gb)  # fmt: skip
+    print(f"{name}: {record.get('median_step_seconds', record.get('skipped'))}", file=sys.stderr, flush=True)
+    return {"overrides": overrides, **record}
+
+
+def suite_methods(args: argparse.Namespace) -> dict:
+    """Seconds per step and memory versus d for every method (2048 samples; hutchinson: 64 probes)."""
+    runs = {}
+    for dim in args.dims:
+        for method in METHODS:
+            runs[f"{method}/d={dim}"] = time_steps(args, f"methods-{method}-{dim}", step_overrides(method, dim, 2048))
+    return {"suite": "methods", "samples": 2048, "hutchinson_probes": HUTCHINSON_PROBES, "runs": runs}
+
+
+def suite_samples(args: argparse.Namespace) -> dict:
+    """Seconds per step and memory versus samples (chunks of 256) at d = 1000."""
+    runs = {}
+    for method in ("stein-antithetic", "stein-subspace"):
+        for samples in (1024, 2048, 4096, 8192, 16384, 32768):
+            runs[f"{method}/samples={samples}"] = time_steps(
+                args, f"samples-{method}-{samples}", step_overrides(method, 1000, samples, chunk=256)
+            )
+    return {"suite": "samples", "dim": 1000, "chunk": 256, "runs": runs}
+
+
+def suite_acceptance(args: argparse.Namespace) -> dict:
+    """Issue 6's ratios, measured in one run (HJB, width 128, depth 4, 50 + 50 points)."""
+    run = {}
+    for method in ("autograd", "stein-antithetic", "stein-subspace"):
+        run[f"{method}/d=10000"] = time_steps(args, f"acc-{method}-10000", step_overrides(method, 10000, 2048))
+    for dim in (1000, 100000):
+        run[f"stein-subspace/d={dim}"] = time_steps(args, f"acc-sub-{dim}", step_overrides("stein-subspace", dim, 2048))
+    for samples in (1024, 32768):
+        run[f"stein-subspace/samples={samples}"] = time_steps(
+            args, f"acc-mem-{samples}",
+            [*step_overrides("stein-subspace", 1000, samples, chunk=256), "estimator.recompute=always"],
+        )  # fmt: skip
+    run["stein-antithetic/d=250"] = time_steps(args, "acc-anti-250", step_overrides("stein-antithetic", 250, 2048))
+
+    def secs(key: str) -> float:
+        return run[key].get("median_step_seconds", float("inf"))
+
+    sub = secs("stein-subspace/d=10000")
+    ratios = {
+        "autograd_over_subspace_d10000": secs("autograd/d=10000") / sub,
+        "antithetic_over_subspace_d10000": secs("stein-antithetic/d=10000") / sub,
+        "subspace_d100000_over_d1000": secs("stein-subspace/d=100000") / secs("stein-subspace/d=1000"),
+        "memory_32768_over_1024": run["stein-subspace/samples=32768"]["step_memory_mb"]
+        / max(run["stein-subspace/samples=1024"]["step_memory_mb"], 1e-9),
+        "peak_rss_32768_over_1024": run["stein-subspace/samples=32768"]["peak_rss_mb"]
+        / run["stein-subspace/samples=1024"]["peak_rss_mb"],
+        "antithetic_d250_seconds_vs_reference_2.56": secs("stein-antithetic/d=250") / 2.56,
+    }
+    return {"suite": "acceptance", "runs": run, "ratios": ratios}
+
+
+SUITES = {
+    "acceptance": suite_acceptance, "data": suite_data, "methods": suite_methods, "samples": suite_samples,
+    "scaling": suite_scaling,
+}  # fmt: skip
 
 
 def machine() -> dict:
@@ -171,13 +320,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=3, help="timed steps")
     parser.add_argument("--tmp", default="/tmp/dstein-bench", help="scratch folder")
     parser.add_argument("--data-steps", type=int, default=40, help="data suite: steps of d = 10,000 points to write")
+    parser.add_argument("--dims", type=int, nargs="+", default=[100, 1000, 10000, 100000], help="methods suite: d")
+    parser.add_argument("--max-step-seconds", type=float, default=60.0,
+                        help="skip a configuration whose first step takes longer (0: never)")  # fmt: skip
+    parser.add_argument("--memory-limit-gb", type=float, default=16.0,
+                        help="address-space limit per benchmark process; a run beyond it is skipped")  # fmt: skip
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         from dstein.distributed import exit_process
 
-        worker(args.worker, args.warmup, args.steps, args.overrides)
+        worker(args.worker, args.warmup, args.steps, args.overrides, args.max_step_seconds)
         exit_process(0)
     if not args.suite:
         parser.error("--suite is required")
