@@ -179,6 +179,29 @@ def _chunk_terms(
     return tuple(out)
 
 
+_HEAP_BOUNDED = False
+
+
+def _bound_cpu_heap() -> None:
+    """Make glibc hand freed chunk buffers back to the system (fixed 1 MiB mmap threshold).
+
+    With its default dynamic threshold, the buffers of chunk after chunk end up in the heap
+    and fragment it: at d = 1000, 32768 samples in chunks of 256 grew the process by 1.6 GB
+    although each chunk is freed (0.26 GB at 1024 samples); with the fixed threshold, 0.14 GB
+    (0.13 GB), at about 1.8x the time of a recomputed estimate. Process-wide and only on glibc;
+    done once, when chunks are recomputed (which is when memory is the concern)."""
+    global _HEAP_BOUNDED
+    if _HEAP_BOUNDED:
+        return
+    _HEAP_BOUNDED = True
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def _keys(needs: frozenset[str]) -> list[str]:
     wanted = {
         "value": "u" in needs, "time": "u_t" in needs, "grad": bool({"grad", "grad_sq"} & needs),
@@ -208,6 +231,8 @@ def partial_sums(
     """
     from torch.utils.checkpoint import checkpoint
 
+    if recompute and X.device.type == "cpu":
+        _bound_cpu_heap()
     space = space or FullSpace(model, X, spec)
     rows = rows if rows is not None else (0, X.shape[0])
     g0 = space.center() if spec.antithetic and "lap" in spec.needs else None

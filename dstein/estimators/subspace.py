@@ -9,7 +9,8 @@ weights ``|z|^2 - r``, gradient coordinates in the basis V. Per sample the first
 O(width * r) instead of O(width * d); no d-dimensional noise is drawn or stored. Only the
 basis (O(width^2 d), once per estimate) and ``Wx X`` grow with d.
 
-The basis comes from the width x width Gram matrix ``Wx Wx^T = U diag(s^2) U^T``, in float64.
+The basis comes from the width x width Gram matrix ``Wx Wx^T = U diag(s^2) U^T`` (a float32
+product, its eigendecomposition in float64).
 Parameter gradients flow through ``M = Wx V`` with V held constant (MATH.md: this is the
 conditional expectation of the full estimator's gradient for value, time derivative,
 Laplacian and gradient norm). A gradient along a fixed direction is not supported
@@ -42,15 +43,14 @@ def split_model(model: nn.Module) -> tuple[nn.Linear, nn.Module]:
     return layer, body
 
 
-def row_basis(Wx: torch.Tensor) -> torch.Tensor:
-    """An orthonormal basis V (d x r) of the row space of ``Wx`` (width x d), no gradient."""
+def row_basis(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``U`` (width x r) and ``s`` (r) of ``Wx = U diag(s) V^T`` from the Gram matrix
+    ``Wx Wx^T`` (eigendecomposition in float64; directions with s^2 below RANK_RTOL of the
+    largest are dropped). No gradient."""
     with torch.no_grad():
-        W64 = Wx.detach().double()
-        s2, U = torch.linalg.eigh(W64 @ W64.T)
+        s2, U = torch.linalg.eigh(gram.detach().double())
         keep = s2 > RANK_RTOL * s2.max().clamp_min(torch.finfo(torch.float64).tiny)
-        s2, U = s2[keep], U[:, keep]
-        V = W64.T @ (U / s2.sqrt())
-    return V.to(Wx.dtype)
+        return U[:, keep].to(gram.dtype), s2[keep].sqrt().to(gram.dtype)
 
 
 class InputSubspace:
@@ -63,11 +63,15 @@ class InputSubspace:
         if layer.in_features != X.shape[1]:
             raise ValueError(f"the input layer takes {layer.in_features} inputs, the points have {X.shape[1]}")
         Wx = layer.weight[:, : self.d]
-        self.V = row_basis(Wx)
-        self.rank = self.V.shape[1]
+        # G = Wx Wx^T with the gradient of Wx @ V for V = Wx^T U / s held constant: then
+        # M = Wx V = G U / s, and V itself (d x r) is only formed when a gradient is asked for.
+        G = Wx @ Wx.detach().T  # (k, k): the only O(k^2 d) product
+        U, s = row_basis(G)
+        self.Wx, self.Us = Wx.detach(), U / s
+        self.rank = U.shape[1]
         self.width = self.rank + (1 if spec.time_dependent else 0)
         self.h0 = layer(X)  # (B, width of the layer): the unperturbed pre-activations
-        M = (Wx @ self.V) * spec.sigma_x  # (k, r): differentiable in Wx, V constant
+        M = (G @ self.Us) * spec.sigma_x  # (k, r): differentiable in Wx, V constant
         if spec.sigma_t is not None:
             M = torch.cat([M, layer.weight[:, self.d :] * spec.sigma_t], dim=1)
         self.M = M  # pre-activation change per unit of z
@@ -84,6 +88,11 @@ class InputSubspace:
             g = g.reshape(2, B, n)
             return g[0], g[1]
         return self.body((h + shift).reshape(B * n, -1)).reshape(B, n), None
+
+    @property
+    def V(self) -> torch.Tensor:
+        """The orthonormal basis (d x r) of the row space of Wx."""
+        return self.Wx.T @ self.Us
 
     def spatial(self, coords: torch.Tensor) -> torch.Tensor:
         """Gradient coordinates in the basis V as vectors in R^d."""
