@@ -80,6 +80,8 @@ BAD = [
      "pde advection needs ['grad'], which estimator.method=stein-subspace cannot give"),
     ("odd adversarial samples", CONFIG, ["train.adversarial.samples=33"], 1,
      "train.adversarial.samples=33 must be even for stein-antithetic"),
+    ("unknown recompute policy", CONFIG, ["estimator.recompute=sometimes"], 1,
+     "estimator.recompute='sometimes' must be auto, always or never"),
     ("missing config file", "configs/nope.yaml", [], 1, "--config configs/nope.yaml: no such file"),
     ("config not YAML", "README.md", [], 1, "--config README.md: expected a .yaml file"),
     ("unwritable run directory", CONFIG, ["run.dir=/proc/dstein-run"], 1,
@@ -109,7 +111,7 @@ AT_LOAD = {
     "odd antithetic chunk", "unknown method", "bf16 training", "unknown precision", "unknown device",
     "non-smooth activation", "zero width", "zero learning rate", "unknown nonfinite policy", "uncatchable signal",
     "unknown signal", "keep no checkpoint", "ZeRO 3", "missing config file", "config not YAML",
-    "odd adversarial samples",
+    "odd adversarial samples", "unknown recompute policy",
 }  # fmt: skip
 
 

@@ -121,3 +121,13 @@ def test_recompute_gives_the_same_estimates_and_gradients(method):
         results.append([loss.detach(), *torch.autograd.grad(loss, list(model.parameters()))])
     for a, b in zip(*results, strict=True):
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_auto_method_is_subspace_when_d_exceeds_the_width(root):
+    from dstein.config import load_config
+
+    def method(*overrides: str) -> str:
+        return load_config(root / "configs/quickstart.yaml", ["estimator.method=auto", *overrides]).estimator.method
+
+    assert method("pde.dim=200", "model.width=128") == "stein-subspace"
+    assert method("pde.dim=100", "model.width=128") == "stein-antithetic"
