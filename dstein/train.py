@@ -111,8 +111,10 @@ class Estimator:
         """Whether chunks are evaluated again in the backward pass (``estimator.recompute``)."""
         if self.recompute != "auto":
             return self.recompute == "always"
-        widths = sum(m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear))
-        kept = X.shape[0] * samples * (3 * widths + X.shape[1]) * X.element_size()  # activations, noise
+        layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        widths = sum(m.out_features for m in layers)
+        noise = X.shape[1] if self.method != "stein-subspace" else layers[0].out_features + 1
+        kept = X.shape[0] * samples * (3 * widths + noise) * X.element_size()  # activations, noise
         return kept > RECOMPUTE_ABOVE_BYTES
 
 
