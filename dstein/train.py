@@ -91,6 +91,7 @@ class Estimator:
         stream: int,
         samples: int | None = None,
         rows: tuple[int, int] | None = None,
+        cache: dict | None = None,
     ) -> Derivatives:
         samples = samples or self.samples
         if self.method in NETWORK_METHODS:
@@ -104,7 +105,7 @@ class Estimator:
         return estimate(
             model, X, method=self.method, needs=needs, samples=samples, sigma_x=self.sigma_x,
             sigma_t=self.sigma_t, seed=self.seed, step=step, stream=stream, chunk=chunk,
-            chunks=chunks, reduce=self.reduce, rows=rows, recompute=self.recomputes(model, X, mine),
+            chunks=chunks, reduce=self.reduce, rows=rows, recompute=self.recomputes(model, X, mine), cache=cache,
         )  # fmt: skip
 
     def recomputes(self, model: torch.nn.Module, X: torch.Tensor, samples: int) -> bool:
@@ -168,16 +169,18 @@ def loss_terms(
     summed over this point group's points and divided by the step's total count.
     ``samples``: for the domain points, instead of the estimator's."""
     dom = points["domain"]
+    cache: dict = {}  # the estimates of this loss share what depends only on the weights
     D = estimator(
-        model, dom.X, pde.needs, step=step, stream=stream_base + DOMAIN_STREAM, rows=dom.rows, samples=samples
-    )
+        model, dom.X, pde.needs, step=step, stream=stream_base + DOMAIN_STREAM, rows=dom.rows, samples=samples,
+        cache=cache,
+    )  # fmt: skip
     res = pde.residual(dom.X, D)
     terms = {"residual": (res * res).sum() / dom.total}
     for k, kind in enumerate(pde.conditions):
         batch = points[kind]
         u = estimator(
             model, batch.X, frozenset({"u"}), step=step, stream=stream_base + CONDITION_STREAM + k,
-            samples=estimator.condition_samples, rows=batch.rows,
+            samples=estimator.condition_samples, rows=batch.rows, cache=cache,
         ).require("u")  # fmt: skip
         diff = u - pde.condition_target(kind, batch.X)
         terms[kind] = (diff * diff).sum() / batch.total

@@ -95,6 +95,7 @@ def estimate(
     reduce: Reducer | None = None,
     rows: tuple[int, int] | None = None,
     recompute: bool = False,
+    cache: dict | None = None,
 ) -> Derivatives:
     """Derivatives of the model at points ``X`` (time, if any, in the last column).
 
@@ -104,7 +105,8 @@ def estimate(
     restricts the evaluation to some chunks and ``reduce`` sums the partial sums across
     ranks (the distributed trainer sets both). The result is differentiable with respect
     to the model's parameters. ``recompute`` trades a second forward pass per chunk in the
-    backward pass for a peak memory set by ``chunk`` alone.
+    backward pass for a peak memory set by ``chunk`` alone. ``cache``: a dict shared by the
+    estimates of ONE loss (one backward pass): stein-subspace computes its basis once.
     """
     needs = check_needs(needs)
     time_dependent = sigma_t is not None
@@ -130,4 +132,4 @@ def estimate(
         chunk=chunk,
     )
     check_precision(model, spec.sigma_x, needs)
-    return stein_estimate(model, X, spec, chunks=chunks, reduce=reduce, rows=rows, recompute=recompute)
+    return stein_estimate(model, X, spec, chunks=chunks, reduce=reduce, rows=rows, recompute=recompute, cache=cache)

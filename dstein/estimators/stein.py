@@ -276,17 +276,19 @@ def stein_estimate(
     reduce: Reducer | None = None,
     rows: tuple[int, int] | None = None,
     recompute: bool = False,
+    cache: dict | None = None,
 ) -> Derivatives:
     """Partial sums over ``chunks`` (all by default), summed by ``reduce``, then finalized.
 
-    ``spec.subspace``: in the row space of the model's linear input layer (subspace.py)."""
+    ``spec.subspace``: in the row space of the model's linear input layer (subspace.py);
+    ``cache`` (a dict that lives for one loss) lets estimates of that loss share the basis."""
     if "grad_sq" in spec.needs and spec.terms < 2:
         raise ValueError("grad_sq needs at least 2 samples (pairs) for its U-statistic")
     space: Space | None = None
     if spec.subspace:
         from dstein.estimators.subspace import InputSubspace
 
-        space = InputSubspace(model, X, spec)  # type: ignore[assignment]
+        space = InputSubspace(model, X, spec, cache)  # type: ignore[assignment]
     chunks = range(spec.num_chunks) if chunks is None else chunks
     sums = partial_sums(model, X, spec, chunks, rows, space=space, recompute=recompute)
     if reduce is not None:

@@ -56,7 +56,7 @@ def row_basis(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class InputSubspace:
     """The space of the subspace estimator, with the interface of ``stein.FullSpace``."""
 
-    def __init__(self, model: nn.Module, X: torch.Tensor, spec: SteinSpec):
+    def __init__(self, model: nn.Module, X: torch.Tensor, spec: SteinSpec, cache: dict | None = None):
         layer, self.body = split_model(model)
         self.X = X
         self.d = split_input(X, spec.time_dependent)
@@ -65,8 +65,13 @@ class InputSubspace:
         Wx = layer.weight[:, : self.d]
         # G = Wx Wx^T with the gradient of Wx @ V for V = Wx^T U / s held constant: then
         # M = Wx V = G U / s, and V itself (d x r) is only formed when a gradient is asked for.
-        G = Wx @ Wx.detach().T  # (k, k): the only O(k^2 d) product
-        U, s = row_basis(G)
+        if cache is not None and cache.get("weight") is layer.weight and cache.get("version") == layer.weight._version:
+            G, U, s = cache["basis"]  # computed for another set of points of the same loss
+        else:
+            G = Wx @ Wx.detach().T  # (k, k): the only O(k^2 d) product
+            U, s = row_basis(G)
+            if cache is not None:
+                cache.update(weight=layer.weight, version=layer.weight._version, basis=(G, U, s))
         self.Wx, self.Us = Wx.detach(), U / s
         self.rank = U.shape[1]
         self.width = self.rank + (1 if spec.time_dependent else 0)
