@@ -292,7 +292,8 @@ def suite_acceptance(args: argparse.Namespace) -> dict:
         "antithetic_d250_seconds_vs_reference_2.56": secs("stein-antithetic/d=250") / 2.56,
     }
     # JSON has no infinity: a ratio over a skipped run is null, its reason is in "runs"
-    return {"suite": "acceptance", "runs": run, "ratios": {k: v if v != float("inf") else None for k, v in ratios.items()}}
+    finite = {k: v if v != float("inf") else None for k, v in ratios.items()}
+    return {"suite": "acceptance", "runs": run, "ratios": finite}
 
 
 SUITES = {
