@@ -215,4 +215,4 @@ def test_too_many_ranks_for_the_chunks_is_refused(tmp_path):
     args = ["launch/train.py", "--config", "configs/quickstart.yaml", "estimator.samples=16", "estimator.chunk=16",
             "estimator.condition_samples=null", f"run.dir={tmp_path}"]  # fmt: skip
     for rc, _, err in wait_all(spawn_ranks(args, 2)):
-        assert rc == 2 and "1 noise chunks cannot be dealt to 2 ranks" in err, err[-2000:]
+        assert rc == 2 and "gives 1 noise chunks, fewer than the 2 ranks of a sample group" in err, err[-2000:]
