@@ -205,7 +205,6 @@ class Checkpointer:
         from dstein.faults import fault
 
         path = step_dir(self.root, done)
-        previous = self.latest()
         state = {
             **client,
             "step": done,
@@ -236,15 +235,15 @@ class Checkpointer:
             tmp.write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
             os.replace(tmp, path / MARKER)
 
-        self._together(clear if self.rank == 0 else None, path, previous)
-        self._together(write, path, previous)
-        self._together(commit if self.rank == 0 else None, path, previous)
+        self._together(clear if self.rank == 0 else None, path)
+        self._together(write, path)
+        self._together(commit if self.rank == 0 else None, path)
         if self.rank == 0:
             self.prune()
         _barrier()
         return path
 
-    def _together(self, work: Any, path: Path, previous: Path | None) -> None:
+    def _together(self, work: Any, path: Path) -> None:
         """Run this rank's part of a save; if it failed on any rank, clean up and stop all."""
         error = None
         if work is not None:
@@ -261,6 +260,7 @@ class Checkpointer:
             return
         if self.rank == 0:
             shutil.rmtree(path, ignore_errors=True)
+        previous = self.latest()  # the unfinished folder has no marker: never counted
         raise RunStopped(
             f"could not write checkpoint {path} ({failed[0]}); nothing was committed and the previous "
             f"complete checkpoint {previous if previous else '(none)'} is intact: free space or fix the "

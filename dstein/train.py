@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 import dstein
-from dstein.config import Config, to_yaml
+from dstein.config import Config, ConfigError, to_yaml
 from dstein.data import H5Collocation, read_test_set, validate
 from dstein.distributed import (
     DistInfo,
@@ -334,8 +334,6 @@ def build_estimator(config: Config, pde: PDE, info: DistInfo | None = None) -> E
         for samples in {est.samples, est.condition_samples or est.samples, attack or est.samples}:  # before any work
             chunk = estimator.chunk_for(samples)
             if num_chunks(samples, chunk) < size:
-                from dstein.config import ConfigError
-
                 raise ConfigError(
                     f"estimator.samples={samples} in chunks of {chunk} gives {num_chunks(samples, chunk)} noise "
                     f"chunks, fewer than the {size} ranks of a sample group (each needs one): lower "
@@ -363,7 +361,6 @@ def deepspeed_config(config: Config, world_size: int) -> dict[str, Any]:
 def check_estimator_fits(config: Config, pde: PDE, dtype: torch.dtype) -> None:
     """Refuse a method that cannot give what the PDE needs, and a precision too coarse for
     sigma_x (judged as on a GPU, so that a config behaves alike on every device)."""
-    from dstein.config import ConfigError
     from dstein.estimators import provides
     from dstein.estimators.stein import precision_problem
 
@@ -457,14 +454,21 @@ class GradientWatch:
     partitions, only some)."""
 
     def __init__(self, model: torch.nn.Module):
-        self.bad = False
+        self.finite: torch.Tensor | None = None  # no host sync per parameter: one after backward
         for p in model.parameters():
             if p.requires_grad:
                 p.register_hook(self._check)
 
     def _check(self, grad: torch.Tensor) -> None:
-        if not self.bad and not bool(torch.isfinite(grad).all()):
-            self.bad = True
+        ok = torch.isfinite(grad).all()
+        self.finite = ok if self.finite is None else self.finite & ok
+
+    def reset(self) -> None:
+        self.finite = None
+
+    @property
+    def bad(self) -> bool:
+        return self.finite is not None and not bool(self.finite)
 
 
 def _ranks_with(flag: bool, info: DistInfo) -> tuple[int, ...]:
@@ -502,7 +506,7 @@ def train_step(tr: Trainer, step: int) -> StepResult:
         return result
     if tr.watch is None:
         tr.watch = GradientWatch(tr.model)
-    tr.watch.bad = False
+    tr.watch.reset()
     # Stein estimates are sharded: each rank's backward gives its share of the gradient.
     # Network methods are computed whole by every rank of a sample group: count them once.
     shares = 1 if cfg.estimator.method in STEIN_METHODS else info.sample_group_size

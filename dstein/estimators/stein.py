@@ -248,9 +248,9 @@ def partial_sums(
     return sums
 
 
-def finalize(sums: dict[str, torch.Tensor], spec: SteinSpec, space: Space | None = None) -> Derivatives:
+def finalize(sums: dict[str, torch.Tensor], spec: SteinSpec, space: Space) -> Derivatives:
     """Turn summed terms (over ALL samples of the estimate) into derivatives; ``space`` maps
-    gradient coordinates to R^d (the subspace estimator's basis; identity by default)."""
+    gradient coordinates to R^d (the subspace estimator's basis; identity in full space)."""
     n = spec.terms
     sx, st = spec.sigma_x, spec.sigma_t
     out = Derivatives()
@@ -259,7 +259,7 @@ def finalize(sums: dict[str, torch.Tensor], spec: SteinSpec, space: Space | None
     if "u_t" in spec.needs:
         out.u_t = sums["time"] / (n * st)  # type: ignore[operator]
     if "grad" in spec.needs:
-        out.grad = sums["grad"] / (n * sx) if space is None else space.spatial(sums["grad"] / (n * sx))
+        out.grad = space.spatial(sums["grad"] / (n * sx))
     if "grad_sq" in spec.needs:
         total = sums["grad"]
         out.grad_sq = ((total * total).sum(-1) - sums["grad_norms"]) / (n * (n - 1) * sx * sx)
@@ -284,11 +284,9 @@ def stein_estimate(
     ``cache`` (a dict that lives for one loss) lets estimates of that loss share the basis."""
     if "grad_sq" in spec.needs and spec.terms < 2:
         raise ValueError("grad_sq needs at least 2 samples (pairs) for its U-statistic")
-    space: Space | None = None
-    if spec.subspace:
-        from dstein.estimators.subspace import InputSubspace
+    from dstein.estimators.subspace import InputSubspace
 
-        space = InputSubspace(model, X, spec, cache)  # type: ignore[assignment]
+    space: Space = InputSubspace(model, X, spec, cache) if spec.subspace else FullSpace(model, X, spec)  # type: ignore[assignment]
     chunks = range(spec.num_chunks) if chunks is None else chunks
     sums = partial_sums(model, X, spec, chunks, rows, space=space, recompute=recompute)
     if reduce is not None:
