@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import dstein
+from dstein.noise import counter_seed
 from dstein.pdes import REGISTRY, build_pde
 from dstein.pdes.hjb import HJB, cole_hopf, cole_hopf_radial
 
@@ -44,22 +45,54 @@ def test_exact_solution_has_zero_residual_and_matching_gradient(name, dim):
         assert torch.allclose(pde.condition_target(kind, Xc), pde.exact(Xc))
 
 
-def test_samplers_stay_on_their_sets():
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_samplers_stay_on_their_sets(dtype):
+    """Test points are drawn in float64, training points in float32 (``training_points``)."""
     gen = torch.Generator().manual_seed(1)
     poisson = build_pde("poisson", 4)
-    Xb = poisson.sample_condition("boundary", 500, gen)
+    Xb = poisson.training_points("boundary", 500, gen, dtype)
+    assert Xb.dtype == dtype
     assert ((Xb == 0) | (Xb == 1)).any(1).all() and (Xb >= 0).all() and (Xb <= 1).all()
     heat = build_pde("heat", 5, {"T": 2.0})
-    Xd = heat.sample_domain(500, gen)
+    Xd = heat.training_points("domain", 500, gen, dtype)
+    assert Xd.dtype == dtype
     assert (Xd[:, :-1].norm(dim=1) <= 1).all() and (Xd[:, -1] >= 0).all() and (Xd[:, -1] <= 2).all()
-    assert torch.allclose(
-        heat.sample_condition("boundary", 50, gen)[:, :-1].norm(dim=1), torch.ones(50, dtype=torch.float64)
-    )
-    assert (heat.sample_condition("initial", 50, gen)[:, -1] == 0).all()
+    norms = heat.training_points("boundary", 50, gen, dtype)[:, :-1].norm(dim=1)
+    assert torch.allclose(norms, torch.ones(50, dtype=dtype))
+    assert (heat.training_points("initial", 50, gen, dtype)[:, -1] == 0).all()
     hjb = build_pde("hjb", 6, {"mu": 1.0, "T": 1.0})
-    assert (hjb.sample_condition("terminal", 50, gen)[:, -1] == 1.0).all()
-    moved = hjb.project(torch.tensor([[0.0] * 6 + [1.7], [0.0] * 6 + [-0.2]], dtype=torch.float64))
+    XT = hjb.training_points("terminal", 50, gen, dtype)
+    assert XT.dtype == dtype and (XT[:, -1] == 1.0).all()
+    Xh = hjb.training_points("domain", 4000, gen, dtype)
+    assert abs(float(Xh[:, :-1].mean())) < 4 / math.sqrt(Xh[:, :-1].numel())  # N(0, 1) coordinates
+    assert abs(float(Xh[:, :-1].var()) - 1) < 4 * math.sqrt(2 / Xh[:, :-1].numel())
+    assert (Xh[:, -1] >= 0).all() and (Xh[:, -1] <= 1).all()
+    moved = hjb.project(torch.tensor([[0.0] * 6 + [1.7], [0.0] * 6 + [-0.2]], dtype=dtype))
     assert moved[:, -1].tolist() == [1.0, 0.0]
+
+
+def test_test_points_are_float64_and_a_sampler_without_dtype_still_trains():
+    """``sample_test`` keeps the float64 stream (test sets and their truths do not change);
+    a user sampler written without a ``dtype`` parameter is called as before and converted."""
+    from tests.user_pde import Reaction
+
+    class Legacy(Reaction):
+        def sample_domain(self, n, gen):
+            return torch.rand(n, self.dim, generator=gen, dtype=torch.float64)
+
+    hjb = build_pde("hjb", 6)
+    X = hjb.test_points(0, 10, seed=3)
+    assert X.dtype == torch.float64
+    gen = torch.Generator().manual_seed(counter_seed(3, 0, 0x54455354))
+    x, t = (
+        torch.randn(1024, 6, generator=gen, dtype=torch.float64),
+        torch.rand(1024, 1, generator=gen, dtype=torch.float64),
+    )
+    assert torch.equal(X, torch.cat([x, t], 1)[:10])
+    legacy = Legacy(3)
+    a = legacy.training_points("domain", 5, torch.Generator().manual_seed(0), torch.float32)
+    b = legacy.sample_domain(5, torch.Generator().manual_seed(0)).float()
+    assert a.dtype == torch.float32 and torch.equal(a, b)
 
 
 def test_ball_sampler_is_uniform_in_radius():

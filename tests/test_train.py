@@ -183,3 +183,21 @@ def test_config_without_schema_header_is_refused(tmp_path):
 
     with pytest.raises(ConfigError, match="defaults: \\[dstein, _self_\\]"):
         load_config(bad)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), None])
+def test_gradient_watch_flags_any_non_finite_entry(bad):
+    """The watch reads each local gradient once (min and max): one bad entry among many is seen."""
+    from dstein.train import GradientWatch
+
+    model = torch.nn.Linear(300, 7)
+    watch = GradientWatch(model)
+    weights = torch.randn(7, 300)
+    if bad is not None:
+        weights[3, 171] = bad
+    (model.weight * weights).sum().backward()
+    assert watch.bad == (bad is not None)
+    watch.reset()
+    model.zero_grad()
+    model.bias.sum().backward()  # a finite gradient after reset
+    assert not watch.bad

@@ -19,12 +19,12 @@ class Reaction(ExactPDE):
     def residual(self, X: torch.Tensor, D: Derivatives) -> torch.Tensor:
         return D.require("lap") - D.require("u")
 
-    def sample_domain(self, n, gen):
-        return torch.rand(n, self.dim, generator=gen, dtype=torch.float64)
+    def sample_domain(self, n, gen, dtype=torch.float64):
+        return torch.rand(n, self.dim, generator=gen, dtype=dtype)
 
-    def sample_condition(self, kind, n, gen):
-        X = torch.rand(n, self.dim, generator=gen, dtype=torch.float64)
-        X[:, 0] = torch.randint(2, (n,), generator=gen).to(torch.float64)
+    def sample_condition(self, kind, n, gen, dtype=torch.float64):
+        X = torch.rand(n, self.dim, generator=gen, dtype=dtype)
+        X[:, 0] = torch.randint(2, (n,), generator=gen).to(dtype)
         return X
 
     def condition_target(self, kind, X):

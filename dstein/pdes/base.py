@@ -8,6 +8,8 @@ asks it for test points with the exact solution and its spatial gradient.
 from __future__ import annotations
 
 import abc
+import functools
+import inspect
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -59,12 +61,26 @@ class PDE(abc.ABC):
         """PDE residual at domain points (zero for the exact solution), shape (B,)."""
 
     @abc.abstractmethod
-    def sample_domain(self, n: int, gen: torch.Generator) -> torch.Tensor:
-        """Interior collocation points, float64, shape (n, in_dim)."""
+    def sample_domain(self, n: int, gen: torch.Generator, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """Interior points, shape (n, in_dim), drawn in ``dtype`` (training asks for float32,
+        test points are float64)."""
 
     @abc.abstractmethod
-    def sample_condition(self, kind: str, n: int, gen: torch.Generator) -> torch.Tensor:
-        """Points of one condition set, float64."""
+    def sample_condition(
+        self, kind: str, n: int, gen: torch.Generator, dtype: torch.dtype = torch.float64
+    ) -> torch.Tensor:
+        """Points of one condition set, drawn in ``dtype``."""
+
+    def training_points(self, kind: str, n: int, gen: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
+        """``n`` points of ``kind`` (``domain`` or a condition) in ``dtype``.
+
+        A sampler without a ``dtype`` parameter (written before it existed) draws in float64
+        and the points are converted: the same training, with the slower draw.
+        """
+        sampler = self.sample_domain if kind == "domain" else functools.partial(self.sample_condition, kind)
+        if "dtype" in inspect.signature(sampler).parameters:
+            return sampler(n, gen, dtype=dtype)
+        return sampler(n, gen).to(dtype)
 
     @abc.abstractmethod
     def condition_target(self, kind: str, X: torch.Tensor) -> torch.Tensor:
@@ -146,14 +162,16 @@ class ExactPDE(PDE):
         return TestSet(X=X, u=self.exact(X), grad=self.exact_grad(X))
 
 
-def uniform_ball(n: int, d: int, gen: torch.Generator, radius: float = 1.0) -> torch.Tensor:
+def uniform_ball(
+    n: int, d: int, gen: torch.Generator, radius: float = 1.0, dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
     """Points uniform in the d-ball: a uniform direction times radius U^(1/d)."""
-    z = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    z = torch.randn(n, d, generator=gen, dtype=dtype)
     z = z / z.norm(dim=1, keepdim=True)
-    r = torch.rand(n, 1, generator=gen, dtype=torch.float64) ** (1.0 / d)
+    r = torch.rand(n, 1, generator=gen, dtype=dtype) ** (1.0 / d)
     return radius * r * z
 
 
-def uniform_sphere(n: int, d: int, gen: torch.Generator) -> torch.Tensor:
-    z = torch.randn(n, d, generator=gen, dtype=torch.float64)
+def uniform_sphere(n: int, d: int, gen: torch.Generator, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    z = torch.randn(n, d, generator=gen, dtype=dtype)
     return z / z.norm(dim=1, keepdim=True)

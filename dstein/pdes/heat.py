@@ -30,16 +30,18 @@ class Heat(ExactPDE):
     def residual(self, X: torch.Tensor, D: Derivatives) -> torch.Tensor:
         return D.require("u_t") - D.require("lap")
 
-    def _times(self, n: int, gen: torch.Generator) -> torch.Tensor:
-        return self.T * torch.rand(n, 1, generator=gen, dtype=torch.float64)
+    def _times(self, n: int, gen: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
+        return self.T * torch.rand(n, 1, generator=gen, dtype=dtype)
 
-    def sample_domain(self, n: int, gen: torch.Generator) -> torch.Tensor:
-        return torch.cat([uniform_ball(n, self.dim, gen), self._times(n, gen)], 1)
+    def sample_domain(self, n: int, gen: torch.Generator, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        return torch.cat([uniform_ball(n, self.dim, gen, dtype=dtype), self._times(n, gen, dtype)], 1)
 
-    def sample_condition(self, kind: str, n: int, gen: torch.Generator) -> torch.Tensor:
+    def sample_condition(
+        self, kind: str, n: int, gen: torch.Generator, dtype: torch.dtype = torch.float64
+    ) -> torch.Tensor:
         if kind == "initial":
-            return torch.cat([uniform_ball(n, self.dim, gen), torch.zeros(n, 1, dtype=torch.float64)], 1)
-        return torch.cat([uniform_sphere(n, self.dim, gen), self._times(n, gen)], 1)
+            return torch.cat([uniform_ball(n, self.dim, gen, dtype=dtype), torch.zeros(n, 1, dtype=dtype)], 1)
+        return torch.cat([uniform_sphere(n, self.dim, gen, dtype=dtype), self._times(n, gen, dtype)], 1)
 
     def condition_target(self, kind: str, X: torch.Tensor) -> torch.Tensor:
         return self.exact(X)

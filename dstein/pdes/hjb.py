@@ -94,14 +94,19 @@ class HJB(PDE):
     def residual(self, X: torch.Tensor, D: Derivatives) -> torch.Tensor:
         return D.require("u_t") + D.require("lap") - self.mu * D.require("grad_sq")
 
-    def sample_domain(self, n: int, gen: torch.Generator) -> torch.Tensor:
-        x = torch.randn(n, self.dim, generator=gen, dtype=torch.float64)
-        t = self.T * torch.rand(n, 1, generator=gen, dtype=torch.float64)
-        return torch.cat([x, t], 1)
+    def sample_domain(self, n: int, gen: torch.Generator, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        X = torch.empty(n, self.in_dim, dtype=dtype)
+        X[:, :-1] = torch.randn(n, self.dim, generator=gen, dtype=dtype)
+        X[:, -1] = self.T * torch.rand(n, generator=gen, dtype=dtype)
+        return X
 
-    def sample_condition(self, kind: str, n: int, gen: torch.Generator) -> torch.Tensor:
-        x = torch.randn(n, self.dim, generator=gen, dtype=torch.float64)
-        return torch.cat([x, torch.full((n, 1), self.T, dtype=torch.float64)], 1)
+    def sample_condition(
+        self, kind: str, n: int, gen: torch.Generator, dtype: torch.dtype = torch.float64
+    ) -> torch.Tensor:
+        X = torch.empty(n, self.in_dim, dtype=dtype)
+        X[:, :-1] = torch.randn(n, self.dim, generator=gen, dtype=dtype)
+        X[:, -1] = self.T
+        return X
 
     def condition_target(self, kind: str, X: torch.Tensor) -> torch.Tensor:
         return terminal(X[:, :-1])

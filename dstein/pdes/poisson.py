@@ -17,14 +17,16 @@ class Poisson(ExactPDE):
     def residual(self, X: torch.Tensor, D: Derivatives) -> torch.Tensor:
         return D.require("lap") + torch.sin(X.sum(1))
 
-    def sample_domain(self, n: int, gen: torch.Generator) -> torch.Tensor:
-        return torch.rand(n, self.dim, generator=gen, dtype=torch.float64)
+    def sample_domain(self, n: int, gen: torch.Generator, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        return torch.rand(n, self.dim, generator=gen, dtype=dtype)
 
-    def sample_condition(self, kind: str, n: int, gen: torch.Generator) -> torch.Tensor:
+    def sample_condition(
+        self, kind: str, n: int, gen: torch.Generator, dtype: torch.dtype = torch.float64
+    ) -> torch.Tensor:
         # A uniform point of the cube with one uniformly chosen coordinate pinned to 0 or 1.
-        X = torch.rand(n, self.dim, generator=gen, dtype=torch.float64)
+        X = torch.rand(n, self.dim, generator=gen, dtype=dtype)
         face = torch.randint(self.dim, (n,), generator=gen)
-        side = torch.randint(2, (n,), generator=gen).to(torch.float64)
+        side = torch.randint(2, (n,), generator=gen).to(dtype)
         X[torch.arange(n), face] = side
         return X
 
