@@ -17,6 +17,12 @@ Suites:
   acceptance  the ratios of issue 6 from one run: subspace vs autograd and antithetic at
            d = 10,000; subspace at d = 100,000 vs 1000; memory at 32768 vs 1024 samples;
            antithetic at d = 250 vs the original code's 2.56 s per step (REFERENCE.md).
+  gpu      on --device (cuda): every method's derivatives there in float32 against CPU
+           float64 on a small case (HJB d = 20, width 32; Monte Carlo methods: 16 repeats
+           on each side, largest z-score of the difference of means; autograd: relative
+           error), then HJB training steps with stein-subspace at d = 10^4, 10^5, 10^6
+           (width 128, depth 4, 50 + 50 points, 1024 samples; --dims to change) and, at
+           the first of --dims, with the other methods. launch/gpu_check.sh runs it on a lent GPU.
 
 Memory on a CPU: the process's resident set before the first step and its peak over the
 steps; step_memory_mb is their difference (what the steps add). On CUDA: peak allocated.
@@ -243,6 +249,77 @@ def time_steps(args: argparse.Namespace, name: str, overrides: list[str]) -> dic
     return {"overrides": overrides, **record}
 
 
+def device_agreement(device: str, repeats: int = 16, samples: int = 4096) -> dict:
+    """Every method's derivatives on ``device`` (float32) against the CPU in float64, small case.
+
+    Monte Carlo methods draw other noise on another device, so the check is statistical:
+    ``repeats`` estimates with different seeds on each side, and the largest
+    |mean_device - mean_cpu| / sqrt(se_device^2 + se_cpu^2 + (1e-5 scale)^2) over points and
+    quantities (a z-score; about 4 is the largest expected over the ~1000 comparisons, 6 is
+    the pass mark). autograd is deterministic: the largest error relative to each quantity's
+    scale (float32: about 1e-6)."""
+    import torch
+
+    import dstein
+    from dstein.estimators import METHODS
+    from dstein.models import MLP
+
+    torch.manual_seed(0)
+    d, sigma_x, sigma_t = 20, 0.05, 0.05
+    ref = MLP(d + 1, 32, 3).double()
+    X = torch.cat([torch.randn(16, d, dtype=torch.float64), torch.rand(16, 1, dtype=torch.float64)], 1)
+    on_device = (MLP(d + 1, 32, 3).to(device), X.float().to(device))
+    on_device[0].load_state_dict({k: v.float() for k, v in ref.state_dict().items()})
+    needs = ("u", "u_t", "grad", "grad_sq", "lap")
+    out = {}
+    for method in METHODS:
+        runs = 1 if method == "autograd" else repeats
+        probes = 64 if method == "hutchinson" else samples
+
+        def draws(model, points, seed0, method=method, runs=runs, probes=probes):
+            kw = {} if method == "autograd" else {"samples": probes, "sigma_x": sigma_x}
+            est = [dstein.estimate(model, points, method=method, needs=needs, sigma_t=sigma_t, seed=seed0 + r, **kw)
+                   for r in range(runs)]  # fmt: skip
+            return {q: torch.stack([getattr(e, q).detach().double().cpu() for e in est]) for q in needs}
+
+        cpu, dev = draws(ref, X, 0), draws(*on_device, 1000)
+        worst = 0.0
+        for q in needs:
+            scale = cpu[q].abs().max().item() + 1e-12
+            if runs == 1:
+                worst = max(worst, ((dev[q] - cpu[q]).abs().max() / scale).item())
+                continue
+            se2 = cpu[q].var(0) / runs + dev[q].var(0) / runs + (1e-5 * scale) ** 2
+            worst = max(worst, ((dev[q].mean(0) - cpu[q].mean(0)).abs() / se2.sqrt()).max().item())
+        key = "max_relative_error" if runs == 1 else "max_z"
+        limit = 1e-4 if runs == 1 else 6.0
+        out[method] = {key: worst, "ok": worst < limit, "repeats": runs, "samples": None if runs == 1 else probes}
+        print(f"agreement {method}: {key} = {worst:.3g}", file=sys.stderr, flush=True)
+    return out
+
+
+def suite_gpu(args: argparse.Namespace) -> dict:
+    """Device agreement, then training steps per second on the device (see the module doc)."""
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--suite gpu: CUDA is not available here (use --device cpu for a dry run)")
+    args.memory_limit_gb = 0.0  # an address-space limit breaks CUDA's reservations
+    agreement = device_agreement(args.device)
+    device = [f"run.device={args.device}"]
+    runs = {}
+    for dim in args.dims:
+        name = f"stein-subspace/d={dim}"
+        runs[name] = time_steps(args, f"gpu-sub-{dim}", [*step_overrides("stein-subspace", dim, 1024), *device])
+    dim = args.dims[0]  # the other methods at the first d (10,000 by default)
+    for method in ("autograd", "hutchinson", "stein-antithetic"):
+        runs[f"{method}/d={dim}"] = time_steps(args, f"gpu-{method}", [*step_overrides(method, dim, 1024), *device])
+    for record in runs.values():
+        if "median_step_seconds" in record:
+            record["steps_per_second"] = 1 / record["median_step_seconds"]
+    return {"suite": "gpu", "device": args.device, "agreement": agreement, "samples": 1024, "runs": runs}
+
+
 def suite_methods(args: argparse.Namespace) -> dict:
     """Seconds per step and memory versus d for every method (2048 samples; hutchinson: 64 probes)."""
     runs = {}
@@ -297,8 +374,8 @@ def suite_acceptance(args: argparse.Namespace) -> dict:
 
 
 SUITES = {
-    "acceptance": suite_acceptance, "data": suite_data, "methods": suite_methods, "samples": suite_samples,
-    "scaling": suite_scaling,
+    "acceptance": suite_acceptance, "data": suite_data, "gpu": suite_gpu, "methods": suite_methods,
+    "samples": suite_samples, "scaling": suite_scaling,
 }  # fmt: skip
 
 
@@ -322,7 +399,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=3, help="timed steps")
     parser.add_argument("--tmp", default="/tmp/dstein-bench", help="scratch folder")
     parser.add_argument("--data-steps", type=int, default=40, help="data suite: steps of d = 10,000 points to write")
-    parser.add_argument("--dims", type=int, nargs="+", default=[100, 1000, 10000, 100000], help="methods suite: d")
+    parser.add_argument(
+        "--dims",
+        type=int,
+        nargs="+",
+        default=None,
+        help="methods suite: d (default 100 1000 10000 100000); gpu suite: 10000 100000 1000000",
+    )
+    parser.add_argument("--device", default="cuda", help="gpu suite: the device to check and time (cpu: dry run)")
     parser.add_argument("--max-step-seconds", type=float, default=60.0,
                         help="skip a configuration whose first step takes longer (0: never)")  # fmt: skip
     parser.add_argument("--memory-limit-gb", type=float, default=16.0,
@@ -337,6 +421,8 @@ def main(argv: list[str] | None = None) -> int:
         exit_process(0)
     if not args.suite:
         parser.error("--suite is required")
+    if args.dims is None:
+        args.dims = [10000, 100000, 1000000] if args.suite == "gpu" else [100, 1000, 10000, 100000]
     result = {"machine": machine(), **SUITES[args.suite](args)}
     out = Path(args.out or f"bench-{args.suite}.json")
     out.write_text(json.dumps(result, indent=2) + "\n")
