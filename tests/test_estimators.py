@@ -129,6 +129,44 @@ def test_forward_over_reverse_laplacian_equals_the_loop():
     assert torch.allclose(fast, slow, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("method", ["autograd", "hutchinson"])
+def test_blocked_hessian_forms_equal_the_kept_graph(monkeypatch, method):
+    """Above RECOMPUTE_TANGENT_BYTES the Hessian-vector products are taken in blocks recomputed
+    in the backward pass: same Laplacian, same parameter and input gradients (float64)."""
+    import dstein.estimators.autograd as ag
+    from dstein.models import MLP
+
+    torch.manual_seed(4)
+    model, X0 = MLP(41, 16, 3).double(), points(40, True, n=6)
+
+    def run():
+        model.zero_grad()
+        X = X0.clone().requires_grad_(True)  # as in the adversarial steps
+        D = dstein.estimate(model, X, method=method, needs={"u", "lap", "grad_sq"}, sigma_t=1.0, samples=24, seed=3)
+        (D.lap.square().sum() + D.grad_sq.sum()).backward()
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in model.parameters()]
+        return D.lap.detach(), grads, X.grad.clone()
+
+    lap, param_grads, x_grad = run()
+    monkeypatch.setattr(ag, "RECOMPUTE_TANGENT_BYTES", 6 * 41 * 7 * 8)  # blocks of 7 probes: 6 or 4 blocks
+    blocked = []
+    monkeypatch.setattr(ag._RecomputedForms, "apply", _counting(ag._RecomputedForms.apply, blocked))
+    lap_b, param_grads_b, x_grad_b = run()
+    assert len(blocked) == (6 if method == "autograd" else 4)
+    assert torch.allclose(lap_b, lap, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(x_grad_b, x_grad, rtol=1e-10, atol=1e-12)
+    for a, b in zip(param_grads_b, param_grads, strict=True):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def _counting(fn, calls):
+    def wrapper(*args):
+        calls.append(1)
+        return fn(*args)
+
+    return wrapper
+
+
 @pytest.mark.parametrize("method", ["stein", "stein-antithetic"])
 def test_grad_sq_unbiased_where_squared_mean_is_not(method):
     """d = 50, 256 samples: the U-statistic passes; squaring the mean gradient is biased."""

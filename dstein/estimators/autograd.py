@@ -4,7 +4,8 @@
   ``LOOP_MAX_DIM`` dimensions it comes from forward-over-reverse products ``H e_i``
   (``torch.func.jvp`` of the input gradient, vmapped over the basis vectors and the points),
   below that from one reverse pass per dimension, whichever measured faster here
-  (docs/benchmarks.md: d = 250, width 128, 50 points: 1.2 s vs 6.3 s per step).
+  (docs/benchmarks.md: d = 250, width 128, 50 points: 1.2 s vs 6.3 s per step); at large d
+  in blocks recomputed in the backward pass, so that its memory stays bounded.
 - ``hutchinson``: the randomized-PINN family (SDGD / Hutchinson trace estimation): the
   Laplacian is estimated as the mean of ``v' H v`` over ``samples`` Rademacher probes ``v``,
   each one forward-over-reverse product; value, time derivative and gradient stay exact.
@@ -22,6 +23,8 @@ from dstein.noise import counter_seed
 LOOP_MAX_DIM = 16
 #: Elements per vmapped block of Hessian-vector products (bounds memory at large d).
 HVP_BLOCK_ELEMENTS = 1 << 24
+#: Probe tangents (B x probes x in_dim) above this are taken in blocks recomputed in backward.
+RECOMPUTE_TANGENT_BYTES = 1 << 30
 
 
 def _input_gradient(model: torch.nn.Module, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -31,10 +34,11 @@ def _input_gradient(model: torch.nn.Module, X: torch.Tensor) -> tuple[torch.Tens
     return Xg, u, first
 
 
-def _hvp_quadratic_forms(model: torch.nn.Module, X: torch.Tensor, probes: torch.Tensor) -> torch.Tensor:
-    """``sum_j probes[b, j]' H_b probes[b, j]`` per point b, H_b the input Hessian of the model at
-    ``X[b]``, by forward-over-reverse products; differentiable w.r.t. parameters and X."""
-    params: dict[str, torch.Tensor] = dict(model.named_parameters())
+def _forms(
+    model: torch.nn.Module, params: dict[str, torch.Tensor], X: torch.Tensor, probes: torch.Tensor
+) -> torch.Tensor:
+    """``sum_j probes[b, j]' H_b probes[b, j]`` per point b (H_b: the input Hessian of the model
+    at ``X[b]``) by forward-over-reverse products, vmapped in blocks of HVP_BLOCK_ELEMENTS."""
 
     def value(x: torch.Tensor) -> torch.Tensor:
         return functional_call(model, params, (x.unsqueeze(0),)).reshape(())
@@ -50,6 +54,55 @@ def _hvp_quadratic_forms(model: torch.nn.Module, X: torch.Tensor, probes: torch.
         return vmap(form, chunk_size=min(chunk, vs.shape[0]))(vs).sum()
 
     return vmap(per_point)(X, probes)
+
+
+class _RecomputedForms(torch.autograd.Function):
+    """``_forms`` of one block of probes whose graph is rebuilt in the backward pass.
+
+    Keeping the graph of every block costs the probes' tangents through the first layer,
+    B x probes x in_dim numbers (20 GB in float32 for the exact Laplacian at d = 10,000 and 50
+    points). torch.utils.checkpoint cannot wrap torch.func transforms (saved-tensor hooks),
+    hence this Function: forward without a graph, backward recomputes the block and
+    differentiates it. First derivatives only (enough for training and adversarial steps).
+    """
+
+    @staticmethod
+    def forward(ctx, model, names, X, probes, *params):  # type: ignore[override]
+        ctx.model, ctx.names = model, names
+        ctx.save_for_backward(X, probes, *params)
+        return _forms(model, dict(zip(names, params, strict=True)), X, probes)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        X, probes, *params = ctx.saved_tensors
+        with torch.enable_grad():
+            Xd = X.detach().requires_grad_(ctx.needs_input_grad[2])
+            ps = [p.detach().requires_grad_(need) for p, need in zip(params, ctx.needs_input_grad[4:], strict=True)]
+            forms = _forms(ctx.model, dict(zip(ctx.names, ps, strict=True)), Xd, probes)
+            wanted = [t for t in (Xd, *ps) if t.requires_grad]
+            grads = iter(torch.autograd.grad(forms, wanted, grad_out, allow_unused=True))
+        return (None, None, next(grads) if Xd.requires_grad else None, None,
+                *(next(grads) if p.requires_grad else None for p in ps))  # fmt: skip
+
+
+def _hvp_quadratic_forms(model: torch.nn.Module, X: torch.Tensor, probes: torch.Tensor) -> torch.Tensor:
+    """``sum_j probes[b, j]' H_b probes[b, j]`` per point b, H_b the input Hessian of the model at
+    ``X[b]``, by forward-over-reverse products; differentiable w.r.t. parameters and X.
+
+    When the probes' tangents would exceed RECOMPUTE_TANGENT_BYTES they are taken in blocks
+    whose graphs are recomputed in the backward pass (``_RecomputedForms``): memory of one
+    block. Measured with the parameter gradient, width 128, depth 4, 50 points, d = 1000,
+    8 blocks forced: 1.2x to 1.45x the time, 0.55 vs 1.29 GB peak; d = 10,000 (19 blocks),
+    which the kept graph cannot hold in 16 GB: 2.3 GB."""
+    params: dict[str, torch.Tensor] = dict(model.named_parameters())
+    if probes.numel() * probes.element_size() <= RECOMPUTE_TANGENT_BYTES:
+        return _forms(model, params, X, probes)
+    names, tensors = tuple(params), tuple(params.values())
+    block = max(1, RECOMPUTE_TANGENT_BYTES // (X.shape[0] * X.shape[1] * probes.element_size()))
+    return sum(
+        _RecomputedForms.apply(model, names, X, probes[:, start : start + block], *tensors)
+        for start in range(0, probes.shape[1], block)
+    )
 
 
 def autograd_estimate(
