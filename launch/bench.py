@@ -9,7 +9,7 @@ Suites:
            samples, width 128, depth 4, 50 + 50 points) on 1 rank and on 2 ranks, one thread
            per rank, CPU gloo; reports seconds per step (median) and the speed-up.
   methods  seconds per HJB training step and memory versus d (--dims, default 100 ... 100,000)
-           for autograd, hutchinson (64 probes), stein-antithetic and stein-subspace (2048
+           for autograd, hutchinson (64 probes), stein-antithetic and stein-subspace (--methods; 2048
            samples; width 128, depth 4, 50 + 50 points, no adversarial steps). A
            configuration whose first step exceeds --max-step-seconds (60) or whose process
            exceeds --memory-limit-gb (16) is recorded as skipped, with the reason.
@@ -324,7 +324,7 @@ def suite_methods(args: argparse.Namespace) -> dict:
     """Seconds per step and memory versus d for every method (2048 samples; hutchinson: 64 probes)."""
     runs = {}
     for dim in args.dims:
-        for method in METHODS:
+        for method in args.methods:
             runs[f"{method}/d={dim}"] = time_steps(args, f"methods-{method}-{dim}", step_overrides(method, dim, 2048))
     return {"suite": "methods", "samples": 2048, "hutchinson_probes": HUTCHINSON_PROBES, "runs": runs}
 
@@ -406,6 +406,7 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="methods suite: d (default 100 1000 10000 100000); gpu suite: 10000 100000 1000000",
     )
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="methods suite: methods")
     parser.add_argument("--device", default="cuda", help="gpu suite: the device to check and time (cpu: dry run)")
     parser.add_argument("--max-step-seconds", type=float, default=60.0,
                         help="skip a configuration whose first step takes longer (0: never)")  # fmt: skip
