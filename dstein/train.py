@@ -78,6 +78,8 @@ class Estimator:
     recompute: str = "never"
     chunks_for: Callable[[int], range] | None = None
     reduce: Reducer | None = None
+    shards: int = 1
+    """Ranks that share the samples of an estimate (its sample group), 1 when unsharded."""
 
     def chunk_for(self, samples: int) -> int:
         """The configured chunk for the training samples, else the default for ``samples``."""
@@ -170,14 +172,20 @@ def loss_terms(
 ) -> dict[str, torch.Tensor]:
     """Squared PDE residual (``residual``) and condition misfits (one per condition), each
     summed over this point group's points and divided by the step's total count.
-    ``samples``: for the domain points, instead of the estimator's."""
+    ``samples``: for the domain points, instead of the estimator's.
+
+    Differentiated with respect to the points (adversarial steps) on the ranks of a sample
+    group, each rank's gradient through the sharded estimates is its share, while the
+    residual's and the targets' own dependence on the points is computed whole on every
+    rank: that path enters with weight 1 / shards, so that the sum over the group counts it
+    once (values are unchanged)."""
     dom = points["domain"]
     cache: dict = {}  # the estimates of this loss share what depends only on the weights
     D = estimator(
         model, dom.X, pde.needs, step=step, stream=stream_base + DOMAIN_STREAM, rows=dom.rows, samples=samples,
         cache=cache,
     )  # fmt: skip
-    res = pde.residual(dom.X, D)
+    res = pde.residual(_direct(dom.X, estimator.shards), D)
     terms = {"residual": (res * res).sum() / dom.total}
     for k, kind in enumerate(pde.conditions):
         batch = points[kind]
@@ -185,9 +193,16 @@ def loss_terms(
             model, batch.X, frozenset({"u"}), step=step, stream=stream_base + CONDITION_STREAM + k,
             samples=estimator.condition_samples, rows=batch.rows, cache=cache,
         ).require("u")  # fmt: skip
-        diff = u - pde.condition_target(kind, batch.X)
+        diff = u - pde.condition_target(kind, _direct(batch.X, estimator.shards))
         terms[kind] = (diff * diff).sum() / batch.total
     return terms
+
+
+def _direct(X: torch.Tensor, shards: int) -> torch.Tensor:
+    """``X`` with its gradient scaled by 1 / shards (the same values)."""
+    if shards == 1 or not X.requires_grad:
+        return X
+    return X.detach() + (X - X.detach()) / shards
 
 
 def total_loss(terms: dict[str, torch.Tensor], condition_weight: float) -> torch.Tensor:
@@ -333,6 +348,7 @@ def build_estimator(config: Config, pde: PDE, info: DistInfo | None = None) -> E
         rank, size = info.sample_rank, info.sample_group_size
         estimator.chunks_for = lambda n: deal_chunks(n, rank, size)
         estimator.reduce = sum_partial_sums(info.sample_group)
+        estimator.shards = size
         attack = config.train.adversarial.samples if config.train.adversarial.steps else None
         for samples in {est.samples, est.condition_samples or est.samples, attack or est.samples}:  # before any work
             chunk = estimator.chunk_for(samples)

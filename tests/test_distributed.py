@@ -74,6 +74,11 @@ def test_gradient_equals_single_process_gradient(reference, tmp_path, case, worl
     rel = float((got["grad"] - ref["grad"]).norm() / ref["grad"].norm())
     assert rel <= 1e-10, rel
     assert abs(float(got["loss"] - ref["loss"])) <= 1e-10 * abs(float(ref["loss"]))
+    # the gradient with respect to the points (adversarial steps take its sign): the direct
+    # dependence of residual and targets on the points counts once, not once per rank
+    for kind, (g, start) in got["point_grad"].items():
+        want = ref["point_grad"][kind][0][start : start + g.shape[0]]
+        assert float((g - want).norm() / want.norm()) <= 1e-10, kind
 
 
 # --- launchers: the same config gives the same losses under every launcher ---------------

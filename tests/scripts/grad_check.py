@@ -3,7 +3,9 @@
 Usage: grad_check.py OUT.pt CONFIG [overrides...]. Uses the trainer's own pieces (points,
 sharded estimator, loss terms, adversarial moves) in float64; each rank back-propagates its
 local loss and the shares are summed across all ranks, which is what DeepSpeed's gradient
-averaging of ``world_size * L_p`` amounts to (MATH.md section 4).
+averaging of ``world_size * L_p`` amounts to (MATH.md section 4). Also saves rank 0's
+gradient of the loss with respect to its points, summed over its sample group (what the
+adversarial steps take the sign of), with the row where its points start.
 """
 
 import sys
@@ -25,6 +27,12 @@ pde = build_pde(cfg.pde.name, cfg.pde.dim, dict(cfg.pde.params))
 estimator = build_estimator(cfg, pde, info)
 model = build_model(cfg, pde, torch.float64, torch.device("cpu"))
 points = collocation(pde, cfg, 3, torch.float64, torch.device("cpu"), info.point_group, info.num_point_groups)
+# the gradient of the loss with respect to the points, summed over the sample group, as the
+# adversarial steps use it (before its sign is taken)
+moving = {k: b.X.detach().requires_grad_(True) for k, b in points.items()}
+attack = loss_terms(model, pde, estimator, {k: points[k].with_points(X) for k, X in moving.items()}, 3)
+point_grads = torch.autograd.grad(total_loss(attack, cfg.train.condition_weight), list(moving.values()))
+point_grad = {k: (sum_values(g, info.sample_group), points[k].start) for k, g in zip(moving, point_grads, strict=True)}
 if cfg.train.adversarial.steps:
     points = adversarial_points(model, pde, estimator, points, cfg, 3, info.sample_group)
 terms = loss_terms(model, pde, estimator, points, 3)
@@ -33,5 +41,5 @@ grads = torch.autograd.grad(loss, list(model.parameters()))
 flat = sum_values(torch.cat([g.reshape(-1) for g in grads]))
 loss_total = sum_values(loss.detach().reshape(1)) / info.sample_group_size
 if info.rank == 0:
-    torch.save({"grad": flat, "loss": loss_total, "world": info.world_size}, out)
+    torch.save({"grad": flat, "loss": loss_total, "world": info.world_size, "point_grad": point_grad}, out)
 exit_process(0)
