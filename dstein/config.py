@@ -115,9 +115,10 @@ class EstimatorConfig:
     recompute: str = "auto"
     """always: keep no chunk's activations for the backward pass but evaluate the chunk again
     there (its noise regenerated from its seed): peak memory set by estimator.chunk, not by
-    estimator.samples, for about 1.5x the step time; never: keep them; auto: always when
-    the kept activations would exceed 2 GiB per rank (estimated from the batch, the samples
-    and the model's layer widths)."""
+    estimator.samples, for 1.5x to 4x the step time; never: keep them; auto: always when
+    the kept activations of an estimate would exceed a quarter of the rank's memory (the
+    CUDA device's, or the node's available memory shared by its ranks; estimated from the
+    batch, the samples and the model's layer widths)."""
 
     def __post_init__(self) -> None:
         _check(

@@ -15,7 +15,9 @@ its data-parallel ranks, so each rank back-propagates ``world_size * L_p``.
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -54,8 +56,36 @@ POINTS_STREAM = 7
 # caller wants another type (the HDF5 writer stores them as float64, same values): drawing
 # 10^7 normals in float64 costs four times as much (250 vs 60 ms, HJB d = 100,000, 100 points).
 POINTS_DTYPE = torch.float32
-# estimator.recompute=auto recomputes chunks when the kept activations would exceed this.
-RECOMPUTE_ABOVE_BYTES = 2 * 2**30
+# estimator.recompute=auto recomputes chunks when the kept activations of one estimate would
+# exceed this share of the memory a rank has (the device's on CUDA; on a CPU the available
+# memory shared by the node's ranks). Recomputing costs 1.5x to 4x the step time on this
+# CPU (docs/benchmarks.md, samples suite), so memory that is there is used.
+RECOMPUTE_MEMORY_SHARE = 0.25
+
+
+@functools.cache
+def rank_memory_bytes(device: torch.device) -> int:
+    """Memory one rank may count on: the CUDA device's total, or the node's available memory
+    divided by its ranks (LOCAL_WORLD_SIZE)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        with open("/proc/meminfo") as fh:
+            fields = dict(line.split(":", 1) for line in fh)
+        available = int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        pass
+    return available // _ranks_on_this_node()
+
+
+def _ranks_on_this_node() -> int:
+    """The launcher's count of ranks on this node (torchrun/deepspeed, mpirun, srun), else 1."""
+    for key in ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "SLURM_STEP_TASKS_PER_NODE"):
+        digits = os.environ.get(key, "").split("(")[0].split(",")[0]  # srun writes e.g. "4(x2)"
+        if digits.isdigit() and int(digits) > 0:
+            return int(digits)
+    return 1
 # Test points are evaluated in blocks of this size; a block's noise is keyed by its index.
 EVAL_BLOCK = 64
 
@@ -122,7 +152,7 @@ class Estimator:
         widths = sum(m.out_features for m in layers)
         noise = X.shape[1] if self.method != "stein-subspace" else layers[0].out_features + 1
         kept = X.shape[0] * samples * (3 * widths + noise) * X.element_size()  # activations, noise
-        return kept > RECOMPUTE_ABOVE_BYTES
+        return kept > RECOMPUTE_MEMORY_SHARE * rank_memory_bytes(X.device)
 
 
 def lr_factor(step: int, total: int) -> float:

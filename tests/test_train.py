@@ -201,3 +201,36 @@ def test_gradient_watch_flags_any_non_finite_entry(bad):
     model.zero_grad()
     model.bias.sum().backward()  # a finite gradient after reset
     assert not watch.bad
+
+
+def test_recompute_auto_follows_the_memory_a_rank_has(monkeypatch):
+    """estimator.recompute=auto recomputes chunks only when an estimate's kept activations
+    exceed a quarter of the rank's memory; always/never are not affected by it."""
+    import dstein.train as train
+
+    est = train.Estimator(method="stein-antithetic", samples=256, sigma_x=0.1, sigma_t=0.1, seed=0, recompute="auto")
+    model = torch.nn.Sequential(torch.nn.Linear(11, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
+    X = torch.zeros(50, 11)
+    kept = 50 * 256 * (3 * 33 + 11) * 4  # the estimate of Estimator.recomputes
+    for memory, expected in ((4 * kept + 4, False), (4 * kept - 4, True)):
+        monkeypatch.setattr(train, "rank_memory_bytes", lambda device, m=memory: m)
+        assert est.recomputes(model, X, 256) is expected
+        for policy in ("always", "never"):
+            assert train.Estimator(**{**est.__dict__, "recompute": policy}).recomputes(model, X, 256) is (
+                policy == "always"
+            )
+
+
+@pytest.mark.parametrize(
+    "env, ranks",
+    [({}, 1), ({"LOCAL_WORLD_SIZE": "4"}, 4), ({"OMPI_COMM_WORLD_LOCAL_SIZE": "3"}, 3),
+     ({"SLURM_STEP_TASKS_PER_NODE": "8(x2)"}, 8), ({"SLURM_STEP_TASKS_PER_NODE": "2,1"}, 2)],
+)  # fmt: skip
+def test_ranks_on_this_node_from_each_launcher(monkeypatch, env, ranks):
+    from dstein.train import _ranks_on_this_node
+
+    for key in ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "SLURM_STEP_TASKS_PER_NODE"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert _ranks_on_this_node() == ranks
