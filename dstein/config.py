@@ -116,7 +116,7 @@ class EstimatorConfig:
     """always: keep no chunk's activations for the backward pass but evaluate the chunk again
     there (its noise regenerated from its seed): peak memory set by estimator.chunk, not by
     estimator.samples, for 1.5x to 4x the step time; never: keep them; auto: always when
-    the kept activations of an estimate would exceed a quarter of the rank's memory (the
+    the kept activations of an estimate would exceed 15% of the rank's memory (the
     CUDA device's, or the node's available memory shared by its ranks; estimated from the
     batch, the samples and the model's layer widths)."""
 

@@ -58,9 +58,12 @@ POINTS_STREAM = 7
 POINTS_DTYPE = torch.float32
 # estimator.recompute=auto recomputes chunks when the kept activations of one estimate would
 # exceed this share of the memory a rank has (the device's on CUDA; on a CPU the available
-# memory shared by the node's ranks). Recomputing costs 1.5x to 4x the step time on this
-# CPU (docs/benchmarks.md, samples suite), so memory that is there is used.
-RECOMPUTE_MEMORY_SHARE = 0.25
+# memory shared by the node's ranks). A loss holds one estimate per point set (domain and
+# each condition), and the estimate below was 1.2x short of the measured memory (HJB
+# d = 10,000, antithetic, 2048 samples: 4.7 GB estimated per estimate, 11.5 GB for both).
+# Recomputing costs 1.6x to 4x the step time on this CPU (docs/benchmarks.md), so memory
+# that is there is used.
+RECOMPUTE_MEMORY_SHARE = 0.15
 
 
 @functools.cache
@@ -86,6 +89,8 @@ def _ranks_on_this_node() -> int:
         if digits.isdigit() and int(digits) > 0:
             return int(digits)
     return 1
+
+
 # Test points are evaluated in blocks of this size; a block's noise is keyed by its index.
 EVAL_BLOCK = 64
 

@@ -205,14 +205,15 @@ def test_gradient_watch_flags_any_non_finite_entry(bad):
 
 def test_recompute_auto_follows_the_memory_a_rank_has(monkeypatch):
     """estimator.recompute=auto recomputes chunks only when an estimate's kept activations
-    exceed a quarter of the rank's memory; always/never are not affected by it."""
+    exceed RECOMPUTE_MEMORY_SHARE of the rank's memory; always/never are not affected by it."""
     import dstein.train as train
 
     est = train.Estimator(method="stein-antithetic", samples=256, sigma_x=0.1, sigma_t=0.1, seed=0, recompute="auto")
     model = torch.nn.Sequential(torch.nn.Linear(11, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
     X = torch.zeros(50, 11)
     kept = 50 * 256 * (3 * 33 + 11) * 4  # the estimate of Estimator.recomputes
-    for memory, expected in ((4 * kept + 4, False), (4 * kept - 4, True)):
+    share = train.RECOMPUTE_MEMORY_SHARE
+    for memory, expected in ((int(kept / share) + 16, False), (int(kept / share) - 16, True)):
         monkeypatch.setattr(train, "rank_memory_bytes", lambda device, m=memory: m)
         assert est.recomputes(model, X, 256) is expected
         for policy in ("always", "never"):
