@@ -69,7 +69,7 @@ RECOMPUTE_MEMORY_SHARE = 0.15
 @functools.cache
 def rank_memory_bytes(device: torch.device) -> int:
     """Memory one rank may count on: the CUDA device's total, or the node's available memory
-    divided by its ranks (LOCAL_WORLD_SIZE)."""
+    divided by its ranks (``_ranks_on_this_node``)."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
     available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -567,7 +567,7 @@ def train_step(tr: Trainer, step: int) -> StepResult:
     tr.watch.reset()
     # Stein estimates are sharded: each rank's backward gives its share of the gradient.
     # Network methods are computed whole by every rank of a sample group: count them once.
-    shares = 1 if cfg.estimator.method in STEIN_METHODS else info.sample_group_size
+    shares = info.sample_group_size // tr.estimator.shards  # ranks holding the same full gradient
     tr.engine.backward(loss * (info.world_size / shares))
     ranks = _ranks_with(tr.watch.bad, info)
     if ranks:
