@@ -181,6 +181,7 @@ class Resume:
     step: int = 0
     path: Path | None = None
     messages: list[str] = field(default_factory=list)
+    seconds: float = 0.0  # training time before this start, so metrics' clock runs on across resumes
 
 
 class Checkpointer:
@@ -362,7 +363,7 @@ class Checkpointer:
                     f"written by {marker['world_size']} rank{'s' if marker['world_size'] != 1 else ''})"]  # fmt: skip
         if changes:
             messages.append("continuing with changed settings: " + "; ".join(changes))
-        return Resume(step=step, path=path, messages=messages)
+        return Resume(step=step, path=path, messages=messages, seconds=float(client.get("train_seconds", 0.0)))
 
 
 class Preemption:

@@ -601,9 +601,9 @@ def skip_or_stop(
         metrics.write({"step": done, "skipped": result.fault, "ranks": list(result.ranks)})
 
 
-def client_state(tr: Trainer, done: int) -> dict[str, Any]:
+def client_state(tr: Trainer, done: int, seconds: float) -> dict[str, Any]:
     """What a checkpoint holds besides DeepSpeed's model and optimizer state."""
-    return {"data_cursor": tr.reader.cursor(done) if tr.reader is not None else None}
+    return {"data_cursor": tr.reader.cursor(done) if tr.reader is not None else None, "train_seconds": seconds}
 
 
 def run(config: Config, info: DistInfo | None = None) -> dict[str, Any]:
@@ -646,13 +646,14 @@ def _train(config: Config, info: DistInfo, notes: list[str]) -> dict[str, Any]:
     progress = Progress(cfg.train.steps, enabled=writer, every=cfg.train.print_every, initial=first)
     preemption = Preemption(cfg.checkpoint.signal)
     start = time.perf_counter()
+    before = resumed.seconds  # training time of earlier starts: `seconds` in metrics is the run's total
     errors: dict[str, float] = {}
     skips = 0
     try:
         for step in range(first, cfg.train.steps):
             result = train_step(tr, step)
             terms, done = result.terms, step + 1
-            seconds = time.perf_counter() - start
+            session = time.perf_counter() - start
             new_errors = None
             if result.fault:
                 skips += 1
@@ -661,16 +662,16 @@ def _train(config: Config, info: DistInfo, notes: list[str]) -> dict[str, Any]:
                 skips = 0
                 if done % cfg.train.log_every == 0 or done == cfg.train.steps or step == first:
                     lr = cfg.train.lr * lr_factor(step, cfg.train.steps)
-                    metrics.write({"step": done, **terms, "lr": lr, "seconds": seconds})
-                    scalars.add(done, {**terms, "lr": lr, "steps_per_second": (done - first) / seconds}, "train")
+                    metrics.write({"step": done, **terms, "lr": lr, "seconds": before + session})
+                    scalars.add(done, {**terms, "lr": lr, "steps_per_second": (done - first) / session}, "train")
             if done % cfg.eval.every == 0 or done == cfg.train.steps:
                 errors = new_errors = evaluate(tr)
-                metrics.write({"step": done, **errors, "seconds": time.perf_counter() - start})
+                metrics.write({"step": done, **errors, "seconds": before + time.perf_counter() - start})
                 scalars.add(done, errors, "eval")
             progress.update(done, terms, new_errors)
             stop = preemption.agreed()
             if checkpoints.due(done) or stop:
-                path = checkpoints.save(tr.engine, done, client_state(tr, done))
+                path = checkpoints.save(tr.engine, done, client_state(tr, done, before + time.perf_counter() - start))
             if stop:
                 progress.close()
                 raise Preempted(done, path, preemption.received or "a signal on another rank")
@@ -691,7 +692,8 @@ def _train(config: Config, info: DistInfo, notes: list[str]) -> dict[str, Any]:
     summary = {
         **errors,
         "steps": cfg.train.steps,
-        "wall_seconds": wall,
+        "wall_seconds": wall,  # this start only
+        "train_seconds": before + wall,  # all starts of the run together
         "world_size": tr.info.world_size,
         "sample_group_size": tr.info.sample_group_size,
         "method": cfg.estimator.method,

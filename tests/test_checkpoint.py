@@ -83,7 +83,7 @@ def params(run_dir: Path) -> dict[str, torch.Tensor]:
 
 def summary(run_dir: Path) -> dict:
     out = json.loads((run_dir / "summary.json").read_text())
-    out.pop("wall_seconds")
+    out.pop("wall_seconds"), out.pop("train_seconds")
     return out
 
 
@@ -110,6 +110,11 @@ def test_preempted_and_resumed_run_is_bit_exact(tmp_path, straight, world):
     a, b = params(tmp_path), params(straight[world])
     assert all(torch.equal(a[k], b[k]) for k in b)
     assert summary(tmp_path) == summary(straight[world])
+    # The training clock runs on across the restart instead of starting again from 0.
+    clock = [r["seconds"] for r in read_metrics(tmp_path / "metrics.jsonl")]
+    assert clock == sorted(clock), clock
+    done = json.loads((tmp_path / "summary.json").read_text())
+    assert done["train_seconds"] > done["wall_seconds"] and done["train_seconds"] >= clock[-1]
 
 
 def test_kill_during_a_save_resumes_from_the_previous_checkpoint(tmp_path, straight):

@@ -41,7 +41,7 @@ def submit(script: str, run_root: Path) -> str:
 
 def summary(run_dir: Path) -> dict:
     out = json.loads((run_dir / "summary.json").read_text())
-    out.pop("wall_seconds")
+    out.pop("wall_seconds"), out.pop("train_seconds")
     return out
 
 
