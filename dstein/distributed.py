@@ -135,6 +135,16 @@ def detect_launch(env: dict[str, str] | None = None) -> Launch:
     return Launch("python", 0, 1, 0)
 
 
+def ranks_on_this_node(env: dict[str, str] | None = None) -> int:
+    """The launcher's count of ranks on this node (torchrun/deepspeed, mpirun, srun), else 1."""
+    env = dict(os.environ if env is None else env)
+    for key in ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "SLURM_STEP_TASKS_PER_NODE"):
+        digits = env.get(key, "").split("(")[0].split(",")[0]  # srun writes e.g. "4(x2)"
+        if digits.isdigit() and int(digits) > 0:
+            return int(digits)
+    return 1
+
+
 def check_layout(launch: Launch, expected_world: int, sample_group_size: int | None) -> int:
     """The sample-group size for this world, or a clear error naming the options."""
     world = launch.world_size

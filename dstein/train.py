@@ -35,6 +35,7 @@ from dstein.distributed import (
     DistributedError,
     describe_failure,
     init_distributed,
+    ranks_on_this_node,
     sum_partial_sums,
     sum_values,
 )
@@ -69,7 +70,7 @@ RECOMPUTE_MEMORY_SHARE = 0.15
 @functools.cache
 def rank_memory_bytes(device: torch.device) -> int:
     """Memory one rank may count on: the CUDA device's total, or the node's available memory
-    divided by its ranks (``_ranks_on_this_node``)."""
+    divided by its ranks (``ranks_on_this_node``)."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
     available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -79,16 +80,7 @@ def rank_memory_bytes(device: torch.device) -> int:
         available = int(fields["MemAvailable"].split()[0]) * 1024
     except (OSError, KeyError, ValueError):
         pass
-    return available // _ranks_on_this_node()
-
-
-def _ranks_on_this_node() -> int:
-    """The launcher's count of ranks on this node (torchrun/deepspeed, mpirun, srun), else 1."""
-    for key in ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "SLURM_STEP_TASKS_PER_NODE"):
-        digits = os.environ.get(key, "").split("(")[0].split(",")[0]  # srun writes e.g. "4(x2)"
-        if digits.isdigit() and int(digits) > 0:
-            return int(digits)
-    return 1
+    return available // ranks_on_this_node()
 
 
 # Test points are evaluated in blocks of this size; a block's noise is keyed by its index.
@@ -646,14 +638,16 @@ def _train(config: Config, info: DistInfo, notes: list[str]) -> dict[str, Any]:
     progress = Progress(cfg.train.steps, enabled=writer, every=cfg.train.print_every, initial=first)
     preemption = Preemption(cfg.checkpoint.signal)
     start = time.perf_counter()
-    before = resumed.seconds  # training time of earlier starts: `seconds` in metrics is the run's total
+
+    def clock() -> float:  # training time of all starts: `seconds` in metrics runs on across resumes
+        return resumed.seconds + time.perf_counter() - start
+
     errors: dict[str, float] = {}
     skips = 0
     try:
         for step in range(first, cfg.train.steps):
             result = train_step(tr, step)
             terms, done = result.terms, step + 1
-            session = time.perf_counter() - start
             new_errors = None
             if result.fault:
                 skips += 1
@@ -662,16 +656,18 @@ def _train(config: Config, info: DistInfo, notes: list[str]) -> dict[str, Any]:
                 skips = 0
                 if done % cfg.train.log_every == 0 or done == cfg.train.steps or step == first:
                     lr = cfg.train.lr * lr_factor(step, cfg.train.steps)
-                    metrics.write({"step": done, **terms, "lr": lr, "seconds": before + session})
-                    scalars.add(done, {**terms, "lr": lr, "steps_per_second": (done - first) / session}, "train")
+                    seconds = clock()
+                    metrics.write({"step": done, **terms, "lr": lr, "seconds": seconds})
+                    rate = (done - first) / (seconds - resumed.seconds)  # of this start
+                    scalars.add(done, {**terms, "lr": lr, "steps_per_second": rate}, "train")
             if done % cfg.eval.every == 0 or done == cfg.train.steps:
                 errors = new_errors = evaluate(tr)
-                metrics.write({"step": done, **errors, "seconds": before + time.perf_counter() - start})
+                metrics.write({"step": done, **errors, "seconds": clock()})
                 scalars.add(done, errors, "eval")
             progress.update(done, terms, new_errors)
             stop = preemption.agreed()
             if checkpoints.due(done) or stop:
-                path = checkpoints.save(tr.engine, done, client_state(tr, done, before + time.perf_counter() - start))
+                path = checkpoints.save(tr.engine, done, client_state(tr, done, clock()))
             if stop:
                 progress.close()
                 raise Preempted(done, path, preemption.received or "a signal on another rank")
@@ -693,7 +689,7 @@ def _train(config: Config, info: DistInfo, notes: list[str]) -> dict[str, Any]:
         **errors,
         "steps": cfg.train.steps,
         "wall_seconds": wall,  # this start only
-        "train_seconds": before + wall,  # all starts of the run together
+        "train_seconds": resumed.seconds + wall,  # all starts of the run together
         "world_size": tr.info.world_size,
         "sample_group_size": tr.info.sample_group_size,
         "method": cfg.estimator.method,

@@ -227,11 +227,7 @@ def test_recompute_auto_follows_the_memory_a_rank_has(monkeypatch):
     [({}, 1), ({"LOCAL_WORLD_SIZE": "4"}, 4), ({"OMPI_COMM_WORLD_LOCAL_SIZE": "3"}, 3),
      ({"SLURM_STEP_TASKS_PER_NODE": "8(x2)"}, 8), ({"SLURM_STEP_TASKS_PER_NODE": "2,1"}, 2)],
 )  # fmt: skip
-def test_ranks_on_this_node_from_each_launcher(monkeypatch, env, ranks):
-    from dstein.train import _ranks_on_this_node
+def test_ranks_on_this_node_from_each_launcher(env, ranks):
+    from dstein.distributed import ranks_on_this_node
 
-    for key in ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "SLURM_STEP_TASKS_PER_NODE"):
-        monkeypatch.delenv(key, raising=False)
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    assert _ranks_on_this_node() == ranks
+    assert ranks_on_this_node(env) == ranks
