@@ -24,8 +24,9 @@ data cursor are saved as well, the cursor to check that the data file reads on a
 
 Preemption: SIGTERM and ``checkpoint.signal`` (SIGUSR1) only set a flag (saving inside a
 handler can deadlock a collective). Once per step the ranks agree on the flag with one
-all-reduce; then every rank saves at the step boundary and the run raises ``Preempted``,
-which ``launch/train.py`` turns into exit status 4 for the batch script to requeue.
+all-reduce; then every rank saves at the step boundary and the run raises
+``errors.Preempted``, which ``launch/train.py`` turns into exit status 4 for the batch script
+to requeue.
 """
 
 from __future__ import annotations
@@ -42,17 +43,18 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 import dstein
 from dstein.config import Config, ConfigError, load_resolved, to_yaml
-from dstein.distributed import from_rank0
+from dstein.distributed import barrier, from_rank0, gather_objects, max_values
+from dstein.errors import RunStopped
+from dstein.faults import fault
+from dstein.files import write_text_atomic
 
 MARKER = "COMMITTED"
 PREFIX = "step-"
 RNG_DIR = "rng"
 CONFIG_FILE = "config.yaml"
-PREEMPTED_EXIT = 4
 
 # Settings that define the function being trained or the layout of the saved state: a
 # checkpoint written under other values cannot be continued. Everything else (steps,
@@ -65,21 +67,6 @@ FIXED = (
 
 class CheckpointError(ConfigError):
     """A checkpoint cannot be used as asked; the message says which and why."""
-
-
-class RunStopped(Exception):
-    """The run stopped on a fault (non-finite values, a failed write) without touching the
-    last complete checkpoint; the message says what happened and where that checkpoint is."""
-
-    exit_status = 5
-
-
-class Preempted(Exception):
-    """Raised on every rank after the preemption checkpoint is committed."""
-
-    def __init__(self, step: int, path: Path, signal_name: str):
-        super().__init__(f"preempted by {signal_name} after step {step}: checkpoint {path}")
-        self.step, self.path, self.signal_name = step, path, signal_name
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -169,11 +156,6 @@ def _fsync_tree(path: Path) -> None:
             os.close(fd)
 
 
-def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-
-
 @dataclass
 class Resume:
     """What ``Checkpointer.resume`` did: the step to continue from and what to tell the user."""
@@ -203,8 +185,6 @@ class Checkpointer:
         A write that fails on any rank (disk full, permissions) raises ``RunStopped`` on every
         rank, after the unfinished folder is removed; earlier complete folders are untouched.
         """
-        from dstein.faults import fault
-
         path = step_dir(self.root, done)
         state = {
             **client,
@@ -232,16 +212,14 @@ class Checkpointer:
             _fsync_tree(path)
             marker = {key: state[key] for key in ("step", "world_size", "config_digest", "dstein_version")}
             marker["time"] = time.time()
-            tmp = path / (MARKER + ".tmp")
-            tmp.write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
-            os.replace(tmp, path / MARKER)
+            write_text_atomic(path / MARKER, json.dumps(marker, indent=2, sort_keys=True) + "\n")
 
         self._together(clear if self.rank == 0 else None, path)
         self._together(write, path)
         self._together(commit if self.rank == 0 else None, path)
         if self.rank == 0:
             self.prune()
-        _barrier()
+        barrier()
         return path
 
     def _together(self, work: Any, path: Path) -> None:
@@ -252,11 +230,7 @@ class Checkpointer:
                 work()
             except OSError as err:
                 error = f"rank {self.rank}: {err}"
-        errors = [error]
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            errors = [None] * dist.get_world_size()
-            dist.all_gather_object(errors, error)
-        failed = [e for e in errors if e]
+        failed = [e for e in gather_objects(error) if e]
         if not failed:
             return
         if self.rank == 0:
@@ -382,12 +356,7 @@ class Preemption:
 
     def agreed(self, group: Any = None) -> bool:
         """True on every rank once any rank has received a signal."""
-        flag = torch.tensor([1.0 if self.received else 0.0])
-        if dist.is_initialized() and dist.get_world_size(group) > 1:
-            if dist.get_backend(group) == "nccl":
-                flag = flag.cuda()
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-        return bool(flag.item() > 0)
+        return bool(max_values(torch.tensor([1.0 if self.received else 0.0]), group).item() > 0)
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():

@@ -17,13 +17,10 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from dstein.errors import ConfigError
 from dstein.estimators import METHODS, PAIRED_METHODS
 
 SCHEMA_NAME = "dstein"
-
-
-class ConfigError(ValueError):
-    """A user-facing configuration problem; the message is one line, ready to print."""
 
 
 def _check(condition: bool, message: str) -> None:

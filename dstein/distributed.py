@@ -14,8 +14,12 @@ short, configurable timeout, and DeepSpeed adopts it.
 
 The rank grid (MATH.md section 4): ranks ``p*S .. p*S+S-1`` form sample group ``p`` (``S`` =
 ``parallel.sample_group_size``). A sample group evaluates the same points, each rank its own
-noise chunks; the partial Stein sums are summed inside the group (``sum_partial_sums``,
-forward all-reduce, identity backward). Point groups split the points of a step.
+noise chunks (how they share the samples: ``dstein/estimators/sharded.py``). Point groups
+split the points of a step.
+
+The collectives below are the only ones dstein calls itself (DeepSpeed has its own): named
+for what they compute, no-ops in one process, and a failure of any of them is a
+``PeerLost`` (``collective_failure`` tells such failures from other errors).
 """
 
 from __future__ import annotations
@@ -24,18 +28,17 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-
-
-class DistributedError(RuntimeError):
-    """A problem with the process layout or a lost peer; the message is for the user."""
+from dstein.errors import DistributedError, PeerLost
 
 
 @dataclass(frozen=True)
@@ -86,7 +89,8 @@ class DistInfo:
         return self.rank % self.sample_group_size
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this host now (for a rendezvous on loopback or this node)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -122,7 +126,7 @@ def detect_launch(env: dict[str, str] | None = None) -> Launch:
         rank, size = comm.Get_rank(), comm.Get_size()
         local = int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", env.get("MPI_LOCALRANKID", "0")))
         addr = env.get("MASTER_ADDR") or (socket.gethostname() if size > 1 else "127.0.0.1")
-        port = int(env["MASTER_PORT"]) if "MASTER_PORT" in env else (_free_port() if rank == 0 else 0)
+        port = int(env["MASTER_PORT"]) if "MASTER_PORT" in env else (free_port() if rank == 0 else 0)
         addr, port = comm.bcast((addr, port) if rank == 0 else None, root=0)
         return Launch("mpirun", rank, size, local, addr, port)
     if "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env:
@@ -235,74 +239,112 @@ def lost_ranks(info: DistInfo) -> list[int]:
     ]
 
 
-def describe_failure(info: DistInfo, err: BaseException, timeout_s: float) -> str:
+#: Where a collective's failure surfaces: torch.distributed and DeepSpeed's communication
+#: code (gloo raises a plain RuntimeError there; NCCL a torch.distributed.DistError).
+_COMMUNICATION_CODE = (
+    str(Path(dist.__file__).parent),
+    *(os.sep + os.path.join("deepspeed", part) + os.sep for part in ("comm", "runtime")),
+)
+
+
+def collective_failure(err: BaseException) -> bool:
+    """Whether ``err`` is a failed collective (a lost or stuck peer) rather than this rank's
+    own error: a ``torch.distributed.DistError``, or a RuntimeError raised inside the
+    communication code. Memory exhaustion never counts (it is this rank's)."""
+    if isinstance(err, torch.OutOfMemoryError) or not isinstance(err, RuntimeError):
+        return False
+    if isinstance(err, dist.DistError):
+        return True
+    tb, innermost = err.__traceback__, ""
+    while tb is not None:
+        innermost, tb = tb.tb_frame.f_code.co_filename, tb.tb_next
+    return any(part in innermost for part in _COMMUNICATION_CODE)
+
+
+def peer_lost(info: DistInfo, err: BaseException, timeout_s: float) -> PeerLost:
+    """The error to stop with after a failed collective, naming what can be known of the peer."""
     gone = lost_ranks(info)
     who = f"rank {', '.join(map(str, gone))} is gone" if gone else "a peer rank died or stopped answering"
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return (
+    return PeerLost(
         f"rank {info.rank}: a collective failed: {who} (collective timeout {timeout_s:g}s, "
         f"parallel.timeout_s); stopping. Cause: {first}"
     )
 
 
-class _AllReduceSum(torch.autograd.Function):
-    """Sum across a group in the forward pass; identity in the backward pass.
-
-    Every rank of the group computes the same loss from the summed estimates, so each
-    already holds the full dL/d(sum); its local backward then yields its own share of the
-    parameter gradient (MATH.md section 4).
-    """
-
-    @staticmethod
-    def forward(ctx, tensor: torch.Tensor, group: Any) -> torch.Tensor:
-        out = tensor.clone()
-        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return grad, None
+@contextmanager
+def stop_on_lost_peer(info: DistInfo, timeout_s: float) -> Iterator[None]:
+    """Turn a failed collective inside the block into ``PeerLost`` (with more than one rank)."""
+    try:
+        yield
+    except RuntimeError as err:
+        if info.world_size > 1 and collective_failure(err):
+            raise peer_lost(info, err, timeout_s) from err
+        raise
 
 
-def all_reduce_sum(tensor: torch.Tensor, group: Any = None) -> torch.Tensor:
-    """Differentiable sum over a group (identity backward); a no-op without peers."""
-    if not dist.is_initialized() or dist.get_world_size(group) == 1:
-        return tensor
-    return _AllReduceSum.apply(tensor, group)
+# ----- collectives: no-ops in one process -------------------------------------------------
 
 
-def sum_partial_sums(group: Any):
-    """A reducer for Stein partial sums: one all-reduce of all of them, packed together."""
+def _spread(group: Any = None) -> bool:
+    """Whether a collective over ``group`` involves other processes."""
+    return dist.is_initialized() and dist.get_world_size(group) > 1
 
-    def reduce(sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        keys = sorted(sums)
-        shapes = [sums[k].shape for k in keys]
-        flat = all_reduce_sum(torch.cat([sums[k].reshape(-1) for k in keys]), group)
-        out, at = {}, 0
-        for k, shape in zip(keys, shapes, strict=True):
-            n = shape.numel()
-            out[k] = flat[at : at + n].reshape(shape)
-            at += n
-        return out
 
-    return reduce
+def this_rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _on_backend(tensor: torch.Tensor, group: Any) -> torch.Tensor:
+    """``tensor`` where the group's backend can reduce it (NCCL: the current CUDA device)."""
+    if dist.get_backend(group) == "nccl" and not tensor.is_cuda:
+        return tensor.cuda()
+    return tensor
+
+
+def sum_in_place(tensor: torch.Tensor, group: Any = None) -> torch.Tensor:
+    """Sum ``tensor`` across ``group`` in place (the tensor itself, for autograd functions)."""
+    if _spread(group):
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+    return tensor
 
 
 def sum_values(values: torch.Tensor, group: Any = None) -> torch.Tensor:
     """Non-differentiable sum across a group (metrics, flags)."""
+    return sum_in_place(values.detach().clone(), group)
+
+
+def max_values(values: torch.Tensor, group: Any = None) -> torch.Tensor:
+    """Non-differentiable maximum across a group (flags that any rank may raise)."""
     values = values.detach().clone()
-    if dist.is_initialized() and dist.get_world_size(group) > 1:
-        dist.all_reduce(values, op=dist.ReduceOp.SUM, group=group)
+    if _spread(group):
+        on = _on_backend(values, group)
+        dist.all_reduce(on, op=dist.ReduceOp.MAX, group=group)
+        values = on.to(values.device)
     return values
 
 
 def from_rank0(value: Any) -> Any:
     """Rank 0's ``value`` on every rank (a picklable object; decisions rank 0 takes alone)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    if not _spread():
         return value
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def gather_objects(value: Any) -> list[Any]:
+    """Every rank's ``value``, in rank order, on every rank (picklable objects)."""
+    if not _spread():
+        return [value]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+def barrier() -> None:
+    if _spread():
+        dist.barrier()
 
 
 def exit_process(status: int, barrier: bool = True) -> None:
@@ -313,7 +355,7 @@ def exit_process(status: int, barrier: bool = True) -> None:
     after all work is done; with everything written and flushed, skipping the teardown is
     safe. Without a process group this is a plain exit.
     """
-    if dist.is_initialized() and barrier and dist.get_world_size() > 1:
+    if barrier and _spread():
         dist.barrier()
     sys.stdout.flush()
     sys.stderr.flush()

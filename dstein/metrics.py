@@ -1,15 +1,17 @@
-"""Errors against ground truth, and the run directory's metrics.jsonl / summary.json."""
+"""Errors against ground truth, and what rank 0 writes while training: metrics.jsonl,
+progress lines or bar, TensorBoard scalars."""
 
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any, TextIO
 
 import torch
+
+from dstein.files import write_text_atomic
 
 
 def error_sums(u: torch.Tensor, grad: torch.Tensor, u_true: torch.Tensor, grad_true: torch.Tensor) -> torch.Tensor:
@@ -41,17 +43,6 @@ def relative_errors(
     return errors_from_sums(error_sums(u, grad, u_true, grad_true))
 
 
-def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    """Write JSON under a temporary name and rename it: readers never see half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
-        json.dump(payload, fh, indent=2, sort_keys=True)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 class MetricsLog:
     """Appends one JSON object per line to ``metrics.jsonl`` (only the writing rank opens it).
 
@@ -65,9 +56,7 @@ class MetricsLog:
         self._fh = None
         if enabled:
             keep = [row for row in read_metrics(path) if row.get("step", 0) <= after] if after and path.exists() else []
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(json.dumps(row, sort_keys=True) + "\n" for row in keep))
-            os.replace(tmp, path)
+            write_text_atomic(path, "".join(json.dumps(row, sort_keys=True) + "\n" for row in keep))
             self._fh = open(path, "a")  # noqa: SIM115 - held open for the run
 
     def write(self, row: dict[str, Any]) -> None:

@@ -6,7 +6,9 @@ the same numbers whichever rank evaluates it and however many ranks there are (M
 section 4). A rank only decides *which* chunks it evaluates; it never re-draws them.
 
 Streams separate independent uses within one step (domain points, each condition, the
-evaluation passes), so that adding a condition does not shift the noise of another.
+evaluation passes), so that adding a condition does not shift the noise of another. Every
+random draw of dstein is keyed by counters that name its use; ``Streams`` is the one list
+of them.
 """
 
 from __future__ import annotations
@@ -14,6 +16,43 @@ from __future__ import annotations
 import torch
 
 _MASK64 = (1 << 64) - 1
+
+
+class Streams:
+    """The counters that name each random draw (changing one changes every run's numbers).
+
+    Noise of the estimators, ``counter_seed(seed, step, stream, chunk)``:
+    ``DOMAIN`` (the residual's points), ``CONDITION + k`` (condition set k), ``ATTACK + 10 j
+    + (0: domain, 1 + k: condition k)`` (adversarial step j); the evaluation's noise is
+    ``counter_seed(seed, EVAL, block)``, the residual histogram's estimates use
+    ``RESIDUAL`` as their stream and the test block as their step. Other draws:
+    ``POINTS`` (training points, ``counter_seed(seed, step, POINTS)``), ``MODEL_INIT``
+    (initial weights, ``counter_seed(seed, MODEL_INIT)``), ``TEST_POINTS`` (block k of the
+    test points, ``counter_seed(seed, k, TEST_POINTS)``), ``HUTCHINSON`` (the probes,
+    ``counter_seed(seed, step, stream, HUTCHINSON)``), ``DATA_SHUFFLE`` (an HDF5 file's
+    epoch permutation) and ``COLE_HOPF`` (the HJB truth's Monte Carlo, a NumPy seed).
+    """
+
+    DOMAIN = 0
+    CONDITION = 1
+    ATTACK = 100
+    EVAL = 1_000_000
+    RESIDUAL = 2_000_000
+    POINTS = 7
+    MODEL_INIT = 0x4D4F44454C
+    TEST_POINTS = 0x54455354
+    HUTCHINSON = 0x48555443
+    DATA_SHUFFLE = 0x4835
+    COLE_HOPF = 0x484A42
+
+    @classmethod
+    def condition(cls, k: int) -> int:
+        return cls.CONDITION + k
+
+    @classmethod
+    def attack(cls, step: int) -> int:
+        """The base stream of adversarial step ``step`` (add DOMAIN or CONDITION + k)."""
+        return cls.ATTACK + 10 * step
 
 
 def _splitmix64(x: int) -> int:
@@ -82,16 +121,3 @@ def split_evenly(n: int, part: int, parts: int) -> tuple[int, int]:
     base, extra = divmod(n, parts)
     start = part * base + min(part, extra)
     return start, start + base + (1 if part < extra else 0)
-
-
-def deal_chunks(num_chunks: int, rank: int, world: int) -> range:
-    """The contiguous range of chunk indices that ``rank`` of a sample group of ``world`` evaluates.
-
-    Chunks are dealt as evenly as possible; every rank must get at least one chunk.
-    """
-    if world > num_chunks:
-        raise ValueError(
-            f"{num_chunks} noise chunks cannot be dealt to {world} ranks: each rank of a sample "
-            "group needs at least one chunk (lower estimator.chunk or raise estimator.samples)"
-        )
-    return range(*split_evenly(num_chunks, rank, world))

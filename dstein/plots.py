@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dstein.files import atomic_path
+
 PLOTS = ("losses.png", "errors.png", "slice.png", "residual_hist.png")
 
 
@@ -25,9 +27,8 @@ def _pyplot():
 
 
 def _save(fig, path: Path) -> None:
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
 
 
 def plot_history(rows: list[dict], out: Path, title: str) -> None:

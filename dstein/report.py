@@ -14,41 +14,31 @@ import numpy as np
 import torch
 
 from dstein import plots
-from dstein.config import Config
-from dstein.metrics import error_sums, errors_from_sums, read_metrics, write_json_atomic
+from dstein.build import build_estimator, build_model, build_pde, load_test_set
+from dstein.config import Config, ConfigError, load_resolved
+from dstein.evaluation import predict, test_errors
+from dstein.files import atomic_path, write_json_atomic
+from dstein.metrics import read_metrics
+from dstein.noise import Streams
 from dstein.pdes import PDE, TestSet
 
 MODEL_FILE = "model.pt"
-RESIDUAL_STREAM = 2_000_000
 
 
 def save_model(model: torch.nn.Module, run_dir: Path) -> None:
-    tmp = run_dir / (MODEL_FILE + ".tmp")
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
-    tmp.replace(run_dir / MODEL_FILE)
-
-
-def test_errors(
-    model: torch.nn.Module, test: TestSet, config: Config, device: torch.device, dtype: torch.dtype
-) -> dict:
-    """The test errors in one process, with the same noise as the distributed evaluation."""
-    from dstein.train import predict
-
-    u, grad = predict(model, test.X.to(device=device, dtype=dtype), config)
-    return errors_from_sums(error_sums(u, grad, test.u, test.grad))
+    with atomic_path(run_dir / MODEL_FILE) as tmp:
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
 
 
 def test_residuals(
     model: torch.nn.Module, pde: PDE, test: TestSet, config: Config, device, dtype, block: int = 64
 ) -> np.ndarray:
     """The PDE residual at the test points, estimated as in training (one process)."""
-    from dstein.train import build_estimator
-
     estimator = build_estimator(config, pde)
     out = []
     for b, lo in enumerate(range(0, test.X.shape[0], block)):
         X = test.X[lo : lo + block].to(device=device, dtype=dtype)
-        D = estimator(model, X, pde.needs, step=b, stream=RESIDUAL_STREAM)
+        D = estimator(model, X, pde.needs, step=b, stream=Streams.RESIDUAL)
         out.append(pde.residual(X, D).detach().double().cpu())
     return torch.cat(out).numpy()
 
@@ -57,8 +47,6 @@ def draw_plots(
     run_dir: Path, model: torch.nn.Module, pde: PDE, test: TestSet, config: Config, device, dtype
 ) -> list[Path]:
     """All four figures of ``plots/`` from the run's metrics and its model."""
-    from dstein.train import predict
-
     out = run_dir / "plots"
     out.mkdir(parents=True, exist_ok=True)
     title = f"{pde.name} d={pde.dim}, {config.estimator.method}"
@@ -80,10 +68,6 @@ def finish_run(run_dir: Path, model: torch.nn.Module, pde: PDE, test: TestSet, c
 
 def evaluate_run(run_dir: str | Path, test_file: str | None = None, samples: int | None = None) -> dict[str, Any]:
     """Re-evaluate a finished run's final model; write ``eval.json`` and redraw the plots."""
-    from dstein.config import ConfigError, load_resolved
-    from dstein.pdes import build_pde
-    from dstein.train import build_model, load_test_set
-
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"--run {run_dir}: no config.yaml there (not a dstein run directory)")
@@ -92,7 +76,7 @@ def evaluate_run(run_dir: str | Path, test_file: str | None = None, samples: int
     config = load_resolved(run_dir / "config.yaml")
     if samples is not None:
         config.eval.samples = samples
-    pde = build_pde(config.pde.name, config.pde.dim, dict(config.pde.params), config.pde.target)
+    pde = build_pde(config)
     device, dtype = torch.device("cpu"), getattr(torch, config.run.dtype)
     test_file = test_file or config.data.test_file
     test = load_test_set(config, pde, test_file)

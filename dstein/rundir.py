@@ -17,8 +17,8 @@ import socket
 import time
 from pathlib import Path
 
-from dstein.config import ConfigError
 from dstein.distributed import from_rank0
+from dstein.errors import ConfigError
 
 LOCK_FILE = ".lock"
 

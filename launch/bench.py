@@ -37,7 +37,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -52,12 +51,6 @@ SCALING_OVERRIDES = [
     "model.width=128", "model.depth=4", "train.domain_points=50", "train.condition_points=50",
     "train.adversarial.steps=0", "eval.points=8", "eval.truth_samples=100", "run.threads=1",
 ]  # fmt: skip
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _peak_rss_mb() -> float:
@@ -78,10 +71,11 @@ def worker(out: str, warmup: int, steps: int, overrides: list[str], max_step_sec
     the peak of allocated device memory (CUDA). A first step slower than ``max_step_seconds``
     ends the run with a ``skipped`` record instead of timings."""
     import torch
-    import torch.distributed as dist
 
+    from dstein.build import build_trainer
     from dstein.config import load_config
-    from dstein.train import build_trainer, train_step
+    from dstein.distributed import barrier
+    from dstein.train import train_step
 
     config = load_config(ROOT / "configs/quickstart.yaml", [*overrides, "run.dir=/tmp/dstein-bench"])
     tr = build_trainer(config)
@@ -90,12 +84,12 @@ def worker(out: str, warmup: int, steps: int, overrides: list[str], max_step_sec
         torch.cuda.reset_peak_memory_stats()
     times = []
     for step in range(warmup + steps):
-        dist.barrier()
+        barrier()
         start = time.perf_counter()
         train_step(tr, step)
         if tr.device.type == "cuda":
             torch.cuda.synchronize()
-        dist.barrier()
+        barrier()
         seconds = time.perf_counter() - start
         if step == 0 and tr.info.rank == 0:
             Path(out).with_suffix(".first-step").write_text(str(seconds))
@@ -136,7 +130,9 @@ def launch_ranks(
     memory limit is hit."""
     import resource
 
-    port = str(_free_port())
+    from dstein.distributed import free_port
+
+    port = str(free_port())
     out.unlink(missing_ok=True)
     cap = int(memory_limit_gb * 2**30)
 

@@ -19,8 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dstein.config import ConfigError, load_config
-from dstein.distributed import DistributedError, exit_process
+from dstein.config import load_config
+from dstein.distributed import barrier, exit_process
+from dstein.errors import ConfigError, DistributedError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,8 +52,6 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out)
         if out.is_dir():
             raise ConfigError(f"--out {out}: is a folder, expected a file name")
-        import torch.distributed as dist
-
         from dstein.data import generate
         from dstein.distributed import init_distributed
 
@@ -60,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         generate(
             config, out, steps=steps, test_points=test_points, truth_samples=truth, rank=info.rank,
-            world_size=info.world_size, barrier=dist.barrier, progress=sys.stderr.isatty(),
+            world_size=info.world_size, barrier=barrier, progress=sys.stderr.isatty(),
         )  # fmt: skip
     except (ConfigError, DistributedError, ValueError) as err:
         if args.debug:

@@ -22,14 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dstein.config import ConfigError, load_config, to_yaml
-from dstein.distributed import DistributedError, exit_process
-
-
-def _is_rank_zero() -> bool:
-    import torch.distributed as dist
-
-    return not dist.is_initialized() or dist.get_rank() == 0
+from dstein.config import load_config, to_yaml
+from dstein.distributed import exit_process, this_rank
+from dstein.errors import ConfigError, DistributedError, DsteinError, Preempted, RunStopped
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -57,32 +52,23 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(to_yaml(config), end="")
             return 0
-        from dstein.checkpoint import PREEMPTED_EXIT, Preempted, RunStopped
-        from dstein.train import run
+        from dstein.train import run  # imports torch and DeepSpeed: not for --help or a bad config
 
-        try:
-            summary = run(config)
-        except Preempted as done:
-            if _is_rank_zero():
-                print(f"{done}; exit {PREEMPTED_EXIT}: run the same command to continue", flush=True)
-            return PREEMPTED_EXIT
-        except RunStopped as err:
-            if args.debug:
-                raise
-            if _is_rank_zero():
+        summary = run(config)
+    except (DsteinError, ValueError) as err:
+        if args.debug and not isinstance(err, Preempted):
+            raise
+        status = getattr(err, "exit_status", ConfigError.exit_status)  # a ValueError: a bad value
+        if isinstance(err, Preempted):
+            if this_rank() == 0:
+                print(f"{err}; exit {status}: run the same command to continue", flush=True)
+        elif isinstance(err, RunStopped):  # every rank stopped alike: rank 0 says why
+            if this_rank() == 0:
                 print(f"error: {err}", file=sys.stderr, flush=True)
-            return RunStopped.exit_status
-    except DistributedError as err:
-        if args.debug:
-            raise
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        return 3 if "collective failed" in str(err) else 2
-    except (ConfigError, ValueError) as err:
-        if args.debug:
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if not _is_rank_zero():
+        else:
+            print(f"error: {err}", file=sys.stderr, flush=isinstance(err, DistributedError))
+        return status
+    if this_rank() != 0:
         return 0
     print(
         f"done: L1 rel {summary['l1_rel']:.4f}  L2 rel {summary['l2_rel']:.4f}  "

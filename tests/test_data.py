@@ -14,9 +14,10 @@ from distributed_utils import run_command, spawn_ranks, wait_all
 
 from dstein.config import load_config
 from dstein.data import DataFileError, H5Collocation, generate, read_test_set, validate
+from dstein.data.points import collocation
 from dstein.metrics import read_metrics
 from dstein.pdes import build_pde
-from dstein.train import collocation, run
+from dstein.train import run
 
 SMALL = [
     "train.steps=4", "train.log_every=1", "eval.every=2", "eval.points=10", "eval.samples=8",

@@ -221,3 +221,24 @@ def test_too_many_ranks_for_the_chunks_is_refused(tmp_path):
             "estimator.condition_samples=null", f"run.dir={tmp_path}"]  # fmt: skip
     for rc, _, err in wait_all(spawn_ranks(args, 2)):
         assert rc == 2 and "gives 1 noise chunks, fewer than the 2 ranks of a sample group" in err, err[-2000:]
+
+
+def test_only_a_failed_collective_counts_as_a_lost_peer():
+    """Exit status 3 is chosen by where the error was raised, not by its text: a
+    RuntimeError from this rank's own computation, or memory exhaustion, is not a lost peer,
+    whatever its message says; torch.distributed's own errors are."""
+    import torch.distributed as dist
+
+    from dstein.distributed import collective_failure
+
+    def raised(error: BaseException) -> BaseException:
+        try:
+            raise error
+        except BaseException as caught:
+            return caught
+
+    assert not collective_failure(raised(RuntimeError("a collective failed: Connection closed by peer")))
+    assert not collective_failure(raised(torch.OutOfMemoryError("CUDA out of memory")))
+    assert not collective_failure(raised(ValueError("bad value")))
+    assert collective_failure(raised(dist.DistError("NCCL communicator was aborted")))
+    # gloo's plain RuntimeError from inside torch.distributed: test_killed_rank_makes_the_others_exit...

@@ -15,8 +15,8 @@ from closed_forms import Quadratic, SinWave
 
 import dstein
 from dstein.estimators import make_spec
+from dstein.estimators.sharded import deal_chunks
 from dstein.estimators.stein import partial_sums
-from dstein.noise import deal_chunks
 
 NEEDS_T = ("u", "u_t", "grad", "grad_sq", "lap")
 NEEDS = ("u", "grad", "grad_sq", "lap")

@@ -12,10 +12,10 @@ from test_estimators import NEEDS, NEEDS_T, ST, SX, assert_within_se, points, re
 
 import dstein
 from dstein.estimators import make_spec
+from dstein.estimators.sharded import deal_chunks
 from dstein.estimators.stein import partial_sums
 from dstein.estimators.subspace import InputSubspace
 from dstein.models import MLP
-from dstein.noise import deal_chunks
 
 
 @pytest.mark.parametrize("d", [1, 5, 50])

@@ -12,9 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from dstein.build import build_trainer
 from dstein.config import load_config
+from dstein.data.points import collocation
 from dstein.metrics import read_metrics, relative_errors
-from dstein.train import adversarial_points, build_trainer, collocation, lr_factor, run
+from dstein.train import adversarial_points, lr_factor, run
 
 CONFIGS = sorted(p.name for p in (Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
 
@@ -188,7 +190,7 @@ def test_config_without_schema_header_is_refused(tmp_path):
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), None])
 def test_gradient_watch_flags_any_non_finite_entry(bad):
     """The watch reads each local gradient once (min and max): one bad entry among many is seen."""
-    from dstein.train import GradientWatch
+    from dstein.nonfinite import GradientWatch
 
     model = torch.nn.Linear(300, 7)
     watch = GradientWatch(model)
@@ -206,18 +208,18 @@ def test_gradient_watch_flags_any_non_finite_entry(bad):
 def test_recompute_auto_follows_the_memory_a_rank_has(monkeypatch):
     """estimator.recompute=auto recomputes chunks only when an estimate's kept activations
     exceed RECOMPUTE_MEMORY_SHARE of the rank's memory; always/never are not affected by it."""
-    import dstein.train as train
+    import dstein.estimators.sharded as sharded
 
-    est = train.Estimator(method="stein-antithetic", samples=256, sigma_x=0.1, sigma_t=0.1, seed=0, recompute="auto")
+    est = sharded.Estimator(method="stein-antithetic", samples=256, sigma_x=0.1, sigma_t=0.1, seed=0, recompute="auto")
     model = torch.nn.Sequential(torch.nn.Linear(11, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
     X = torch.zeros(50, 11)
     kept = 50 * 256 * (3 * 33 + 11) * 4  # the estimate of Estimator.recomputes
-    share = train.RECOMPUTE_MEMORY_SHARE
+    share = sharded.RECOMPUTE_MEMORY_SHARE
     for memory, expected in ((int(kept / share) + 16, False), (int(kept / share) - 16, True)):
-        monkeypatch.setattr(train, "rank_memory_bytes", lambda device, m=memory: m)
+        monkeypatch.setattr(sharded, "rank_memory_bytes", lambda device, m=memory: m)
         assert est.recomputes(model, X, 256) is expected
         for policy in ("always", "never"):
-            assert train.Estimator(**{**est.__dict__, "recompute": policy}).recomputes(model, X, 256) is (
+            assert sharded.Estimator(**{**est.__dict__, "recompute": policy}).recomputes(model, X, 256) is (
                 policy == "always"
             )
 

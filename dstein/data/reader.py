@@ -15,7 +15,7 @@ import h5py
 import numpy as np
 import torch
 
-from dstein.noise import counter_seed, split_evenly
+from dstein.noise import Streams, counter_seed, split_evenly
 from dstein.pdes import TestSet
 
 
@@ -53,7 +53,7 @@ class H5Collocation:
             n = self.rows(kind)
             if self.shuffle:
                 kind_id = sorted(self.batch).index(kind)
-                rng = np.random.default_rng(counter_seed(self.seed, epoch, kind_id, 0x4835))
+                rng = np.random.default_rng(counter_seed(self.seed, epoch, kind_id, Streams.DATA_SHUFFLE))
                 self._perms = {k: v for k, v in self._perms.items() if k[1] >= epoch - 1}  # keep a few
                 self._perms[key] = rng.permutation(n)
             else:

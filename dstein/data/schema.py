@@ -20,12 +20,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+from dstein.errors import ConfigError
+
 SCHEMA_VERSION = 1
 SUPPORTED_SCHEMAS = (1,)
 ROOT_ATTRS = ("schema_version", "dstein_version", "created", "pde", "dim", "in_dim", "pde_params", "seed")
 
 
-class DataFileError(ValueError):
+class DataFileError(ConfigError):
     """A data file that cannot be used; the message names the file, the dataset and what was expected."""
 
 

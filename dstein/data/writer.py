@@ -1,6 +1,6 @@
 """Write collocation and test sets to one HDF5 file, from one or several ranks.
 
-Training points are the online sampler's, step by step (``collocation(step)``), so a file
+Training points are the online sampler's, step by step (``data.points.collocation``), so a file
 with ``steps`` steps read in order reproduces an online run exactly; shuffled, it is a fixed
 collocation set. Ranks split the steps and the test points; each writes a part file, then
 rank 0 copies the parts block by block into one file written under a temporary name and
@@ -10,7 +10,6 @@ renamed when complete. Nothing holds the whole set in memory.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -20,8 +19,10 @@ import torch
 
 import dstein
 from dstein.config import Config
+from dstein.data.points import collocation
 from dstein.data.schema import SCHEMA_VERSION
 from dstein.faults import fault
+from dstein.files import atomic_path
 from dstein.noise import split_evenly
 from dstein.pdes import PDE, build_pde
 from dstein.pdes.base import TEST_BLOCK
@@ -54,8 +55,6 @@ def _write_part(
     """This rank's share: training points of ``steps`` and the test points ``test_rows`` with
     their truth, written block by block."""
     from tqdm import tqdm
-
-    from dstein.train import collocation
 
     kinds = _train_kinds(pde, config)
     with h5py.File(path, "w") as fh:
@@ -108,9 +107,8 @@ def _copy_rows(parts: list[Path], name: str, dset: h5py.Dataset, block: int = 16
 def _assemble(
     out: Path, parts: list[Path], pde: PDE, config: Config, steps: int, test_points: int, truth_samples: int
 ) -> None:
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     kinds = _train_kinds(pde, config)
-    try:
+    with atomic_path(out) as tmp:  # a failure before the rename leaves `out` as it was
         with h5py.File(tmp, "w") as fh:
             _root_attrs(fh, pde, config, steps)
             if steps:
@@ -133,10 +131,6 @@ def _assemble(
                     dset = _create(test, name, test_points, tails[name])
                     _copy_rows(parts, name, dset)
         fault("fail-dataset", 0)
-        os.replace(tmp, out)  # the only moment `out` changes: a failure before leaves it as it was
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def generate(

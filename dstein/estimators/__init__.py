@@ -6,6 +6,10 @@
 - ``stein-antithetic``: antithetic pairs with the ``g(x)`` control variate.
 - ``stein-subspace``: stein-antithetic in the row space of the model's linear input layer
   (MATH.md section 3): per-sample cost and variance independent of d.
+
+``estimate`` checks its arguments on every call (the API for users); the trainer builds a
+``SteinSpec`` once per configuration and calls ``stein_estimate`` through
+``dstein.estimators.sharded.Estimator``, which shares the samples across ranks.
 """
 
 from __future__ import annotations
@@ -15,8 +19,9 @@ from collections.abc import Iterable
 import torch
 
 from dstein.estimators.autograd import autograd_estimate, hutchinson_estimate
-from dstein.estimators.base import ALL_NEEDS, Derivatives, check_needs
-from dstein.estimators.stein import Reducer, SteinSpec, check_precision, stein_estimate
+from dstein.estimators.base import ALL_NEEDS, Derivatives, Reducer, Space, SteinSpec, check_needs
+from dstein.estimators.stein import FullSpace, check_precision, stein_estimate
+from dstein.estimators.subspace import InputSubspace
 from dstein.noise import default_chunk
 
 METHODS = ("autograd", "hutchinson", "stein", "stein-antithetic", "stein-subspace")
@@ -25,7 +30,7 @@ NETWORK_METHODS = ("autograd", "hutchinson")
 STEIN_METHODS = ("stein", "stein-antithetic", "stein-subspace")
 PAIRED_METHODS = ("stein-antithetic", "stein-subspace")
 
-__all__ = ["ALL_NEEDS", "METHODS", "Derivatives", "SteinSpec", "estimate", "make_spec", "provides"]
+__all__ = ["ALL_NEEDS", "METHODS", "Derivatives", "SteinSpec", "estimate", "make_space", "make_spec", "provides"]
 
 
 def provides(method: str) -> frozenset[str]:
@@ -76,6 +81,13 @@ def make_spec(
     )
     spec.num_chunks  # noqa: B018 - validates that samples is a whole number of chunks
     return spec
+
+
+def make_space(model: torch.nn.Module, X: torch.Tensor, spec: SteinSpec, cache: dict | None = None) -> Space:
+    """Where ``spec``'s perturbations live: the row space of the model's linear input layer
+    (stein-subspace; ``cache``, a dict that lives for one loss, lets the estimates of that
+    loss share its basis) or all input coordinates."""
+    return InputSubspace(model, X, spec, cache) if spec.subspace else FullSpace(model, X, spec)
 
 
 def estimate(
@@ -132,4 +144,5 @@ def estimate(
         chunk=chunk,
     )
     check_precision(model, spec.sigma_x, needs)
-    return stein_estimate(model, X, spec, chunks=chunks, reduce=reduce, rows=rows, recompute=recompute, cache=cache)
+    space = make_space(model, X, spec, cache)
+    return stein_estimate(model, X, spec, space, chunks=chunks, reduce=reduce, rows=rows, recompute=recompute)

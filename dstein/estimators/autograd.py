@@ -17,7 +17,7 @@ import torch
 from torch.func import functional_call, grad, jvp, vmap
 
 from dstein.estimators.base import Derivatives, split_input
-from dstein.noise import counter_seed
+from dstein.noise import Streams, counter_seed
 
 #: Up to this many dimensions the per-dimension reverse loop is faster than forward-over-reverse.
 LOOP_MAX_DIM = 16
@@ -163,7 +163,7 @@ def hutchinson_estimate(
     Xg, u, first = _input_gradient(model, X)
     out = _first_order(u, first, d, needs, time_dependent)
     if "lap" in needs:
-        gen = torch.Generator(device=X.device).manual_seed(counter_seed(seed, step, stream, 0x48555443))
+        gen = torch.Generator(device=X.device).manual_seed(counter_seed(seed, step, stream, Streams.HUTCHINSON))
         signs = torch.randint(0, 2, (X.shape[0], samples, d), generator=gen, device=X.device).to(X.dtype) * 2 - 1
         probes = torch.zeros(X.shape[0], samples, X.shape[1], dtype=X.dtype, device=X.device)
         probes[..., :d] = signs

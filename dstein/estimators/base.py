@@ -1,15 +1,25 @@
-"""What every estimator returns, and the names of the derivatives one can ask for."""
+"""What every estimator returns, the names of the derivatives one can ask for, and the
+types the Stein estimators share: ``SteinSpec`` (what defines an estimate), ``Space``
+(where the perturbations live) and ``Reducer`` (how partial sums are added across ranks)."""
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, fields
+from typing import Protocol
 
 import torch
+
+from dstein.noise import num_chunks
 
 #: The derivatives an estimator can be asked for.
 #: ``u``: value; ``u_t``: time derivative; ``grad``: spatial gradient (B, d);
 #: ``grad_sq``: squared norm of the spatial gradient; ``lap``: spatial Laplacian.
 ALL_NEEDS = frozenset({"u", "u_t", "grad", "grad_sq", "lap"})
+
+#: A function that sums partial sums across the ranks of a sample group (identity in one process).
+Reducer = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
 
 @dataclass
@@ -48,3 +58,67 @@ def split_input(X: torch.Tensor, time_dependent: bool) -> int:
     if d < 1:
         raise ValueError(f"inputs of shape {tuple(X.shape)} leave no spatial dimension")
     return d
+
+
+@dataclass(frozen=True)
+class SteinSpec:
+    """Everything that defines a Stein estimate besides the model and the points.
+
+    Built and checked once per configuration (``dstein.estimators.make_spec``), then varied
+    per call with ``at(step, stream)``, which says whose noise it draws."""
+
+    antithetic: bool
+    needs: frozenset[str]
+    samples: int
+    chunk: int
+    sigma_x: float
+    sigma_t: float | None
+    seed: int = 0
+    step: int = 0
+    stream: int = 0
+    subspace: bool = False
+
+    def at(self, step: int, stream: int) -> SteinSpec:
+        """The same estimate with the noise of ``(step, stream)``."""
+        return dataclasses.replace(self, step=step, stream=stream)
+
+    @property
+    def time_dependent(self) -> bool:
+        return self.sigma_t is not None
+
+    @property
+    def terms(self) -> int:
+        """Number of terms averaged: samples (vanilla) or antithetic pairs."""
+        return self.samples // 2 if self.antithetic else self.samples
+
+    @property
+    def num_chunks(self) -> int:
+        return num_chunks(self.samples, self.chunk)
+
+    @property
+    def terms_per_chunk(self) -> int:
+        return self.chunk // 2 if self.antithetic else self.chunk
+
+
+class Space(Protocol):
+    """Where a Stein estimate perturbs the model: all input coordinates (``stein.FullSpace``)
+    or the row space of its linear input layer (``subspace.InputSubspace``).
+
+    ``X``: the points (B, columns); ``rank``: the spatial coordinates of the noise ``z``;
+    ``width``: all its columns (rank, then time if any)."""
+
+    X: torch.Tensor
+    rank: int
+    width: int
+
+    def center(self) -> torch.Tensor:
+        """g at the unperturbed points, (B,)."""
+        ...
+
+    def values(self, z: torch.Tensor, antithetic: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """g at X + scale * z (and X - scale * z when ``antithetic``), as (B, n) tensors."""
+        ...
+
+    def spatial(self, coords: torch.Tensor) -> torch.Tensor:
+        """A vector of z's spatial coordinates as a vector in R^d."""
+        ...

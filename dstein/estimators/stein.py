@@ -23,50 +23,15 @@ and only then are they turned into derivatives (``finalize``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+import contextlib
+import ctypes
+from collections.abc import Iterable
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
-from dstein.estimators.base import Derivatives, split_input
-from dstein.noise import num_chunks, sample_chunk
-
-#: A function that sums partial sums across the ranks of a sample group (identity in one process).
-Reducer = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
-
-
-@dataclass(frozen=True)
-class SteinSpec:
-    """Everything that defines a Stein estimate besides the model and the points."""
-
-    antithetic: bool
-    needs: frozenset[str]
-    samples: int
-    chunk: int
-    sigma_x: float
-    sigma_t: float | None
-    seed: int = 0
-    step: int = 0
-    stream: int = 0
-    subspace: bool = False
-
-    @property
-    def time_dependent(self) -> bool:
-        return self.sigma_t is not None
-
-    @property
-    def terms(self) -> int:
-        """Number of terms averaged: samples (vanilla) or antithetic pairs."""
-        return self.samples // 2 if self.antithetic else self.samples
-
-    @property
-    def num_chunks(self) -> int:
-        return num_chunks(self.samples, self.chunk)
-
-    @property
-    def terms_per_chunk(self) -> int:
-        return self.chunk // 2 if self.antithetic else self.chunk
-
+from dstein.estimators.base import Derivatives, Reducer, Space, SteinSpec, split_input
+from dstein.noise import sample_chunk
 
 #: Unit roundoff of the matrix products under torch.set_float32_matmul_precision on CUDA:
 #: 'high' allows TF32 (10-bit mantissa), 'medium' bf16 (7-bit mantissa).
@@ -106,7 +71,8 @@ def check_precision(model: torch.nn.Module, sigma_x: float, needs: frozenset[str
 
 
 class FullSpace:
-    """Perturbations of all ``D`` input coordinates: ``g(X +- scale * z)``, ``z`` of width D."""
+    """Perturbations of all ``D`` input coordinates: ``g(X +- scale * z)``, ``z`` of width D
+    (a ``base.Space``)."""
 
     def __init__(self, model: torch.nn.Module, X: torch.Tensor, spec: SteinSpec):
         self.model, self.X = model, X
@@ -135,8 +101,6 @@ class FullSpace:
         """A vector of z's spatial coordinates as a vector in R^d (here: itself)."""
         return coords
 
-
-Space = FullSpace  # the subspace estimator's space (dstein/estimators/subspace.py) has this interface
 
 #: Keys of the partial sums, in a fixed order (checkpointed chunks return tuples).
 SUM_KEYS = ("value", "time", "grad", "grad_norms", "lap")
@@ -194,12 +158,8 @@ def _bound_cpu_heap() -> None:
     if _HEAP_BOUNDED:
         return
     _HEAP_BOUNDED = True
-    try:
-        import ctypes
-
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
 
 
 def _keys(needs: frozenset[str]) -> list[str]:
@@ -229,8 +189,6 @@ def partial_sums(
     evaluated again there, its noise regenerated from its seed, so that peak memory is set by
     the chunk size, not by the number of samples (MATH.md section 4, memory).
     """
-    from torch.utils.checkpoint import checkpoint
-
     if recompute and X.device.type == "cpu":
         _bound_cpu_heap()
     space = space or FullSpace(model, X, spec)
@@ -272,21 +230,16 @@ def stein_estimate(
     model: torch.nn.Module,
     X: torch.Tensor,
     spec: SteinSpec,
+    space: Space,
     chunks: Iterable[int] | None = None,
     reduce: Reducer | None = None,
     rows: tuple[int, int] | None = None,
     recompute: bool = False,
-    cache: dict | None = None,
 ) -> Derivatives:
-    """Partial sums over ``chunks`` (all by default), summed by ``reduce``, then finalized.
-
-    ``spec.subspace``: in the row space of the model's linear input layer (subspace.py);
-    ``cache`` (a dict that lives for one loss) lets estimates of that loss share the basis."""
+    """Partial sums over ``chunks`` (all by default) in ``space``, summed by ``reduce``, then
+    finalized. The dispatcher (``dstein.estimators``) picks the space."""
     if "grad_sq" in spec.needs and spec.terms < 2:
         raise ValueError("grad_sq needs at least 2 samples (pairs) for its U-statistic")
-    from dstein.estimators.subspace import InputSubspace
-
-    space: Space = InputSubspace(model, X, spec, cache) if spec.subspace else FullSpace(model, X, spec)  # type: ignore[assignment]
     chunks = range(spec.num_chunks) if chunks is None else chunks
     sums = partial_sums(model, X, spec, chunks, rows, space=space, recompute=recompute)
     if reduce is not None:

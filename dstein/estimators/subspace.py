@@ -23,8 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dstein.estimators.base import split_input
-from dstein.estimators.stein import SteinSpec
+from dstein.estimators.base import SteinSpec, split_input
 
 #: Eigenvalues of the Gram matrix below this fraction of the largest are dropped (rank r).
 RANK_RTOL = 1e-6
@@ -54,7 +53,7 @@ def row_basis(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class InputSubspace:
-    """The space of the subspace estimator, with the interface of ``stein.FullSpace``."""
+    """The space of the subspace estimator (a ``base.Space``, like ``stein.FullSpace``)."""
 
     def __init__(self, model: nn.Module, X: torch.Tensor, spec: SteinSpec, cache: dict | None = None):
         layer, self.body = split_model(model)

@@ -16,7 +16,7 @@ from typing import ClassVar
 import torch
 
 from dstein.estimators.base import Derivatives
-from dstein.noise import counter_seed
+from dstein.noise import Streams, counter_seed
 
 #: Test points are drawn in blocks of this many (see PDE.test_points).
 TEST_BLOCK = 1024
@@ -124,7 +124,7 @@ class PDE(abc.ABC):
             return torch.zeros(0, self.in_dim, dtype=torch.float64)
         blocks = []
         for k in range(start // TEST_BLOCK, (stop - 1) // TEST_BLOCK + 1):
-            gen = torch.Generator().manual_seed(counter_seed(seed, k, 0x54455354))
+            gen = torch.Generator().manual_seed(counter_seed(seed, k, Streams.TEST_POINTS))
             block = self.sample_test(TEST_BLOCK, gen)
             base = k * TEST_BLOCK
             blocks.append(block[max(start, base) - base : min(stop, base + TEST_BLOCK) - base])

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from dstein.estimators.base import Derivatives
+from dstein.noise import Streams
 from dstein.pdes.base import PDE, TestSet
 
 
@@ -51,7 +52,7 @@ def cole_hopf_radial(
     are estimated far better than each value).
     """
     n, d = x.shape
-    rng = np.random.default_rng([seed, 0x484A42])
+    rng = np.random.default_rng([seed, Streams.COLE_HOPF])
     z1 = rng.standard_normal(samples)
     chi = rng.chisquare(d - 1, samples) if d > 1 else np.zeros(samples)
     u = np.empty(n)

@@ -15,10 +15,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from dstein.build import build_estimator, build_model
 from dstein.config import load_config
+from dstein.data.points import collocation
 from dstein.distributed import exit_process, init_distributed, sum_values
 from dstein.pdes import build_pde
-from dstein.train import adversarial_points, build_estimator, build_model, collocation, loss_terms, total_loss
+from dstein.train import adversarial_points, loss_terms, total_loss
 
 out, config_path, *overrides = sys.argv[1:]
 cfg = load_config(config_path, overrides)
@@ -34,7 +36,7 @@ attack = loss_terms(model, pde, estimator, {k: points[k].with_points(X) for k, X
 point_grads = torch.autograd.grad(total_loss(attack, cfg.train.condition_weight), list(moving.values()))
 point_grad = {k: (sum_values(g, info.sample_group), points[k].start) for k, g in zip(moving, point_grads, strict=True)}
 if cfg.train.adversarial.steps:
-    points = adversarial_points(model, pde, estimator, points, cfg, 3, info.sample_group)
+    points = adversarial_points(model, pde, estimator, points, cfg, 3)
 terms = loss_terms(model, pde, estimator, points, 3)
 loss = total_loss(terms, cfg.train.condition_weight)
 grads = torch.autograd.grad(loss, list(model.parameters()))

@@ -1,0 +1,187 @@
+"""The composition root: a config becomes a PDE, a model, the sharded estimator, a DeepSpeed
+engine and the data (training points and test set). Everything a run holds is a ``Trainer``.
+
+Checks that need more than one section of the config (a method against the PDE's needs, a
+precision against sigma, ranks against noise chunks, data files against the PDE) happen
+here, once, before any work: a bad combination ends with one ``ConfigError`` line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dstein.config import Config, ConfigError
+from dstein.data import H5Collocation, read_test_set, validate
+from dstein.data.points import PointStream
+from dstein.distributed import DistInfo, init_distributed
+from dstein.errors import DistributedError
+from dstein.estimators import STEIN_METHODS, provides
+from dstein.estimators.sharded import Estimator, Shard
+from dstein.estimators.stein import precision_problem
+from dstein.models import MLP
+from dstein.noise import Streams, counter_seed
+from dstein.nonfinite import GradientWatch
+from dstein.pdes import PDE, TestSet
+from dstein.pdes import build_pde as _build_pde
+
+
+def build_pde(config: Config) -> PDE:
+    """The configured PDE (``pde.name`` or a user's ``pde.target``)."""
+    return _build_pde(config.pde.name, config.pde.dim, dict(config.pde.params), config.pde.target)
+
+
+def build_model(config: Config, pde: PDE, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    torch.manual_seed(counter_seed(config.seed, Streams.MODEL_INIT))  # same initial weights on every rank
+    model = MLP(pde.in_dim, config.model.width, config.model.depth, config.model.activation)
+    return model.to(device=device, dtype=dtype)
+
+
+def check_estimator_fits(config: Config, pde: PDE, dtype: torch.dtype) -> None:
+    """Refuse a method that cannot give what the PDE needs, and a precision too coarse for
+    sigma_x (judged as on a GPU, so that a config behaves alike on every device)."""
+    method = config.estimator.method
+    missing = pde.needs - provides(method)
+    if missing:
+        raise ConfigError(
+            f"pde {pde.name} needs {sorted(missing)}, which estimator.method={method} cannot give "
+            f"(it gives {sorted(provides(method))})"
+        )
+    if method in STEIN_METHODS:
+        problem = precision_problem(config.estimator.sigma_x, dtype, config.run.matmul_precision, True, pde.needs)
+        if problem:
+            raise ConfigError(f"run.matmul_precision={config.run.matmul_precision}: {problem}")
+
+
+def build_estimator(config: Config, pde: PDE, info: DistInfo | None = None) -> Estimator:
+    """The configured estimator; with ``info``, sharded over this rank's sample group. Every
+    estimate a run makes (domain, conditions, attack steps) is checked here, before any work."""
+    est = config.estimator
+    shard = Shard()
+    if info is not None and info.sample_group_size > 1 and est.method in STEIN_METHODS:
+        shard = Shard(info.sample_rank, info.sample_group_size, info.sample_group)
+    estimator = Estimator(
+        method=est.method, samples=est.samples, sigma_x=est.sigma_x,
+        sigma_t=est.time_sigma if pde.time_dependent else None, seed=config.seed,
+        chunk=est.chunk, condition_samples=est.condition_samples, recompute=est.recompute, shard=shard,
+    )  # fmt: skip
+    if est.method in STEIN_METHODS:
+        attack = config.train.adversarial.samples if config.train.adversarial.steps else None
+        estimator.spec(pde.needs, est.samples)
+        estimator.spec(pde.needs, attack or est.samples)
+        estimator.spec({"u"}, est.condition_samples or est.samples)
+    return estimator
+
+
+def deepspeed_config(config: Config, world_size: int) -> dict[str, Any]:
+    ds = config.deepspeed
+    out: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": world_size,
+        "zero_optimization": {"stage": ds.zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+    }
+    if ds.optimizer == "deepspeed":
+        out["optimizer"] = {"type": "Adam", "params": {"lr": config.train.lr, "torch_adam": True}}
+    out.update(dict(ds.extra))
+    return out
+
+
+def open_data(config: Config, pde: PDE, info: DistInfo) -> tuple[H5Collocation | None, TestSet]:
+    """The training-point reader (None: online sampler) and the test set, files validated first."""
+    reader = None
+    if config.data.train_file:
+        kinds = pde.point_counts(config.train.domain_points, config.train.condition_points)
+        validate(
+            config.data.train_file,
+            pde_name=pde.name,
+            dim=pde.dim,
+            pde_params=pde.params(),
+            groups={"train": list(kinds)},
+        )
+        reader = H5Collocation(
+            config.data.train_file, kinds, config.seed, config.data.shuffle, info.point_group, info.num_point_groups
+        )
+    return reader, load_test_set(config, pde, config.data.test_file)
+
+
+def load_test_set(config: Config, pde: PDE, test_file: str | None) -> TestSet:
+    """The test set from ``test_file`` (validated; its first eval.points rows) or drawn from eval.seed."""
+    if not test_file:
+        return pde.test_set(config.eval.points, config.eval.seed, config.eval.truth_samples)
+    validate(test_file, pde_name=pde.name, dim=pde.dim, pde_params=pde.params(), groups={"test": ["X", "u", "grad"]})
+    return read_test_set(test_file, config.eval.points)
+
+
+@dataclass
+class Trainer:
+    """Everything a run holds; built once by ``build_trainer``."""
+
+    config: Config
+    info: DistInfo
+    pde: PDE
+    engine: Any  # deepspeed.DeepSpeedEngine: owns the model and optimizer state
+    estimator: Estimator
+    points: PointStream  # this point group's training points of a step
+    test: TestSet
+    dtype: torch.dtype
+    run_dir: Path
+    watch: GradientWatch
+
+    @property
+    def device(self) -> torch.device:
+        return self.info.device
+
+    @property
+    def reader(self) -> H5Collocation | None:
+        return self.points.reader
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.engine.module
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.engine.optimizer
+
+
+def build_trainer(config: Config, info: DistInfo | None = None) -> Trainer:
+    """Join the ranks, build PDE, model, DeepSpeed engine, estimator and data."""
+    import deepspeed  # slow to import: only where an engine is built
+
+    if config.run.threads:
+        torch.set_num_threads(config.run.threads)
+    if info is None:
+        par = config.parallel
+        info = init_distributed(par.sample_group_size, par.world_size, par.timeout_s, config.run.device)
+    if info.world_size % info.sample_group_size:
+        raise DistributedError("sample group size does not divide the world size")
+    if config.train.domain_points < info.num_point_groups:
+        raise DistributedError(
+            f"train.domain_points={config.train.domain_points} is fewer than the "
+            f"{info.num_point_groups} point groups: every point group needs points"
+        )
+    device, dtype = info.device, getattr(torch, config.run.dtype)
+    pde = build_pde(config)
+    check_estimator_fits(config, pde, dtype)
+    if device.type == "cuda":  # TF32/bf16 products only where sigma allows (checked above)
+        torch.set_float32_matmul_precision(config.run.matmul_precision)
+        torch.backends.cudnn.allow_tf32 = config.run.matmul_precision != "highest"
+    estimator = build_estimator(config, pde, info)
+    model = build_model(config, pde, dtype, device)
+    optimizer = (
+        None if config.deepspeed.optimizer == "deepspeed" else torch.optim.Adam(model.parameters(), lr=config.train.lr)
+    )
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, model_parameters=model.parameters(),
+        config=deepspeed_config(config, info.world_size), dist_init_required=False,
+    )  # fmt: skip
+    reader, test = open_data(config, pde, info)
+    points = PointStream(pde, config, dtype, device, info.point_group, info.num_point_groups, reader)
+    watch = GradientWatch(engine.module)
+    return Trainer(config, info, pde, engine, estimator, points, test, dtype, Path(config.run.dir), watch)
