@@ -29,6 +29,8 @@ METHODS = ("autograd", "hutchinson", "stein", "stein-antithetic", "stein-subspac
 NETWORK_METHODS = ("autograd", "hutchinson")
 STEIN_METHODS = ("stein", "stein-antithetic", "stein-subspace")
 PAIRED_METHODS = ("stein-antithetic", "stein-subspace")
+#: How a Stein estimate forms the Laplacian (dstein/estimators/stein.py).
+LAPLACIANS = ("stein", "difference")
 
 __all__ = ["ALL_NEEDS", "METHODS", "Derivatives", "SteinSpec", "estimate", "make_space", "make_spec", "provides"]
 
@@ -36,7 +38,8 @@ __all__ = ["ALL_NEEDS", "METHODS", "Derivatives", "SteinSpec", "estimate", "make
 def provides(method: str) -> frozenset[str]:
     """The derivatives a PDE residual may use with ``method``. The subspace estimator gives
     ``grad`` values too, but a loss on them would get only a first-order parameter gradient
-    (MATH.md section 3), so PDEs needing ``grad`` are refused for it."""
+    (MATH.md section 3), so PDEs needing ``grad`` are refused for it; its inner products with
+    given directions (``along``) carry the missing term (docs/MATH.md section 6)."""
     return ALL_NEEDS - {"grad"} if method == "stein-subspace" else ALL_NEEDS
 
 
@@ -51,6 +54,7 @@ def make_spec(
     step: int = 0,
     stream: int = 0,
     chunk: int | None = None,
+    laplacian: str = "stein",
 ) -> SteinSpec:
     """Validated description of a Stein estimate (errors name the offending argument)."""
     if method not in STEIN_METHODS:
@@ -64,6 +68,13 @@ def make_spec(
         raise ValueError(f"estimator.sigma_x={sigma_x!r} must be > 0")
     if sigma_t is not None and sigma_t <= 0:
         raise ValueError(f"estimator.sigma_t={sigma_t!r} must be > 0")
+    if laplacian not in LAPLACIANS:
+        raise ValueError(f"estimator.laplacian={laplacian!r} must be one of {LAPLACIANS}")
+    if laplacian == "difference" and not antithetic:
+        raise ValueError(
+            f"estimator.laplacian=difference needs antithetic pairs (second differences): {method} has none; "
+            "use stein-antithetic or stein-subspace"
+        )
     chunk = default_chunk(samples, paired=antithetic) if chunk is None else chunk
     if antithetic and chunk % 2:
         raise ValueError(f"estimator.chunk={chunk} must be even for {method} (pairs)")
@@ -78,16 +89,20 @@ def make_spec(
         step=step,
         stream=stream,
         subspace=method == "stein-subspace",
+        laplacian=laplacian,
     )
     spec.num_chunks  # noqa: B018 - validates that samples is a whole number of chunks
     return spec
 
 
-def make_space(model: torch.nn.Module, X: torch.Tensor, spec: SteinSpec, cache: dict | None = None) -> Space:
+def make_space(
+    model: torch.nn.Module, X: torch.Tensor, spec: SteinSpec, cache: dict | None = None, shares: int = 1
+) -> Space:
     """Where ``spec``'s perturbations live: the row space of the model's linear input layer
     (stein-subspace; ``cache``, a dict that lives for one loss, lets the estimates of that
-    loss share its basis) or all input coordinates."""
-    return InputSubspace(model, X, spec, cache) if spec.subspace else FullSpace(model, X, spec)
+    loss share its basis) or all input coordinates. ``shares``: the ranks that sum their
+    partial sums (what each computes whole from the sums then counts 1 / shares)."""
+    return InputSubspace(model, X, spec, cache, shares) if spec.subspace else FullSpace(model, X, spec)
 
 
 def estimate(
@@ -108,6 +123,8 @@ def estimate(
     rows: tuple[int, int] | None = None,
     recompute: bool = False,
     cache: dict | None = None,
+    directions: torch.Tensor | None = None,
+    laplacian: str = "stein",
 ) -> Derivatives:
     """Derivatives of the model at points ``X`` (time, if any, in the last column).
 
@@ -119,17 +136,25 @@ def estimate(
     to the model's parameters. ``recompute`` trades a second forward pass per chunk in the
     backward pass for a peak memory set by ``chunk`` alone. ``cache``: a dict shared by the
     estimates of ONE loss (one backward pass): stein-subspace computes its basis once.
+    ``directions`` (B, m, d): for ``along``, the inner products of the spatial gradient with
+    m directions per point. ``laplacian``: ``stein`` (the Laplacian of the smoothed model) or
+    ``difference`` (second differences of the pairs: the network's Laplacian up to O(sigma^2),
+    far less noisy at high d).
     """
     needs = check_needs(needs)
     time_dependent = sigma_t is not None
     if "u_t" in needs and not time_dependent:
         raise ValueError("needs 'u_t' but sigma_t is None: a time-dependent input needs sigma_t")
+    if "along" in needs and (directions is None or directions.dim() != 3 or directions.shape[0] != X.shape[0]):
+        raise ValueError("needs 'along' requires directions of shape (B, m, d) for the B points")
     if method == "autograd":
-        return autograd_estimate(model, X, needs, time_dependent)
+        return autograd_estimate(model, X, needs, time_dependent, directions)
     if method == "hutchinson":
         if not isinstance(samples, int) or samples < 1:
             raise ValueError(f"estimator.samples={samples!r}: hutchinson needs an integer number of probes >= 1")
-        return hutchinson_estimate(model, X, needs, time_dependent, samples, seed, step, stream)
+        out = hutchinson_estimate(model, X, needs, time_dependent, samples, seed, step, stream, directions)
+        assert isinstance(out, Derivatives)
+        return out
     if samples is None or sigma_x is None:
         raise ValueError(f"method {method!r} needs samples and sigma_x")
     spec = make_spec(
@@ -142,7 +167,10 @@ def estimate(
         step=step,
         stream=stream,
         chunk=chunk,
+        laplacian=laplacian,
     )
     check_precision(model, spec.sigma_x, needs)
     space = make_space(model, X, spec, cache)
-    return stein_estimate(model, X, spec, space, chunks=chunks, reduce=reduce, rows=rows, recompute=recompute)
+    return stein_estimate(
+        model, X, spec, space, chunks=chunks, reduce=reduce, rows=rows, recompute=recompute, directions=directions
+    )

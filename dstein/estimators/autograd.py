@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch.func import functional_call, grad, jvp, vmap
 
@@ -106,7 +108,11 @@ def _hvp_quadratic_forms(model: torch.nn.Module, X: torch.Tensor, probes: torch.
 
 
 def autograd_estimate(
-    model: torch.nn.Module, X: torch.Tensor, needs: frozenset[str], time_dependent: bool
+    model: torch.nn.Module,
+    X: torch.Tensor,
+    needs: frozenset[str],
+    time_dependent: bool,
+    directions: torch.Tensor | None = None,
 ) -> Derivatives:
     """Value and input derivatives of ``model`` at ``X``, differentiable w.r.t. parameters.
 
@@ -117,7 +123,7 @@ def autograd_estimate(
     if needs <= {"u"}:
         return Derivatives(u=model(X).reshape(-1))
     Xg, u, first = _input_gradient(model, X)
-    out = _first_order(u, first, d, needs, time_dependent)
+    out = _first_order(u, first, d, needs, time_dependent, directions)
     if "lap" in needs:
         if d <= LOOP_MAX_DIM:
             lap = torch.zeros_like(u)
@@ -132,10 +138,19 @@ def autograd_estimate(
 
 
 def _first_order(
-    u: torch.Tensor, first: torch.Tensor, d: int, needs: frozenset[str], time_dependent: bool
+    u: torch.Tensor,
+    first: torch.Tensor,
+    d: int,
+    needs: frozenset[str],
+    time_dependent: bool,
+    directions: torch.Tensor | None = None,
 ) -> Derivatives:
     grad_x = first[:, :d]
     out = Derivatives(u=u if "u" in needs else None)
+    if "along" in needs:
+        if directions is None:
+            raise ValueError("needs 'along' but no directions were given")
+        out.along = torch.einsum("bmd,bd->bm", directions, grad_x)
     if time_dependent and "u_t" in needs:
         out.u_t = first[:, d]
     if "grad" in needs:
@@ -154,18 +169,32 @@ def hutchinson_estimate(
     seed: int,
     step: int,
     stream: int,
-) -> Derivatives:
+    directions: torch.Tensor | None = None,
+    halves: bool = False,
+) -> Derivatives | tuple[Derivatives, Derivatives]:
     """Exact value, time derivative and gradient; the Laplacian as a Hutchinson trace estimate
-    over ``samples`` Rademacher probes per point drawn from ``(seed, step, stream)``."""
+    over ``samples`` Rademacher probes per point drawn from ``(seed, step, stream)``.
+    ``halves``: two estimates whose Laplacians come from the two halves of the probes
+    (independent; the rest is exact and shared)."""
     d = split_input(X, time_dependent)
     if needs <= {"u"}:
-        return Derivatives(u=model(X).reshape(-1))
+        D = Derivatives(u=model(X).reshape(-1))
+        return (D, D) if halves else D
     Xg, u, first = _input_gradient(model, X)
-    out = _first_order(u, first, d, needs, time_dependent)
-    if "lap" in needs:
-        gen = torch.Generator(device=X.device).manual_seed(counter_seed(seed, step, stream, Streams.HUTCHINSON))
-        signs = torch.randint(0, 2, (X.shape[0], samples, d), generator=gen, device=X.device).to(X.dtype) * 2 - 1
-        probes = torch.zeros(X.shape[0], samples, X.shape[1], dtype=X.dtype, device=X.device)
-        probes[..., :d] = signs
+    out = _first_order(u, first, d, needs, time_dependent, directions)
+    if "lap" not in needs:
+        return (out, out) if halves else out
+    if halves and samples < 2:
+        raise ValueError(f"estimator.samples={samples}: two independent Laplacian estimates need at least 2 probes")
+    gen = torch.Generator(device=X.device).manual_seed(counter_seed(seed, step, stream, Streams.HUTCHINSON))
+    signs = torch.randint(0, 2, (X.shape[0], samples, d), generator=gen, device=X.device).to(X.dtype) * 2 - 1
+    probes = torch.zeros(X.shape[0], samples, X.shape[1], dtype=X.dtype, device=X.device)
+    probes[..., :d] = signs
+    if not halves:
         out.lap = _hvp_quadratic_forms(model, Xg, probes) / samples
-    return out
+        return out
+    half = samples // 2
+    second = dataclasses.replace(out)
+    out.lap = _hvp_quadratic_forms(model, Xg, probes[:, :half]) / half
+    second.lap = _hvp_quadratic_forms(model, Xg, probes[:, half:]) / (samples - half)
+    return out, second

@@ -15,8 +15,10 @@ from dstein.noise import num_chunks
 
 #: The derivatives an estimator can be asked for.
 #: ``u``: value; ``u_t``: time derivative; ``grad``: spatial gradient (B, d);
-#: ``grad_sq``: squared norm of the spatial gradient; ``lap``: spatial Laplacian.
-ALL_NEEDS = frozenset({"u", "u_t", "grad", "grad_sq", "lap"})
+#: ``grad_sq``: squared norm of the spatial gradient; ``lap``: spatial Laplacian;
+#: ``along``: the spatial gradient's inner products with given directions (B, m), one set
+#: of m directions per point (``directions``, (B, m, d)).
+ALL_NEEDS = frozenset({"u", "u_t", "grad", "grad_sq", "lap", "along"})
 
 #: A function that sums partial sums across the ranks of a sample group (identity in one process).
 Reducer = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
@@ -31,6 +33,7 @@ class Derivatives:
     grad: torch.Tensor | None = None
     grad_sq: torch.Tensor | None = None
     lap: torch.Tensor | None = None
+    along: torch.Tensor | None = None
 
     def require(self, name: str) -> torch.Tensor:
         value = getattr(self, name)
@@ -77,6 +80,7 @@ class SteinSpec:
     step: int = 0
     stream: int = 0
     subspace: bool = False
+    laplacian: str = "stein"
 
     def at(self, step: int, stream: int) -> SteinSpec:
         """The same estimate with the noise of ``(step, stream)``."""
@@ -121,4 +125,8 @@ class Space(Protocol):
 
     def spatial(self, coords: torch.Tensor) -> torch.Tensor:
         """A vector of z's spatial coordinates as a vector in R^d."""
+        ...
+
+    def along(self, coords: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
+        """Inner products (B, m) of the gradient with these coordinates and ``directions`` (B, m, d)."""
         ...

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,8 +43,10 @@ import torch
 from dstein.distributed import ranks_on_this_node, sum_in_place, sum_values
 from dstein.errors import ConfigError
 from dstein.estimators import NETWORK_METHODS, PAIRED_METHODS, Derivatives, estimate, make_space, make_spec
+from dstein.estimators.autograd import hutchinson_estimate
 from dstein.estimators.base import SteinSpec
-from dstein.estimators.stein import stein_estimate
+from dstein.estimators.constraint import OutputTransform
+from dstein.estimators.stein import stein_estimate, stein_estimate_halves
 from dstein.noise import default_chunk, split_evenly
 
 # estimator.recompute=auto recomputes chunks when the kept activations of one estimate would
@@ -139,15 +141,19 @@ def rank_memory_bytes(device: torch.device) -> int:
 
 @functools.cache
 def _spec(
-    method: str, needs: frozenset[str], samples: int, chunk: int, sigma_x: float, sigma_t: float | None, seed: int
-) -> SteinSpec:
-    return make_spec(method, needs, samples=samples, sigma_x=sigma_x, sigma_t=sigma_t, seed=seed, chunk=chunk)
+    method: str, needs: frozenset[str], samples: int, chunk: int, sigma_x: float, sigma_t: float | None, seed: int,
+    laplacian: str,
+) -> SteinSpec:  # fmt: skip
+    return make_spec(method, needs, samples=samples, sigma_x=sigma_x, sigma_t=sigma_t, seed=seed, chunk=chunk,
+                     laplacian=laplacian)  # fmt: skip
 
 
 @dataclass
 class Estimator:
     """The configured derivative estimator, as the trainer calls it: ``shard`` says which
-    noise chunks this rank evaluates and whose partial sums it adds to its own."""
+    noise chunks this rank evaluates and whose partial sums it adds to its own;
+    ``transform``, the PDE's hard constraint ``u = A + B f`` (model.hard_constraint): the
+    estimates are then of u, made from those of the network's f."""
 
     method: str
     samples: int
@@ -158,6 +164,8 @@ class Estimator:
     condition_samples: int | None = None
     recompute: str = "never"
     shard: Shard = Shard()
+    laplacian: str = "stein"
+    transform: Callable[[torch.Tensor], OutputTransform | None] | None = None
 
     def chunk_for(self, samples: int) -> int:
         """The configured chunk for the training samples, else the default for ``samples``."""
@@ -169,7 +177,7 @@ class Estimator:
         """The Stein estimate of ``needs`` with ``samples``, checked once (then cached): its
         arguments, and that every rank of the sample group gets a noise chunk."""
         spec = _spec(self.method, frozenset(needs), samples, self.chunk_for(samples), self.sigma_x, self.sigma_t,
-                     self.seed)  # fmt: skip
+                     self.seed, self.laplacian)  # fmt: skip
         if spec.num_chunks < self.shard.size:
             raise ConfigError(
                 f"estimator.samples={samples} in chunks of {spec.chunk} gives {spec.num_chunks} noise chunks, "
@@ -192,18 +200,83 @@ class Estimator:
     ) -> Derivatives:
         """Derivatives at this point group's rows ``rows`` of the batch, with the noise of
         ``(step, stream)``; ``cache`` is shared by the estimates of one loss."""
+        (D,) = self._estimates(model, X, needs, step, stream, samples, rows, cache, halves=False)
+        return D
+
+    def pair(
+        self,
+        model: torch.nn.Module,
+        X: torch.Tensor,
+        needs: frozenset[str],
+        *,
+        step: int,
+        stream: int,
+        samples: int | None = None,
+        rows: tuple[int, int] | None = None,
+        cache: dict | None = None,
+    ) -> tuple[Derivatives, Derivatives]:
+        """Two independent estimates, from the two halves of the samples (whole chunks:
+        sharded and world-size invariant like one estimate); exact methods give the same twice."""
+        first, second = self._estimates(model, X, needs, step, stream, samples, rows, cache, halves=True)
+        return first, second
+
+    def _estimates(
+        self,
+        model: torch.nn.Module,
+        X: torch.Tensor,
+        needs: frozenset[str],
+        step: int,
+        stream: int,
+        samples: int | None,
+        rows: tuple[int, int] | None,
+        cache: dict | None,
+        halves: bool,
+    ) -> tuple[Derivatives, ...]:
+        # A, B and their derivatives depend on the points directly, as the residual does
+        transform = self.transform(self.shard.direct(X)) if self.transform is not None else None
+        if transform is None:
+            return self._of_network(model, X, needs, step, stream, samples, rows, cache, halves, None)
+        directions = transform.directions(needs)
+        of_f = self._of_network(
+            model, X, transform.needs_of_f(needs), step, stream, samples, rows, cache, halves,
+            torch.stack(directions, 1) if directions else None,
+        )  # fmt: skip
+        return tuple(transform.apply(D, needs) for D in of_f)
+
+    def _of_network(
+        self,
+        model: torch.nn.Module,
+        X: torch.Tensor,
+        needs: frozenset[str],
+        step: int,
+        stream: int,
+        samples: int | None,
+        rows: tuple[int, int] | None,
+        cache: dict | None,
+        halves: bool,
+        directions: torch.Tensor | None,
+    ) -> tuple[Derivatives, ...]:
+        """The derivatives of the (smoothed) network itself: one estimate, or two (``halves``)."""
         samples = samples or self.samples
+        if self.method == "hutchinson" and halves:
+            return hutchinson_estimate(
+                model, X, needs, self.sigma_t is not None, samples, self.seed, step, stream, directions, halves=True
+            )  # type: ignore[return-value]
         if self.method in NETWORK_METHODS:
-            return estimate(
+            D = estimate(
                 model, X, method=self.method, needs=needs, samples=samples, sigma_t=self.sigma_t, seed=self.seed,
-                step=step, stream=stream,
+                step=step, stream=stream, directions=directions,
             )  # fmt: skip
+            return (D, D) if halves else (D,)
         spec = self.spec(needs, samples).at(step, stream)
-        space = make_space(model, X, spec, cache)
+        space = make_space(model, X, spec, cache, self.shard.size)
         chunks = self.shard.chunks(spec.num_chunks)
         recompute = self.recomputes(model, X, len(chunks) * spec.chunk, space.width)
         reduce = self.shard.reduce if self.shard.size > 1 else None
-        return stein_estimate(model, X, spec, space, chunks=chunks, reduce=reduce, rows=rows, recompute=recompute)
+        run = stein_estimate_halves if halves else stein_estimate
+        out = run(model, X, spec, space, chunks=chunks, reduce=reduce, rows=rows, recompute=recompute,
+                  directions=directions)  # fmt: skip
+        return out if isinstance(out, tuple) else (out,)
 
     def recomputes(self, model: torch.nn.Module, X: torch.Tensor, samples: int, width: int | None = None) -> bool:
         """Whether chunks are evaluated again in the backward pass (``estimator.recompute``);

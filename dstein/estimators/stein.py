@@ -12,7 +12,12 @@ Both estimators are written in one form. Per sample (vanilla) or per antithetic 
     even term    e = g                   | (g+ + g- - 2 g0) / 2
 
     u = mean(a),  u_t = mean(z_t o) / st,  grad = mean(z_x o) / sx,
-    lap = mean((|z_x|^2 - d) e) / sx^2,
+    lap = mean((|z_x|^2 - d) e) / sx^2        (laplacian="stein": the Laplacian of f)
+    lap = mean((3 - z_t^2) e) / sx^2  or  mean(2 e) / sx^2 without time
+                                              (laplacian="difference", pairs only: the
+                                               network's Laplacian up to O(sx^2), with
+                                               about (d/2)^2 times less variance;
+                                               docs/MATH.md section 9)
     |grad|^2 = (|sum v|^2 - sum |v|^2) / (n (n - 1)),  v = z_x o / sx   (unbiased U-statistic)
 
 Working with ``z`` rather than ``eps`` keeps the weights of order one instead of dividing
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 from collections.abc import Iterable
 
 import torch
@@ -101,6 +107,10 @@ class FullSpace:
         """A vector of z's spatial coordinates as a vector in R^d (here: itself)."""
         return coords
 
+    def along(self, coords: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
+        """Inner products (B, m) of the gradient ``coords`` (B, d) with ``directions`` (B, m, d)."""
+        return torch.einsum("bmd,bd->bm", directions, coords)
+
 
 #: Keys of the partial sums, in a fixed order (checkpointed chunks return tuples).
 SUM_KEYS = ("value", "time", "grad", "grad_norms", "lap")
@@ -131,7 +141,7 @@ def _chunk_terms(
         out.append(value.sum(1))
     if "u_t" in spec.needs:
         out.append((z[..., r] * odd).sum(1))
-    if {"grad", "grad_sq"} & spec.needs:
+    if {"grad", "grad_sq", "along"} & spec.needs:
         out.append(torch.einsum("bnd,bn->bd", zx, odd))
     if "grad_sq" in spec.needs or "lap" in spec.needs:
         zx_sq = (zx * zx).sum(-1)
@@ -139,7 +149,11 @@ def _chunk_terms(
             out.append((zx_sq * odd * odd).sum(1))
         if "lap" in spec.needs:
             even = value if g0 is None else value - g0.unsqueeze(1)
-            out.append(((zx_sq - r) * even).sum(1))
+            if spec.laplacian == "difference":  # (g+ + g- - 2 g0) / 2, time curvature weighted out
+                weight = (3 - z[..., r] ** 2) if space.width > r else 2.0
+                out.append((weight * even).sum(1))
+            else:
+                out.append(((zx_sq - r) * even).sum(1))
     return tuple(out)
 
 
@@ -164,7 +178,7 @@ def _bound_cpu_heap() -> None:
 
 def _keys(needs: frozenset[str]) -> list[str]:
     wanted = {
-        "value": "u" in needs, "time": "u_t" in needs, "grad": bool({"grad", "grad_sq"} & needs),
+        "value": "u" in needs, "time": "u_t" in needs, "grad": bool({"grad", "grad_sq", "along"} & needs),
         "grad_norms": "grad_sq" in needs, "lap": "lap" in needs,
     }  # fmt: skip
     return [k for k in SUM_KEYS if wanted[k]]
@@ -189,26 +203,44 @@ def partial_sums(
     evaluated again there, its noise regenerated from its seed, so that peak memory is set by
     the chunk size, not by the number of samples (MATH.md section 4, memory).
     """
+    space = space or FullSpace(model, X, spec)
+    return _grouped_sums(space, spec, [list(chunks)], rows, recompute)[0]
+
+
+def _grouped_sums(
+    space: Space, spec: SteinSpec, groups: list[list[int]], rows: tuple[int, int] | None, recompute: bool
+) -> list[dict[str, torch.Tensor]]:
+    """``partial_sums`` of each group of chunks (one evaluation of g at the points for all);
+    a group without chunks gives zeros, so that every rank adds sums of the same shapes."""
+    X = space.X
     if recompute and X.device.type == "cpu":
         _bound_cpu_heap()
-    space = space or FullSpace(model, X, spec)
     rows = rows if rows is not None else (0, X.shape[0])
     g0 = space.center() if spec.antithetic and "lap" in spec.needs else None
     keys = _keys(spec.needs)
-    sums: dict[str, torch.Tensor] = {}
-    for c in chunks:
-        if recompute and torch.is_grad_enabled():
-            terms = checkpoint(_chunk_terms, space, spec, c, rows, g0, use_reentrant=False)
-        else:
-            terms = _chunk_terms(space, spec, c, rows, g0)
-        for key, value in zip(keys, terms, strict=True):
-            sums[key] = sums[key] + value if key in sums else value
-    return sums
+    out = []
+    for chunks in groups:
+        sums: dict[str, torch.Tensor] = {}
+        for c in chunks:
+            if recompute and torch.is_grad_enabled():
+                terms = checkpoint(_chunk_terms, space, spec, c, rows, g0, use_reentrant=False)
+            else:
+                terms = _chunk_terms(space, spec, c, rows, g0)
+            for key, value in zip(keys, terms, strict=True):
+                sums[key] = sums[key] + value if key in sums else value
+        if not chunks:
+            B = X.shape[0]
+            sums = {k: X.new_zeros((B, space.rank) if k == "grad" else (B,)) for k in keys}
+        out.append(sums)
+    return out
 
 
-def finalize(sums: dict[str, torch.Tensor], spec: SteinSpec, space: Space) -> Derivatives:
+def finalize(
+    sums: dict[str, torch.Tensor], spec: SteinSpec, space: Space, directions: torch.Tensor | None = None
+) -> Derivatives:
     """Turn summed terms (over ALL samples of the estimate) into derivatives; ``space`` maps
-    gradient coordinates to R^d (the subspace estimator's basis; identity in full space)."""
+    gradient coordinates to R^d (the subspace estimator's basis; identity in full space) and
+    takes their inner products with ``directions`` (``along``)."""
     n = spec.terms
     sx, st = spec.sigma_x, spec.sigma_t
     out = Derivatives()
@@ -223,6 +255,10 @@ def finalize(sums: dict[str, torch.Tensor], spec: SteinSpec, space: Space) -> De
         out.grad_sq = ((total * total).sum(-1) - sums["grad_norms"]) / (n * (n - 1) * sx * sx)
     if "lap" in spec.needs:
         out.lap = sums["lap"] / (n * sx * sx)
+    if "along" in spec.needs:
+        if directions is None:
+            raise ValueError("needs 'along' but no directions were given")
+        out.along = space.along(sums["grad"] / (n * sx), directions)
     return out
 
 
@@ -235,13 +271,49 @@ def stein_estimate(
     reduce: Reducer | None = None,
     rows: tuple[int, int] | None = None,
     recompute: bool = False,
+    directions: torch.Tensor | None = None,
 ) -> Derivatives:
     """Partial sums over ``chunks`` (all by default) in ``space``, summed by ``reduce``, then
     finalized. The dispatcher (``dstein.estimators``) picks the space."""
     if "grad_sq" in spec.needs and spec.terms < 2:
         raise ValueError("grad_sq needs at least 2 samples (pairs) for its U-statistic")
     chunks = range(spec.num_chunks) if chunks is None else chunks
-    sums = partial_sums(model, X, spec, chunks, rows, space=space, recompute=recompute)
+    (sums,) = _grouped_sums(space, spec, [list(chunks)], rows, recompute)
     if reduce is not None:
         sums = reduce(sums)
-    return finalize(sums, spec, space)
+    return finalize(sums, spec, space, directions)
+
+
+def stein_estimate_halves(
+    model: torch.nn.Module,
+    X: torch.Tensor,
+    spec: SteinSpec,
+    space: Space,
+    chunks: Iterable[int] | None = None,
+    reduce: Reducer | None = None,
+    rows: tuple[int, int] | None = None,
+    recompute: bool = False,
+    directions: torch.Tensor | None = None,
+) -> tuple[Derivatives, Derivatives]:
+    """Two independent estimates from the two halves of the noise chunks (chunks below
+    ``num_chunks // 2``, and the rest): whole chunks, so that sharding and the world-size
+    invariance hold for each half. Their product is an unbiased estimate of the product of
+    the derivatives (the unbiased residual loss)."""
+    if spec.num_chunks < 2:
+        raise ValueError(
+            f"estimator.samples={spec.samples} in chunks of {spec.chunk} is one noise chunk: two independent "
+            "estimates need at least two (lower estimator.chunk)"
+        )
+    half = spec.num_chunks // 2
+    specs = [dataclasses.replace(spec, samples=half * spec.chunk),
+             dataclasses.replace(spec, samples=(spec.num_chunks - half) * spec.chunk)]  # fmt: skip
+    if "grad_sq" in spec.needs and min(h.terms for h in specs) < 2:
+        raise ValueError("grad_sq needs at least 2 samples (pairs) in each half for its U-statistic")
+    mine = list(range(spec.num_chunks) if chunks is None else chunks)
+    groups = [[c for c in mine if c < half], [c for c in mine if c >= half]]
+    first, second = _grouped_sums(space, spec, groups, rows, recompute)
+    if reduce is not None:
+        both = reduce({**{f"0.{k}": v for k, v in first.items()}, **{f"1.{k}": v for k, v in second.items()}})
+        first = {k: both[f"0.{k}"] for k in first}
+        second = {k: both[f"1.{k}"] for k in second}
+    return finalize(first, specs[0], space, directions), finalize(second, specs[1], space, directions)

@@ -32,6 +32,11 @@ RANK_RTOL = 1e-6
 def split_model(model: nn.Module) -> tuple[nn.Linear, nn.Module]:
     """The model's linear input layer and the rest (``model(X) == body(input_layer(X))``)."""
     layer, body = getattr(model, "input_layer", None), getattr(model, "body", None)
+    if not getattr(model, "linear_input", True):
+        raise ValueError(
+            f"estimator.method=stein-subspace needs a model whose first layer is linear in x; {type(model).__name__} "
+            "(model.family=radial) also feeds |x|^2 to it: use stein-antithetic, or model.family=mlp"
+        )
     if not isinstance(layer, nn.Linear) or not callable(body):
         raise ValueError(
             f"estimator.method=stein-subspace needs a model whose first layer is linear, exposed as "
@@ -55,7 +60,7 @@ def row_basis(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class InputSubspace:
     """The space of the subspace estimator (a ``base.Space``, like ``stein.FullSpace``)."""
 
-    def __init__(self, model: nn.Module, X: torch.Tensor, spec: SteinSpec, cache: dict | None = None):
+    def __init__(self, model: nn.Module, X: torch.Tensor, spec: SteinSpec, cache: dict | None = None, shares: int = 1):
         layer, self.body = split_model(model)
         self.X = X
         self.d = split_input(X, spec.time_dependent)
@@ -74,7 +79,8 @@ class InputSubspace:
             U, s = row_basis(G)
             if cache is not None:
                 cache.update(weight=weight, version=weight._version, basis=(Wx, wt, G, U, s))
-        self.Wx, self.Us = Wx.detach(), U / s
+        self.Wx, self.Us, self.live = Wx.detach(), U / s, Wx
+        self.shares = shares  # ranks that each compute the whole of what follows from the summed estimates
         self.rank = U.shape[1]
         self.width = self.rank + (1 if spec.time_dependent else 0)
         self.h0 = layer(X)  # (B, width of the layer): the unperturbed pre-activations
@@ -104,3 +110,22 @@ class InputSubspace:
     def spatial(self, coords: torch.Tensor) -> torch.Tensor:
         """Gradient coordinates in the basis V as vectors in R^d."""
         return coords @ self.V.T
+
+    def along(self, coords: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
+        """Inner products (B, m) of the gradient ``V coords`` with ``directions`` w (B, m, d).
+
+        The value is ``(V' w) . coords``; O(width d) per direction, V is never formed. Its
+        parameter gradient with V held constant misses one term of the full estimator's
+        expected gradient (docs/MATH.md section 6): ``d(w . grad f)/dWx`` also holds
+        ``grad_h f w_perp'``, w_perp the part of w outside the row space, because a change of
+        Wx lets the model see that direction. ``grad_h f = U (coords / s)`` (from
+        ``grad_x f = Wx' grad_h f = V coords``), so the term is the gradient of
+        ``coords' diag(1/s) U' (Wx - sg(Wx)) w_perp``, whose value is zero. Every rank of a
+        sample group computes that term from the summed coordinates, so its gradient enters
+        with weight 1 / shares (the shares of the group's gradient are summed)."""
+        Wx_w = torch.einsum("kd,bmd->bmk", self.Wx, directions)  # (B, m, k)
+        inside = Wx_w @ self.Us  # V' w = Us' Wx w: (B, m, r)
+        w_perp = directions - torch.einsum("kd,bmr,kr->bmd", self.Wx, inside, self.Us)
+        change = torch.einsum("kd,bmd->bmk", self.live - self.Wx, w_perp)  # zero, with a gradient
+        correction = torch.einsum("bmk,kr,br->bm", change, self.Us, coords.detach()) / self.shares
+        return torch.einsum("bmr,br->bm", inside, coords) + correction
