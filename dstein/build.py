@@ -8,6 +8,7 @@ here, once, before any work: a bad combination ends with one ``ConfigError`` lin
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,13 +17,15 @@ import torch
 
 from dstein.config import Config, ConfigError
 from dstein.data import H5Collocation, read_test_set, validate
-from dstein.data.points import PointStream
+from dstein.data.points import PointStream, point_counts
 from dstein.distributed import DistInfo, init_distributed
 from dstein.errors import DistributedError
 from dstein.estimators import STEIN_METHODS, provides
+from dstein.estimators.constraint import OutputTransform
 from dstein.estimators.sharded import Estimator, Shard
 from dstein.estimators.stein import precision_problem
-from dstein.models import MLP
+from dstein.evaluation import baselines
+from dstein.models import MLP, RadialMLP
 from dstein.noise import Streams, counter_seed
 from dstein.nonfinite import GradientWatch
 from dstein.pdes import PDE, TestSet
@@ -35,9 +38,32 @@ def build_pde(config: Config) -> PDE:
 
 
 def build_model(config: Config, pde: PDE, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
-    torch.manual_seed(counter_seed(config.seed, Streams.MODEL_INIT))  # same initial weights on every rank
-    model = MLP(pde.in_dim, config.model.width, config.model.depth, config.model.activation)
+    """The configured model family with its initial weights (the same on every rank)."""
+    m = config.model
+    if m.family == "radial":  # |x|^2 standardized over 4096 training points of a fixed draw
+        gen = torch.Generator().manual_seed(counter_seed(config.seed, Streams.FEATURE_STATS))
+        x = pde.training_points("domain", 4096, gen, torch.float64)[:, : pde.dim]
+        sq = (x * x).sum(1)
+        shift, scale = float(sq.mean()), max(float(sq.std()), 1e-12)
+    torch.manual_seed(counter_seed(config.seed, Streams.MODEL_INIT))
+    if m.family == "radial":
+        model: torch.nn.Module = RadialMLP(pde.in_dim, pde.dim, m.width, m.depth, m.activation, shift, scale)
+    else:
+        model = MLP(pde.in_dim, m.width, m.depth, m.activation)
     return model.to(device=device, dtype=dtype)
+
+
+def output_transform(config: Config, pde: PDE) -> Callable[[torch.Tensor], OutputTransform | None] | None:
+    """The PDE's hard constraint when model.hard_constraint is set (refused if it has none)."""
+    if not config.model.hard_constraint:
+        return None
+    probe = pde.sample_domain(2, torch.Generator().manual_seed(0))
+    if pde.output_transform(probe) is None:
+        raise ConfigError(
+            f"model.hard_constraint=true: pde {pde.name} has no output transform u = A + B f (hjb and heat have "
+            "one; a user's PDE defines output_transform); set model.hard_constraint=false"
+        )
+    return pde.output_transform
 
 
 def check_estimator_fits(config: Config, pde: PDE, dtype: torch.dtype) -> None:
@@ -49,6 +75,11 @@ def check_estimator_fits(config: Config, pde: PDE, dtype: torch.dtype) -> None:
         raise ConfigError(
             f"pde {pde.name} needs {sorted(missing)}, which estimator.method={method} cannot give "
             f"(it gives {sorted(provides(method))})"
+        )
+    if method == "stein-subspace" and config.model.family != "mlp":
+        raise ConfigError(
+            f"estimator.method=stein-subspace needs a first layer linear in x; model.family={config.model.family} "
+            "also feeds |x|^2 to it: use estimator.method=stein-antithetic, or model.family=mlp"
         )
     if method in STEIN_METHODS:
         problem = precision_problem(config.estimator.sigma_x, dtype, config.run.matmul_precision, True, pde.needs)
@@ -67,11 +98,18 @@ def build_estimator(config: Config, pde: PDE, info: DistInfo | None = None) -> E
         method=est.method, samples=est.samples, sigma_x=est.sigma_x,
         sigma_t=est.time_sigma if pde.time_dependent else None, seed=config.seed,
         chunk=est.chunk, condition_samples=est.condition_samples, recompute=est.recompute, shard=shard,
+        laplacian=est.laplacian, transform=output_transform(config, pde),
     )  # fmt: skip
     if est.method in STEIN_METHODS:
         attack = config.train.adversarial.samples if config.train.adversarial.steps else None
-        estimator.spec(pde.needs, est.samples)
-        estimator.spec(pde.needs, attack or est.samples)
+        for samples in (est.samples, attack or est.samples):
+            spec = estimator.spec(pde.needs, samples)
+            if config.train.residual_loss != "squared" and spec.num_chunks < 2:
+                raise ConfigError(
+                    f"train.residual_loss={config.train.residual_loss} needs two independent estimates, from two "
+                    f"halves of the noise chunks, but estimator.samples={samples} in chunks of {spec.chunk} is one "
+                    "chunk: lower estimator.chunk or raise the samples"
+                )
         estimator.spec({"u"}, est.condition_samples or est.samples)
     return estimator
 
@@ -96,7 +134,7 @@ def open_data(config: Config, pde: PDE, info: DistInfo) -> tuple[H5Collocation |
     """The training-point reader (None: online sampler) and the test set, files validated first."""
     reader = None
     if config.data.train_file:
-        kinds = pde.point_counts(config.train.domain_points, config.train.condition_points)
+        kinds = point_counts(pde, config)
         validate(
             config.data.train_file,
             pde_name=pde.name,
@@ -132,6 +170,7 @@ class Trainer:
     dtype: torch.dtype
     run_dir: Path
     watch: GradientWatch
+    baselines: dict[str, dict[str, float]]  # errors of predictors that ignore x (evaluation.baselines)
 
     @property
     def device(self) -> torch.device:
@@ -184,4 +223,6 @@ def build_trainer(config: Config, info: DistInfo | None = None) -> Trainer:
     reader, test = open_data(config, pde, info)
     points = PointStream(pde, config, dtype, device, info.point_group, info.num_point_groups, reader)
     watch = GradientWatch(engine.module)
-    return Trainer(config, info, pde, engine, estimator, points, test, dtype, Path(config.run.dir), watch)
+    return Trainer(
+        config, info, pde, engine, estimator, points, test, dtype, Path(config.run.dir), watch, baselines(pde, test)
+    )

@@ -18,7 +18,8 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from dstein.errors import ConfigError
-from dstein.estimators import METHODS, PAIRED_METHODS
+from dstein.estimators import LAPLACIANS, METHODS, PAIRED_METHODS
+from dstein.models import FAMILIES
 
 SCHEMA_NAME = "dstein"
 
@@ -85,20 +86,30 @@ class ModelConfig:
     """Number of hidden layers."""
     activation: str = "tanh"
     """tanh, sin, gelu, silu or softplus (smooth: the PDE needs second derivatives)."""
+    family: str = "mlp"
+    """mlp: the plain MLP (its input gradient lies in the row space of its first layer: at most
+    model.width directions); radial: the MLP whose first layer also sees |x|^2 (standardized),
+    so that its gradient may point along x in any d (dstein/models.py, README's model families)."""
+    hard_constraint: bool = False
+    """Represent the solution as u = A + B f (the PDE's output transform: hjb u = g(x) +
+    (T - t) f, heat u = |x|^2/(2d) + t f), f the smoothed network: the terminal (hjb) or
+    initial (heat) condition then holds exactly and needs no loss."""
 
     def __post_init__(self) -> None:
         _check(self.width >= 1, f"model.width={self.width} must be >= 1")
         _check(self.depth >= 1, f"model.depth={self.depth} must be >= 1")
         ok = ("tanh", "sin", "gelu", "silu", "softplus")
         _check(self.activation in ok, f"model.activation={self.activation!r} must be one of {ok}")
+        _check(self.family in FAMILIES, f"model.family={self.family!r} must be one of {FAMILIES}")
 
 
 @dataclass
 class EstimatorConfig:
     method: str = "auto"
-    """autograd (exact stacked back-propagation), stein, stein-antithetic, stein-subspace (in
-    the row space of the first layer: cost and variance independent of d), or auto:
-    stein-subspace when pde.dim > model.width, else stein-antithetic (resolved on load)."""
+    """autograd (exact stacked back-propagation), hutchinson, stein, stein-antithetic,
+    stein-subspace (in the row space of the first layer: cost and variance independent of d),
+    or auto: stein-subspace when pde.dim > model.width (family mlp), else stein-antithetic
+    (resolved on load)."""
     samples: int = 2048
     """Gaussian perturbations per collocation point (antithetic: 2 per pair)."""
     chunk: int | None = None
@@ -109,6 +120,12 @@ class EstimatorConfig:
     """Standard deviation of the time smoothing; None: same as sigma_x."""
     condition_samples: int | None = None
     """Samples for condition points (which need only the value); None: same as samples."""
+    laplacian: str = "stein"
+    """stein: the Laplacian of the smoothed model by Stein's identity, mean((|z|^2 - d) e) /
+    sigma_x^2 (the paper's; its variance grows like d); difference: from the second
+    differences of the antithetic pairs, mean((3 - z_t^2) e) / sigma_x^2, the network's
+    Laplacian up to O(sigma_x^2), with about (d/2)^2 times less variance (stein-antithetic
+    and stein-subspace only; docs/MATH.md section 9)."""
     recompute: str = "auto"
     """always: keep no chunk's activations for the backward pass but evaluate the chunk again
     there (its noise regenerated from its seed): peak memory set by estimator.chunk, not by
@@ -124,6 +141,7 @@ class EstimatorConfig:
         )
         methods = (*METHODS, "auto")
         _check(self.method in methods, f"estimator.method={self.method!r} must be one of {methods}")
+        _check(self.laplacian in LAPLACIANS, f"estimator.laplacian={self.laplacian!r} must be one of {LAPLACIANS}")
         paired = self.method in PAIRED_METHODS or self.method == "auto"
         for name in ("samples", "condition_samples"):
             value = getattr(self, name)
@@ -189,6 +207,14 @@ class TrainConfig:
     leaving the last complete checkpoint as it is."""
     max_skips: int = 5
     """Consecutive non-finite steps tolerated under nonfinite=skip before the run stops."""
+    residual_loss: str = "squared"
+    """squared: the mean of r^2 for an estimate r of the residual (the paper's; its
+    expectation is r^2 + Var(r), so the estimator's variance is minimized too); unbiased:
+    the mean of r1 r2 for two independent estimates from the two halves of the samples
+    (whole noise chunks), whose expectation is r^2; hybrid: squared before step
+    train.unbiased_from, unbiased from there on (Hu et al., arXiv 2311.15283)."""
+    unbiased_from: int = 0
+    """train.residual_loss=hybrid: the first step of the unbiased loss."""
 
     def __post_init__(self) -> None:
         _check(self.steps >= 1, f"train.steps={self.steps} must be >= 1")
@@ -200,6 +226,15 @@ class TrainConfig:
         _check(self.condition_weight >= 0, f"train.condition_weight={self.condition_weight} must be >= 0")
         _check(self.log_every >= 1, f"train.log_every={self.log_every} must be >= 1")
         _check(self.print_every >= 1, f"train.print_every={self.print_every} must be >= 1")
+        losses = ("squared", "unbiased", "hybrid")
+        _check(self.residual_loss in losses, f"train.residual_loss={self.residual_loss!r} must be one of {losses}")
+        _check(self.unbiased_from >= 0, f"train.unbiased_from={self.unbiased_from} must be >= 0")
+
+    def unbiased_at(self, step: int) -> bool:
+        """Whether the residual loss of ``step`` is the unbiased product of two estimates."""
+        if self.residual_loss == "hybrid":
+            return step >= self.unbiased_from
+        return self.residual_loss == "unbiased"
 
 
 @dataclass
@@ -317,8 +352,14 @@ class Config:
 
     def __post_init__(self) -> None:
         _check(self.seed >= 0, f"seed={self.seed} must be >= 0")
-        if self.estimator.method == "auto":
-            self.estimator.method = "stein-subspace" if self.pde.dim > self.model.width else "stein-antithetic"
+        if self.estimator.method == "auto":  # the subspace estimator needs a first layer linear in x
+            subspace = self.pde.dim > self.model.width and self.model.family == "mlp"
+            self.estimator.method = "stein-subspace" if subspace else "stein-antithetic"
+        _check(
+            self.estimator.laplacian == "stein" or self.estimator.method in (*PAIRED_METHODS, "autograd", "hutchinson"),
+            f"estimator.laplacian=difference needs antithetic pairs: estimator.method={self.estimator.method} has none "
+            "(use stein-antithetic or stein-subspace)",
+        )
         samples = self.train.adversarial.samples
         if samples is not None and self.estimator.method in PAIRED_METHODS:
             _check(samples % 2 == 0, f"train.adversarial.samples={samples} must be even for {self.estimator.method}")

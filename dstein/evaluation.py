@@ -6,26 +6,41 @@ evaluated as the smoothed model ``f = E[g(X + eps)]``: its value averaged over
 to the points (pathwise, far less noisy than the Stein gradient; this is evaluation, not
 training). Test points go in blocks of ``EVAL_BLOCK``; block ``b``'s noise is keyed by
 ``(seed, Streams.EVAL, b)``, so that any rank can evaluate any block and the errors do not
-depend on the number of ranks.
+depend on the number of ranks. With a hard constraint the prediction is ``A + B f``.
+
+Every evaluation stands beside baselines that know nothing of how u depends on x, on the
+same test set (``baselines``): the best constant (the test mean), the best function of t
+alone (a least-squares polynomial of degree 8 in t fitted to the test set itself: an upper
+bound on what ignoring x can do) and the condition value taken as the solution everywhere;
+and beside the gradient floor of the model (``gradient_floor``): the share of the true
+gradients that no model with this first layer can represent.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from dstein.config import Config
-from dstein.distributed import DistInfo, sum_values
+from dstein.distributed import sum_values
 from dstein.estimators import STEIN_METHODS, SteinSpec
+from dstein.estimators.constraint import OutputTransform
 from dstein.estimators.stein import FullSpace
-from dstein.metrics import error_sums, errors_from_sums
+from dstein.estimators.subspace import row_basis
+from dstein.metrics import error_sums, errors_from_sums, relative_errors
 from dstein.noise import Streams, counter_seed, split_evenly
-from dstein.pdes import TestSet
+from dstein.pdes import PDE, TestSet
 
 #: Test points are evaluated in blocks of this size; a block's noise is keyed by its index.
 EVAL_BLOCK = 64
+#: Degree of the polynomial in t of the t-only baseline.
+T_ONLY_DEGREE = 8
+
+Transform = Callable[[torch.Tensor], OutputTransform | None]
 
 
 def _smoothing(config: Config, X: torch.Tensor) -> SteinSpec:
@@ -39,11 +54,16 @@ def _smoothing(config: Config, X: torch.Tensor) -> SteinSpec:
 
 
 def predict(
-    model: torch.nn.Module, X: torch.Tensor, config: Config, first_block: int = 0, progress: bool = False
+    model: torch.nn.Module,
+    X: torch.Tensor,
+    config: Config,
+    first_block: int = 0,
+    progress: bool = False,
+    transform: Transform | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The trained solution and its spatial gradient at test points (blocks of EVAL_BLOCK;
-    block ``b``'s noise keyed by ``first_block + b``). ``progress`` shows a bar over the
-    blocks (on standard error)."""
+    block ``b``'s noise keyed by ``first_block + b``); ``transform``: the hard constraint.
+    ``progress`` shows a bar over the blocks (on standard error)."""
     d = config.pde.dim
     us, grads = [], []
     stein = config.estimator.method in STEIN_METHODS
@@ -59,31 +79,130 @@ def predict(
             u = g.mean(1)
         else:
             u = model(Xb).reshape(-1)
+        constraint = transform(Xb) if transform is not None else None
+        if constraint is not None:
+            u = constraint.value(u)
         (g,) = torch.autograd.grad(u.sum(), Xb)
         us.append(u.detach())
         grads.append(g[:, :d].detach())
     return torch.cat(us), torch.cat(grads)
 
 
-def test_errors(
-    model: torch.nn.Module, test: TestSet, config: Config, device: torch.device, dtype: torch.dtype
-) -> dict[str, float]:
-    """The test errors in one process, with the same noise as the distributed evaluation."""
-    u, grad = predict(model, test.X.to(device=device, dtype=dtype), config)
-    return errors_from_sums(error_sums(u, grad, test.u, test.grad))
+def floor_sums(
+    model: torch.nn.Module,
+    X: torch.Tensor,
+    u: torch.Tensor,
+    grad_true: torch.Tensor,
+    transform: Transform | None = None,
+) -> torch.Tensor | None:
+    """Sums (over points) of the squared part of the true gradients that no choice of the
+    network's gradient can reach, and of the true gradients squared; None when the model's
+    first layer is not linear (the floor is then unknown).
+
+    The network's input gradient lies in the row space of its first layer, span(V), so the
+    model's gradient is ``grad A + f grad B + B V c`` under a hard constraint (``grad A = 0``,
+    ``B = 1`` without), and the smallest error any c can give is the part of
+    ``true - grad A - f grad B`` outside span(V)."""
+    layer = getattr(model, "input_layer", None)
+    if not isinstance(layer, torch.nn.Linear):
+        return None
+    d = grad_true.shape[1]
+    Wx = layer.weight.detach().double()[:, :d]
+    U, s = row_basis(Wx @ Wx.T)
+    V = Wx.T @ (U / s)  # (d, r) orthonormal
+    target = grad_true.double().to(V.device)
+    constraint = transform(X) if transform is not None else None
+    if constraint is not None:
+        if constraint.A_grad is not None:
+            target = target - constraint.A_grad.detach().double()
+        if constraint.B_grad is not None:
+            f = (u.double() - constraint.A.detach().double()) / constraint.B.detach().double()
+            target = target - f.unsqueeze(1) * constraint.B_grad.detach().double()
+    outside = target - (target @ V) @ V.T
+    directions = getattr(model, "gradient_directions", None)
+    extra = directions(X) if callable(directions) else None
+    if extra is not None:  # per-point directions beyond the row space (the radial family's x)
+        for e in extra.detach().double().to(V.device).unbind(1):
+            e = e - (e @ V) @ V.T
+            e = e / e.norm(dim=1, keepdim=True).clamp_min(1e-300)
+            outside = outside - (outside * e).sum(1, keepdim=True) * e
+    return torch.stack([(outside * outside).sum(), (grad_true.double() * grad_true.double()).sum()]).cpu()
 
 
 def evaluate(
-    model: torch.nn.Module, test: TestSet, config: Config, info: DistInfo, dtype: torch.dtype
+    model: torch.nn.Module,
+    test: TestSet,
+    config: Config,
+    device: torch.device,
+    dtype: torch.dtype,
+    transform: Transform | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> dict[str, float]:
-    """Errors on the test set; its blocks are dealt to all ranks and the error sums added."""
+    """Errors on the test set and the gradient floor. With ``world_size`` ranks (each calls
+    this), the test blocks are dealt to them and the sums added; the result does not depend
+    on the number of ranks."""
     n = test.X.shape[0]
     blocks = math.ceil(n / EVAL_BLOCK)
-    first, last = split_evenly(blocks, info.rank, info.world_size)
+    first, last = split_evenly(blocks, rank, world_size)
     lo, hi = first * EVAL_BLOCK, min(n, last * EVAL_BLOCK)
-    sums = torch.zeros(6, dtype=torch.float64, device=info.device)
+    sums = torch.zeros(8, dtype=torch.float64, device=device)
     if hi > lo:
-        X = test.X[lo:hi].to(device=info.device, dtype=dtype)
-        u, grad = predict(model, X, config, first_block=first)
-        sums = error_sums(u, grad, test.u[lo:hi], test.grad[lo:hi]).to(info.device)
-    return errors_from_sums(sum_values(sums).cpu())
+        X = test.X[lo:hi].to(device=device, dtype=dtype)
+        u, grad = predict(model, X, config, first_block=first, transform=transform)
+        sums[:6] = error_sums(u, grad, test.u[lo:hi], test.grad[lo:hi]).to(device)
+        floor = floor_sums(model, X, u, test.grad[lo:hi], transform)
+        if floor is not None:
+            sums[6:] = floor.to(device)
+    total = sum_values(sums).cpu()
+    out = errors_from_sums(total[:6])
+    if isinstance(getattr(model, "input_layer", None), torch.nn.Linear):
+        out["gradient_floor"] = float(total[6] / total[7]) ** 0.5
+    return out
+
+
+def reference_errors(
+    model: torch.nn.Module, pde: PDE, config: Config, device: torch.device, dtype: torch.dtype,
+    transform: Transform | None = None,
+) -> dict[str, dict[str, float | str]]:  # fmt: skip
+    """The model beside the PDE's reference values (e.g. HJB's u(0, 0)), one process."""
+    out: dict[str, dict[str, float | str]] = {}
+    for name, (X, value, source) in pde.reference_values().items():
+        u, _ = predict(model, X.to(device=device, dtype=dtype), config, transform=transform)
+        got = float(u[0])
+        out[name] = {"model": got, "reference": value, "rel_error": abs(got - value) / abs(value), "source": source}
+    return out
+
+
+def baselines(pde: PDE, test: TestSet) -> dict[str, dict[str, float]]:
+    """The errors of predictors that ignore how u depends on x, on the test set itself:
+    ``constant`` (the test mean), ``t_only`` (time-dependent PDEs: the least-squares
+    polynomial of degree T_ONLY_DEGREE in t, fitted to the test values; a lower degree on
+    small test sets, at least 20 points per coefficient), ``condition_value``
+    (the terminal or initial value everywhere, where the PDE has one). The first two have
+    gradient error 1."""
+    u, grad = test.u.double(), test.grad.double()
+    zero = torch.zeros_like(grad)
+    out = {"constant": relative_errors(torch.full_like(u, float(u.mean())), zero, u, grad)}
+    if pde.time_dependent:
+        t = test.X[:, -1].double().numpy()
+        degree = min(T_ONLY_DEGREE, (len(np.unique(t)) - 1) // 20)  # >= 20 test points per coefficient
+        fit = np.polynomial.Polynomial.fit(t, u.numpy(), degree)
+        out["t_only"] = relative_errors(torch.from_numpy(fit(t)), zero, u, grad)
+    predictor = pde.condition_predictor(test.X.double())
+    if predictor is not None:
+        out["condition_value"] = relative_errors(predictor[0], predictor[1], u, grad)
+    return out
+
+
+def not_beaten(errors: dict[str, float], reference: dict[str, dict[str, float]]) -> str | None:
+    """A warning line when the solution error does not beat the best function of t alone
+    (stationary PDEs: the best constant); None when it does."""
+    name, what = ("t_only", "the best function of t alone") if "t_only" in reference else ("constant", "a constant")
+    bound = reference[name]["l2_rel"]
+    if errors["l2_rel"] < bound:
+        return None
+    return (
+        f"warning: the solution error l2_rel={errors['l2_rel']:.4g} does not beat {what} ({bound:.4g}, fitted to the "
+        "test set): the model has not learned how the solution depends on x"
+    )

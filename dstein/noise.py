@@ -29,7 +29,8 @@ class Streams:
     ``POINTS`` (training points, ``counter_seed(seed, step, POINTS)``), ``MODEL_INIT``
     (initial weights, ``counter_seed(seed, MODEL_INIT)``), ``TEST_POINTS`` (block k of the
     test points, ``counter_seed(seed, k, TEST_POINTS)``), ``HUTCHINSON`` (the probes,
-    ``counter_seed(seed, step, stream, HUTCHINSON)``), ``DATA_SHUFFLE`` (an HDF5 file's
+    ``counter_seed(seed, step, stream, HUTCHINSON)``), ``FEATURE_STATS`` (the training points
+    that standardize the radial family's feature), ``DATA_SHUFFLE`` (an HDF5 file's
     epoch permutation) and ``COLE_HOPF`` (the HJB truth's Monte Carlo, a NumPy seed).
     """
 
@@ -42,6 +43,7 @@ class Streams:
     MODEL_INIT = 0x4D4F44454C
     TEST_POINTS = 0x54455354
     HUTCHINSON = 0x48555443
+    FEATURE_STATS = 0x46454154
     DATA_SHUFFLE = 0x4835
     COLE_HOPF = 0x484A42
 

@@ -31,15 +31,21 @@ def _save(fig, path: Path) -> None:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
 
 
-def plot_history(rows: list[dict], out: Path, title: str) -> None:
-    """Loss terms and errors from metrics.jsonl rows."""
+#: How the baselines are drawn on errors.png (reference lines of the solution's L2 error).
+BASELINE_STYLES = {"constant": ("best constant", ":"), "t_only": ("best function of t", "--"),
+                   "condition_value": ("condition value", "-.")}  # fmt: skip
+
+
+def plot_history(rows: list[dict], out: Path, title: str, baselines: dict[str, dict[str, float]] | None = None) -> None:
+    """Loss terms and errors from metrics.jsonl rows; the baselines' solution L2 errors and
+    the gradient floor as horizontal reference lines."""
     plt = _pyplot()
     train = [r for r in rows if "loss" in r]
     evals = [r for r in rows if "l2_rel" in r]
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     terms = [k for k in train[0] if k not in ("step", "lr", "seconds")] if train else []
-    for key in terms:
-        ax.plot([r["step"] for r in train], [max(r[key], 1e-30) for r in train], label=key, lw=1.2)
+    for key in terms:  # the unbiased residual loss can be negative: its magnitude is drawn
+        ax.plot([r["step"] for r in train], [max(abs(r[key]), 1e-30) for r in train], label=key, lw=1.2)
     ax.set(yscale="log", xlabel="step", ylabel="loss term", title=f"{title}: losses")
     ax.legend(), ax.grid(alpha=0.3)
     _save(fig, out / "losses.png")
@@ -48,6 +54,12 @@ def plot_history(rows: list[dict], out: Path, title: str) -> None:
     labels = {"l1_rel": "solution L1 rel.", "l2_rel": "solution L2 rel.", "grad_l2_rel": "gradient L2 rel."}
     for key, label in labels.items():
         ax.plot([r["step"] for r in evals], [r[key] for r in evals], marker="o", ms=3, label=label)
+    for name, errors in (baselines or {}).items():
+        label, style = BASELINE_STYLES.get(name, (name, ":"))
+        ax.axhline(errors["l2_rel"], color="0.35", ls=style, lw=1, label=f"L2 of {label}")
+    floors = [r["gradient_floor"] for r in evals if "gradient_floor" in r]
+    if floors and floors[-1] > 0:
+        ax.axhline(floors[-1], color="C2", ls=":", lw=1, label="gradient floor (last)")
     ax.set(yscale="log", xlabel="step", ylabel="relative error", title=f"{title}: test errors")
     ax.legend(), ax.grid(alpha=0.3, which="both")
     _save(fig, out / "errors.png")

@@ -14,9 +14,9 @@ import numpy as np
 import torch
 
 from dstein import plots
-from dstein.build import build_estimator, build_model, build_pde, load_test_set
+from dstein.build import build_estimator, build_model, build_pde, load_test_set, output_transform
 from dstein.config import Config, ConfigError, load_resolved
-from dstein.evaluation import predict, test_errors
+from dstein.evaluation import baselines, evaluate, predict
 from dstein.files import atomic_path, write_json_atomic
 from dstein.metrics import read_metrics
 from dstein.noise import Streams
@@ -51,10 +51,10 @@ def draw_plots(
     out.mkdir(parents=True, exist_ok=True)
     title = f"{pde.name} d={pde.dim}, {config.estimator.method}"
     metrics = run_dir / "metrics.jsonl"
-    plots.plot_history(read_metrics(metrics) if metrics.exists() else [], out, title)
+    plots.plot_history(read_metrics(metrics) if metrics.exists() else [], out, title, baselines(pde, test))
     X, coord, label = pde.slice(200)
     exact = pde.truth(X, config.eval.truth_samples, config.eval.seed).u.numpy()
-    u, _ = predict(model, X.to(device=device, dtype=dtype), config)
+    u, _ = predict(model, X.to(device=device, dtype=dtype), config, transform=output_transform(config, pde))
     plots.plot_slice(coord.numpy(), u.double().cpu().numpy(), exact, label, out, title)
     plots.plot_residuals(test_residuals(model, pde, test, config, device, dtype), out, title)
     return [out / name for name in plots.PLOTS]
@@ -82,9 +82,9 @@ def evaluate_run(run_dir: str | Path, test_file: str | None = None, samples: int
     test = load_test_set(config, pde, test_file)
     model = build_model(config, pde, dtype, device)
     model.load_state_dict(torch.load(run_dir / MODEL_FILE, map_location=device))
-    errors = test_errors(model, test, config, device, dtype)
-    result = {**errors, "model": MODEL_FILE, "test_points": int(test.X.shape[0]), "eval_samples": config.eval.samples,
-              "test_file": test_file}  # fmt: skip
+    errors = evaluate(model, test, config, device, dtype, output_transform(config, pde))
+    result = {**errors, "baselines": baselines(pde, test), "model": MODEL_FILE, "test_points": int(test.X.shape[0]),
+              "eval_samples": config.eval.samples, "test_file": test_file}  # fmt: skip
     write_json_atomic(run_dir / "eval.json", result)
     draw_plots(run_dir, model, pde, test, config, device, dtype)
     return result

@@ -15,6 +15,7 @@ Everything is built by ``dstein.build``; this module only runs it.
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from dstein.data.points import Batch
 from dstein.distributed import DistInfo, init_distributed, stop_on_lost_peer, sum_values
 from dstein.errors import Preempted
 from dstein.estimators.sharded import Estimator
-from dstein.evaluation import evaluate
+from dstein.evaluation import evaluate, not_beaten, reference_errors
 from dstein.faults import fault_loss
 from dstein.files import write_json_atomic
 from dstein.metrics import MetricsLog, Progress, Scalars
@@ -53,23 +54,31 @@ def loss_terms(
     step: int,
     stream_base: int = 0,
     samples: int | None = None,
+    unbiased: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Squared PDE residual (``residual``) and condition misfits (one per condition), each
-    summed over this point group's points and divided by the step's total count.
-    ``samples``: for the domain points, instead of the estimator's.
+    """Squared PDE residual (``residual``) and condition misfits (one per condition in
+    ``points``: a hard constraint leaves out those it satisfies), each summed over this point
+    group's points and divided by the step's total count. ``samples``: for the domain points,
+    instead of the estimator's. ``unbiased``: the residual term is ``r1 r2`` for two
+    independent estimates (halves of the samples) instead of ``r^2`` (train.residual_loss).
 
     Differentiated with respect to the points (adversarial steps), the residual's and the
     targets' own dependence on the points goes through ``Shard.direct``, so that the sum of
     the point gradients over a sample group counts it once (values are unchanged)."""
     dom = points["domain"]
     cache: dict = {}  # the estimates of this loss share what depends only on the weights
-    D = estimator(
-        model, dom.X, pde.needs, step=step, stream=stream_base + Streams.DOMAIN, rows=dom.rows, samples=samples,
-        cache=cache,
-    )  # fmt: skip
-    res = pde.residual(estimator.shard.direct(dom.X), D)
-    terms = {"residual": (res * res).sum() / dom.total}
+    where: dict[str, Any] = {
+        "step": step, "stream": stream_base + Streams.DOMAIN, "rows": dom.rows, "samples": samples, "cache": cache,
+    }  # fmt: skip
+    X = estimator.shard.direct(dom.X)
+    if unbiased:
+        first, second = (pde.residual(X, D) for D in estimator.pair(model, dom.X, pde.needs, **where))
+    else:
+        first = second = pde.residual(X, estimator(model, dom.X, pde.needs, **where))
+    terms = {"residual": (first * second).sum() / dom.total}
     for k, kind in enumerate(pde.conditions):
+        if kind not in points:  # held exactly by the hard constraint
+            continue
         batch = points[kind]
         u = estimator(
             model, batch.X, frozenset({"u"}), step=step, stream=stream_base + Streams.condition(k),
@@ -101,7 +110,8 @@ def adversarial_points(
     for j in range(adv.steps):
         moving = {k: b.X.detach().requires_grad_(True) for k, b in points.items()}
         batches = {k: points[k].with_points(X) for k, X in moving.items()}
-        terms = loss_terms(model, pde, estimator, batches, step, Streams.attack(j), adv.samples)
+        terms = loss_terms(model, pde, estimator, batches, step, Streams.attack(j), adv.samples,
+                           config.train.unbiased_at(step))  # fmt: skip
         loss = total_loss(terms, config.train.condition_weight)
         grads = torch.autograd.grad(loss, list(moving.values()))
         moved = {}
@@ -124,7 +134,8 @@ def train_step(tr: Trainer, step: int) -> StepResult:
     points = tr.points(step)
     if cfg.train.adversarial.steps:
         points = adversarial_points(tr.model, tr.pde, tr.estimator, points, cfg, step)
-    terms = fault_loss(loss_terms(tr.model, tr.pde, tr.estimator, points, step), step + 1, info.rank)
+    unbiased = cfg.train.unbiased_at(step)
+    terms = fault_loss(loss_terms(tr.model, tr.pde, tr.estimator, points, step, unbiased=unbiased), step + 1, info.rank)
     loss = total_loss(terms, cfg.train.condition_weight)
     local = torch.stack([loss.detach(), *(v.detach() for v in terms.values())]).double()
     # each point group's terms are held by its sample_group_size ranks; a NaN anywhere
@@ -177,6 +188,8 @@ def _train(config: Config, info: DistInfo, notes: list[str]) -> dict[str, Any]:
     if writer:
         for line in [*notes, *resumed.messages]:
             print(line, flush=True)
+        if cfg.pde.dim > cfg.model.width:
+            print(width_warning(cfg.pde.dim, cfg.model.width), file=sys.stderr, flush=True)
         tr.run_dir.mkdir(parents=True, exist_ok=True)
         (tr.run_dir / "config.yaml").write_text(to_yaml(cfg))
     start = time.perf_counter()
@@ -187,6 +200,7 @@ def _train(config: Config, info: DistInfo, notes: list[str]) -> dict[str, Any]:
         finish_run(tr.run_dir, tr.model, tr.pde, tr.test, cfg, tr.device, tr.dtype)
     summary = {
         **errors,
+        "baselines": tr.baselines,
         "steps": cfg.train.steps,
         "wall_seconds": wall,  # this start only
         "train_seconds": resumed.seconds + wall,  # all starts of the run together
@@ -201,8 +215,22 @@ def _train(config: Config, info: DistInfo, notes: list[str]) -> dict[str, Any]:
     if tr.test.u_se is not None:
         summary["truth_max_se"] = float(tr.test.u_se.max())
     if writer:
+        summary["reference"] = reference_errors(tr.model, tr.pde, cfg, tr.device, tr.dtype, tr.estimator.transform)
         write_json_atomic(tr.run_dir / "summary.json", summary)
+        warning = not_beaten(errors, tr.baselines)
+        if warning:
+            print(warning, file=sys.stderr, flush=True)
     return summary
+
+
+def width_warning(dim: int, width: int) -> str:
+    """What a first layer narrower than d means for the gradient error (said once, at the start)."""
+    floor = (1 - width / dim) ** 0.5
+    return (
+        f"warning: pde.dim={dim} > model.width={width}: the network's input gradient lies in the {width}-dimensional "
+        f"row space of its first layer, so for gradients in random directions its gradient error cannot go below "
+        f"about sqrt(1 - {width}/{dim}) = {floor:.2f} (gradient_floor in the evaluations gives the actual share)"
+    )
 
 
 def _steps(tr: Trainer, checkpoints: Checkpointer, resumed: Resume, start: float) -> dict[str, float]:
@@ -235,9 +263,9 @@ def _steps(tr: Trainer, checkpoints: Checkpointer, resumed: Resume, start: float
                     rate = (done - first) / (seconds - resumed.seconds)  # of this start
                     scalars.add(done, {**terms, "lr": result.lr, "steps_per_second": rate}, "train")
             if done % cfg.eval.every == 0 or done == cfg.train.steps:
-                errors = new_errors = evaluate(tr.model, tr.test, cfg, tr.info, tr.dtype)
-                metrics.write({"step": done, **errors, "seconds": clock()})
-                scalars.add(done, errors, "eval")
+                errors = new_errors = _evaluate(tr)
+                metrics.write({"step": done, **errors, "baselines": tr.baselines, "seconds": clock()})
+                scalars.add(done, {**errors, **flat_baselines(tr.baselines)}, "eval")
             progress.update(done, terms, new_errors)
             stop = preemption.agreed()
             if checkpoints.due(done) or stop:
@@ -246,13 +274,24 @@ def _steps(tr: Trainer, checkpoints: Checkpointer, resumed: Resume, start: float
                 progress.close()
                 raise Preempted(done, path, preemption.received or "a signal on another rank")
         if not errors:  # resumed from the final checkpoint: nothing left to train
-            errors = evaluate(tr.model, tr.test, cfg, tr.info, tr.dtype)
+            errors = _evaluate(tr)
     finally:
         preemption.restore()
         progress.close()
         scalars.close()
         metrics.close()
     return errors
+
+
+def _evaluate(tr: Trainer) -> dict[str, float]:
+    info = tr.info
+    return evaluate(tr.model, tr.test, tr.config, tr.device, tr.dtype, tr.estimator.transform, info.rank,
+                    info.world_size)  # fmt: skip
+
+
+def flat_baselines(baselines: dict[str, dict[str, float]]) -> dict[str, float]:
+    """``baseline_<predictor>_<error>`` scalars (TensorBoard draws them as reference lines)."""
+    return {f"baseline_{name}_{key}": value for name, errors in baselines.items() for key, value in errors.items()}
 
 
 __all__ = ["lr_factor", "run", "train_step"]

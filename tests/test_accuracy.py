@@ -1,6 +1,8 @@
-"""The quickstart trains to the accuracy the core issue promises (minutes: marked slow).
+"""The quickstart trains to the accuracy the accuracy issue promises (minutes: marked slow).
 
-Measured times live in docs/benchmarks.md, not here: this checks the result only.
+Measured times live in docs/benchmarks.md, not here: this checks the result only, beside the
+baselines every run reports (a function of t alone scores 0.114 here, the terminal value 0.283
+with gradient error 0.82).
 """
 
 from __future__ import annotations
@@ -13,10 +15,9 @@ from dstein.train import run
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["stein-antithetic", "autograd"])
-def test_quickstart_reaches_four_percent(method, root, tmp_path):
+def test_quickstart_reaches_the_targets(method, root, tmp_path):
     config = load_config(root / "configs/quickstart.yaml", [f"estimator.method={method}", f"run.dir={tmp_path}"])
     summary = run(config)
-    assert summary["l2_rel"] <= 0.04, summary
-    # predicting the terminal value everywhere scores 0.28; a gradient error near 1 would
-    # mean the model learned little about x
-    assert summary["grad_l2_rel"] <= 0.4, summary
+    assert summary["l2_rel"] <= 0.015, summary
+    assert summary["grad_l2_rel"] <= 0.12, summary
+    assert summary["l2_rel"] < summary["baselines"]["t_only"]["l2_rel"] / 5, summary

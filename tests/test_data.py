@@ -23,6 +23,7 @@ SMALL = [
     "train.steps=4", "train.log_every=1", "eval.every=2", "eval.points=10", "eval.samples=8",
     "eval.truth_samples=500", "estimator.samples=16", "train.domain_points=6", "train.condition_points=5",
     "model.width=16", "model.depth=2",
+    "model.hard_constraint=false",  # files with condition points: the terminal condition as a loss
 ]  # fmt: skip
 
 
@@ -189,3 +190,17 @@ def test_command_line_refuses_a_file_of_another_dimension(datafile, tmp_path, ro
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert "written for dim 10, the config has pde.dim=12" in lines[-1] and "Traceback" not in out.stderr
+
+
+def test_a_hard_constrained_run_writes_and_reads_no_condition_points(root, tmp_path):
+    """Under model.hard_constraint the terminal set is never drawn, stored or read."""
+    overrides = [*(o for o in SMALL if not o.startswith("model.hard_constraint")), "model.hard_constraint=true"]
+    cfg = load_config(root / "configs/quickstart.yaml", [*overrides, f"run.dir={tmp_path / 'run'}"])
+    path = generate(cfg, tmp_path / "hard.h5", steps=4, test_points=10, truth_samples=500)
+    with h5py.File(path) as fh:
+        assert list(fh["train"]) == ["domain"] and json.loads(fh.attrs["batch"]) == {"domain": 6}
+    cfg = load_config(root / "configs/quickstart.yaml", [*overrides, f"run.dir={tmp_path / 'run'}",
+                                                          f"data.train_file={path}", "data.shuffle=false"])  # fmt: skip
+    run(cfg)
+    rows = [r for r in read_metrics(tmp_path / "run/metrics.jsonl") if "loss" in r]
+    assert rows and all(set(r) == {"step", "loss", "residual", "lr", "seconds"} for r in rows)

@@ -24,6 +24,16 @@ CASES = {
     "heat": ["configs/heat_100.yaml", *SMALL_64],
     "hjb": ["configs/quickstart.yaml", *SMALL_64],
     "hjb-adversarial": ["configs/quickstart.yaml", *SMALL_64, "train.adversarial.steps=2"],
+    "hjb-unbiased": ["configs/quickstart.yaml", *SMALL_64, "train.residual_loss=unbiased"],
+    "hjb-hard": ["configs/quickstart.yaml", *SMALL_64, "model.hard_constraint=true", "train.residual_loss=unbiased"],
+    "hjb-hard-subspace": [
+        "configs/quickstart.yaml",
+        *SMALL_64,
+        "pde.dim=40",
+        "estimator.method=stein-subspace",
+        "model.hard_constraint=true",
+        "train.adversarial.steps=1",
+    ],
 }
 
 
@@ -66,6 +76,11 @@ def reference(tmp_path_factory):
         ("hjb", 4, 2),  # two point groups x two sample ranks
         ("hjb-adversarial", 3, 0),
         ("hjb-adversarial", 4, 2),
+        ("hjb-unbiased", 2, 0),
+        ("hjb-unbiased", 3, 0),
+        ("hjb-hard", 2, 0),
+        ("hjb-hard", 4, 2),
+        ("hjb-hard-subspace", 3, 0),
     ],
 )
 def test_gradient_equals_single_process_gradient(reference, tmp_path, case, world, sample_group_size):

@@ -100,6 +100,16 @@ BAD = [
     ("data file of another PDE", "configs/heat_100.yaml", ["data.test_file={hjb5}", "pde.dim=5"], 1, "{hjb5}"),
     ("missing checkpoint", CONFIG, ["checkpoint.resume=/nonexistent/ckpt"], 1,
      "checkpoint.resume=/nonexistent/ckpt: no such directory"),
+    ("difference Laplacian without pairs", CONFIG, ["estimator.method=stein"], 1,
+     "estimator.laplacian=difference needs antithetic pairs: estimator.method=stein has none"),
+    ("unknown residual loss", CONFIG, ["train.residual_loss=l1"], 1, "train.residual_loss='l1' must be one of"),
+    ("unknown model family", CONFIG, ["model.family=cnn"], 1, "model.family='cnn' must be one of"),
+    ("hard constraint the PDE has none of", "configs/poisson_2d.yaml", ["model.hard_constraint=true"], 1,
+     "model.hard_constraint=true: pde poisson has no output transform"),
+    ("radial family with the subspace estimator", CONFIG, ["model.family=radial", "estimator.method=stein-subspace"],
+     1, "estimator.method=stein-subspace needs a first layer linear in x; model.family=radial"),
+    ("unbiased loss of one chunk", CONFIG, ["estimator.samples=64", "estimator.chunk=64"], 1,
+     "train.residual_loss=unbiased needs two independent estimates"),
 ]  # fmt: skip
 
 
@@ -111,7 +121,8 @@ AT_LOAD = {
     "odd antithetic chunk", "unknown method", "bf16 training", "unknown precision", "unknown device",
     "non-smooth activation", "zero width", "zero learning rate", "unknown nonfinite policy", "uncatchable signal",
     "unknown signal", "keep no checkpoint", "ZeRO 3", "missing config file", "config not YAML",
-    "odd adversarial samples", "unknown recompute policy",
+    "odd adversarial samples", "unknown recompute policy", "difference Laplacian without pairs",
+    "unknown residual loss", "unknown model family",
 }  # fmt: skip
 
 

@@ -205,3 +205,17 @@ def test_test_points_are_drawn_in_blocks_any_slice_alike():
     assert pde.test_points(9, 9, seed=5).shape == (0, 4)
     assert not torch.equal(pde.test_points(0, 10, seed=6), whole[:10])
     assert torch.equal(pde.test_set(50, seed=5, truth_samples=2).X, whole[:50])
+
+
+def test_hjb_reference_value_at_the_origin_matches_deep_bsde():
+    """u(0, 0) at d = 100 (Deep BSDE's quadrature value 4.5901617): the d-independent
+    Cole-Hopf Monte Carlo agrees within 4 standard errors; other d use the Monte Carlo."""
+    import numpy as np
+
+    hjb = build_pde("hjb", 100)
+    (X, value, source) = hjb.reference_values()["u(0,0)"]
+    assert value == 4.5901617 and "Deep BSDE" in source and torch.equal(X, torch.zeros(1, 101, dtype=torch.float64))
+    u, _, se = cole_hopf_radial(np.zeros((1, 100)), np.zeros(1), 1.0, 1.0, 10**6, 0)
+    assert abs(u[0] - value) < 4 * se[0], (u[0], se[0])
+    other = build_pde("hjb", 20).reference_values()["u(0,0)"]
+    assert "Monte Carlo" in other[2] and 2.0 < other[1] < 4.0

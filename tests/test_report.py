@@ -36,13 +36,46 @@ def test_run_directory_holds_logs_tensorboard_and_plots(finished_run):
     acc = EventAccumulator(str(run_dir / "tensorboard"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    assert {"train/loss", "train/residual", "train/terminal", "train/lr", "train/steps_per_second"} <= tags
-    assert {"eval/l1_rel", "eval/l2_rel", "eval/grad_l2_rel"} <= tags
+    # the quickstart's hard constraint holds the terminal condition: no terminal loss term
+    assert {"train/loss", "train/residual", "train/lr", "train/steps_per_second"} <= tags
+    assert not any(tag.startswith("train/terminal") for tag in tags)
+    assert {"eval/l1_rel", "eval/l2_rel", "eval/grad_l2_rel", "eval/gradient_floor"} <= tags
+    assert {
+        "eval/baseline_constant_l2_rel",
+        "eval/baseline_t_only_l2_rel",
+        "eval/baseline_condition_value_grad_l2_rel",
+    } <= tags
     for name in PLOTS:
         path = run_dir / "plots" / name
         assert path.stat().st_size > 10_000, name
         image = matplotlib.image.imread(path)
         assert image.shape[0] > 300 and image.shape[1] > 500 and image.std() > 0.05, name
+
+
+def test_every_evaluation_stands_beside_its_baselines(finished_run):
+    """summary.json and each eval row of metrics.jsonl carry the baselines (best constant,
+    best function of t, terminal value) and the gradient floor; a run that does not beat the
+    best function of t says so in one warning line."""
+    run_dir, out = finished_run
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert set(summary["baselines"]) == {"constant", "t_only", "condition_value"}
+    for errors in summary["baselines"].values():
+        assert set(errors) == {"l1_rel", "l2_rel", "grad_l2_rel"}
+    assert summary["baselines"]["t_only"]["grad_l2_rel"] == 1.0 and 0 <= summary["gradient_floor"] < 1e-6  # d <= width
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "l2_rel" in r]
+    assert evals and all(r["baselines"] == summary["baselines"] and "gradient_floor" in r for r in evals)
+    warnings = [line for line in out.stderr.splitlines() if line.startswith("warning: the solution error")]
+    beaten = summary["l2_rel"] < summary["baselines"]["t_only"]["l2_rel"]
+    assert len(warnings) == (0 if beaten else 1), out.stderr[-2000:]
+
+
+def test_a_first_layer_narrower_than_d_is_warned_of_once(tmp_path):
+    out = run_command(train_command("configs/quickstart.yaml", *SMALL, "train.steps=2", "pde.dim=40",
+                                    "eval.plots=false", f"run.dir={tmp_path}"))  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = [line for line in out.stderr.splitlines() if "pde.dim=40 > model.width=16" in line]
+    assert len(lines) == 1 and "sqrt(1 - 16/40) = 0.77" in lines[0]
 
 
 def test_redirected_log_has_plain_lines(finished_run):
@@ -62,9 +95,14 @@ def test_evaluate_reproduces_the_final_errors(finished_run):
     out = run_command([sys.executable, "launch/evaluate.py", "--run", str(run_dir)])
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads((run_dir / "eval.json").read_text())
-    for key in ("l1_rel", "l2_rel", "grad_l2_rel"):
-        assert result[key] == pytest.approx(summary[key], rel=1e-12, abs=0)
+    for key in ("l1_rel", "l2_rel", "grad_l2_rel", "gradient_floor"):
+        assert result[key] == pytest.approx(summary[key], rel=1e-12, abs=1e-15)
         assert f"{result[key]:.6f}" in out.stdout
+    assert result["baselines"] == summary["baselines"]
+    header = next(line for line in out.stdout.splitlines() if line.startswith("metric"))
+    assert header.split() == ["metric", "model", "constant", "t_only", "condition_value"]
+    t_only = f"{summary['baselines']['t_only']['l2_rel']:.6f}"
+    assert any(line.startswith("l2_rel") and t_only in line for line in out.stdout.splitlines())
     assert all((run_dir / "plots" / name).is_file() for name in PLOTS)
 
 

@@ -40,13 +40,19 @@ class Batch:
         return Batch(X, self.start, self.total)
 
 
+def point_counts(pde: PDE, config: Config) -> dict[str, int]:
+    """Points per step of each kind the configured losses use (a condition that the hard
+    constraint makes hold exactly has none)."""
+    return pde.point_counts(config.train.domain_points, config.train.condition_points, config.model.hard_constraint)
+
+
 def collocation(
     pde: PDE, config: Config, step: int, dtype: torch.dtype, device: torch.device, part: int = 0, parts: int = 1
 ) -> dict[str, Batch]:
     """The step's points (``domain`` and one set per condition) from ``(seed, step)`` alone;
     point group ``part`` of ``parts`` keeps its rows of each set."""
     gen = torch.Generator().manual_seed(counter_seed(config.seed, step, Streams.POINTS))
-    counts = pde.point_counts(config.train.domain_points, config.train.condition_points)
+    counts = point_counts(pde, config)
     points = {kind: pde.training_points(kind, n, gen, POINTS_DTYPE) for kind, n in counts.items()}
     out = {}
     for kind, X in points.items():

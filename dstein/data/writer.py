@@ -19,7 +19,7 @@ import torch
 
 import dstein
 from dstein.config import Config
-from dstein.data.points import collocation
+from dstein.data.points import collocation, point_counts
 from dstein.data.schema import SCHEMA_VERSION
 from dstein.faults import fault
 from dstein.files import atomic_path
@@ -45,10 +45,6 @@ def _create(group: h5py.Group, name: str, rows: int, tail: tuple[int, ...]) -> h
     )  # fmt: skip
 
 
-def _train_kinds(pde: PDE, config: Config) -> dict[str, int]:
-    return pde.point_counts(config.train.domain_points, config.train.condition_points)
-
-
 def _write_part(
     path: Path, pde: PDE, config: Config, steps: range, test_rows: tuple[int, int], truth_samples: int, progress: bool
 ) -> None:
@@ -56,7 +52,7 @@ def _write_part(
     their truth, written block by block."""
     from tqdm import tqdm
 
-    kinds = _train_kinds(pde, config)
+    kinds = point_counts(pde, config)
     with h5py.File(path, "w") as fh:
         dsets = {k: _create(fh, k, len(steps) * b, (pde.in_dim,)) for k, b in kinds.items()}
         for i, step in enumerate(tqdm(steps, desc="train points", disable=not progress, unit="step")):
@@ -86,7 +82,7 @@ def _root_attrs(fh: h5py.File, pde: PDE, config: Config, steps: int) -> None:
         created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), pde=pde.name, dim=pde.dim, in_dim=pde.in_dim,
         time_dependent=pde.time_dependent, pde_params=json.dumps(pde.params(), sort_keys=True),
         sampler=f"{type(pde).__module__}.{type(pde).__name__}", seed=config.seed, steps=steps,
-        batch=json.dumps(_train_kinds(pde, config)),
+        batch=json.dumps(point_counts(pde, config)),
     )  # fmt: skip
 
 
@@ -107,7 +103,7 @@ def _copy_rows(parts: list[Path], name: str, dset: h5py.Dataset, block: int = 16
 def _assemble(
     out: Path, parts: list[Path], pde: PDE, config: Config, steps: int, test_points: int, truth_samples: int
 ) -> None:
-    kinds = _train_kinds(pde, config)
+    kinds = point_counts(pde, config)
     with atomic_path(out) as tmp:  # a failure before the rename leaves `out` as it was
         with h5py.File(tmp, "w") as fh:
             _root_attrs(fh, pde, config, steps)

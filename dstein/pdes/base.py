@@ -16,6 +16,7 @@ from typing import ClassVar
 import torch
 
 from dstein.estimators.base import Derivatives
+from dstein.estimators.constraint import OutputTransform
 from dstein.noise import Streams, counter_seed
 
 #: Test points are drawn in blocks of this many (see PDE.test_points).
@@ -46,6 +47,8 @@ class PDE(abc.ABC):
     time_dependent: ClassVar[bool]
     #: Names of the condition point sets (boundary, initial, terminal ...).
     conditions: ClassVar[tuple[str, ...]]
+    #: The conditions that ``output_transform`` makes hold exactly (no loss for them).
+    constrained: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, dim: int):
         if not isinstance(dim, int) or dim < 1:
@@ -93,6 +96,24 @@ class PDE(abc.ABC):
     def project_condition(self, kind: str, X: torch.Tensor) -> torch.Tensor:
         """Map condition points moved by adversarial steps back onto their set."""
         return self.project(X)
+
+    def output_transform(self, X: torch.Tensor) -> OutputTransform | None:
+        """The hard constraint ``u = A + B f`` at points X (``model.hard_constraint``), with
+        the derivatives of A and B in closed form, differentiable in X; None: this PDE has
+        none. It must make the conditions in ``constrained`` hold exactly."""
+        return None
+
+    def condition_predictor(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A predictor that knows only a condition: the terminal or initial value taken as
+        the solution everywhere, and its spatial gradient (a baseline of every evaluation);
+        None where the PDE has no such value (a boundary target that is the solution itself)."""
+        return None
+
+    def reference_values(self) -> dict[str, tuple[torch.Tensor, float, str]]:
+        """Published or independently computed values of the solution at single points, by
+        name: (the point, shape (1, in_dim), the value, where it comes from). Reported in
+        summary.json beside the model's values."""
+        return {}
 
     def sample_test(self, n: int, gen: torch.Generator) -> torch.Tensor:
         return self.sample_domain(n, gen)
@@ -142,9 +163,11 @@ class PDE(abc.ABC):
         """The PDE's own parameters (``describe`` without name and dimension)."""
         return {k: v for k, v in self.describe().items() if k not in ("name", "dim")}
 
-    def point_counts(self, domain_points: int, condition_points: int) -> dict[str, int]:
-        """Points per step of each kind: ``domain`` and every condition set."""
-        return {"domain": domain_points, **{kind: condition_points for kind in self.conditions}}
+    def point_counts(self, domain_points: int, condition_points: int, constrained: bool = False) -> dict[str, int]:
+        """Points per step of each kind: ``domain`` and every condition set (``constrained``:
+        but those that the output transform makes hold exactly)."""
+        kinds = [k for k in self.conditions if not (constrained and k in self.constrained)]
+        return {"domain": domain_points, **{kind: condition_points for kind in kinds}}
 
 
 class ExactPDE(PDE):

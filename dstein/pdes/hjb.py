@@ -21,12 +21,17 @@ import numpy as np
 import torch
 
 from dstein.estimators.base import Derivatives
+from dstein.estimators.constraint import OutputTransform
 from dstein.noise import Streams
 from dstein.pdes.base import PDE, TestSet
 
 
 def terminal(x: torch.Tensor) -> torch.Tensor:
     return torch.log((1 + (x * x).sum(-1)) / 2)
+
+
+def terminal_grad(x: torch.Tensor) -> torch.Tensor:
+    return 2 * x / (1 + (x * x).sum(-1, keepdim=True))
 
 
 def cole_hopf(X: torch.Tensor, nodes: torch.Tensor, weights: torch.Tensor, mu: float, T: float) -> torch.Tensor:
@@ -80,26 +85,51 @@ class HJB(PDE):
     needs = frozenset({"u_t", "lap", "grad_sq"})
     time_dependent = True
     conditions = ("terminal",)
+    constrained = ("terminal",)
 
-    def __init__(self, dim: int, mu: float = 1.0, T: float = 1.0):
+    def __init__(self, dim: int, mu: float = 1.0, T: float = 1.0, spread: float = 0.0):
+        """``spread``: how much of the test points' domain of dependence the training points
+        cover. The test points are x ~ N(0, I), t ~ U(0, T); the solution there is set by the
+        PDE along x + sqrt(2 (s - t)) Z up to s = T, where |x|^2 grows to d (1 + 2 (T - t)).
+        Training points at time s are drawn from N(0, (1 + 2 spread v s) I), v ~ U(0, 1) (the
+        terminal points at s = T): 0 draws them like the test points, 1 covers the whole
+        domain of dependence, which at d = 100 the test distribution alone misses
+        (docs/benchmarks.md)."""
         super().__init__(dim)
-        if not mu > 0:
+        if not (math.isfinite(mu) and mu > 0):
             raise ValueError(f"pde.params.mu={mu!r} must be > 0")
-        if not T > 0:
+        if not (math.isfinite(T) and T > 0):
             raise ValueError(f"pde.params.T={T!r} must be > 0")
-        self.mu, self.T = float(mu), float(T)
+        if not (math.isfinite(spread) and 0 <= spread <= 1):
+            raise ValueError(f"pde.params.spread={spread!r} must be in [0, 1]")
+        self.mu, self.T, self.spread = float(mu), float(T), float(spread)
 
     def describe(self) -> dict:
-        return {**super().describe(), "mu": self.mu, "T": self.T}
+        extra = {"spread": self.spread} if self.spread else {}  # files written before it existed stay valid
+        return {**super().describe(), "mu": self.mu, "T": self.T, **extra}
+
+    def _spread(self, X: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """Widen the spatial part of points X (time last) over the domain of dependence."""
+        if self.spread:
+            v = torch.rand(X.shape[0], generator=gen, dtype=X.dtype)
+            X[:, :-1] *= torch.sqrt(1 + 2 * self.spread * v * X[:, -1]).unsqueeze(1)
+        return X
 
     def residual(self, X: torch.Tensor, D: Derivatives) -> torch.Tensor:
         return D.require("u_t") + D.require("lap") - self.mu * D.require("grad_sq")
+
+    def sample_test(self, n: int, gen: torch.Generator) -> torch.Tensor:
+        """x ~ N(0, I), t ~ U(0, T) (whatever the training points' spread)."""
+        X = torch.empty(n, self.in_dim, dtype=torch.float64)
+        X[:, :-1] = torch.randn(n, self.dim, generator=gen, dtype=torch.float64)
+        X[:, -1] = self.T * torch.rand(n, generator=gen, dtype=torch.float64)
+        return X
 
     def sample_domain(self, n: int, gen: torch.Generator, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         X = torch.empty(n, self.in_dim, dtype=dtype)
         X[:, :-1] = torch.randn(n, self.dim, generator=gen, dtype=dtype)
         X[:, -1] = self.T * torch.rand(n, generator=gen, dtype=dtype)
-        return X
+        return self._spread(X, gen)
 
     def sample_condition(
         self, kind: str, n: int, gen: torch.Generator, dtype: torch.dtype = torch.float64
@@ -107,10 +137,32 @@ class HJB(PDE):
         X = torch.empty(n, self.in_dim, dtype=dtype)
         X[:, :-1] = torch.randn(n, self.dim, generator=gen, dtype=dtype)
         X[:, -1] = self.T
-        return X
+        return self._spread(X, gen)
 
     def condition_target(self, kind: str, X: torch.Tensor) -> torch.Tensor:
         return terminal(X[:, :-1])
+
+    def output_transform(self, X: torch.Tensor) -> OutputTransform:
+        """u = g(x) + (T - t) f: the terminal condition holds exactly."""
+        x, t = X[:, :-1], X[:, -1]
+        s = 1 + (x * x).sum(1)
+        lap = 2 * self.dim / s - 4 * (s - 1) / (s * s)  # of ln((1 + |x|^2) / 2)
+        return OutputTransform(
+            A=torch.log(s / 2), B=self.T - t, A_grad=2 * x / s.unsqueeze(1), A_lap=lap, B_t=torch.full_like(t, -1.0)
+        )
+
+    def reference_values(self) -> dict[str, tuple[torch.Tensor, float, str]]:
+        """u(0, 0): Deep BSDE's quadrature value at d = 100, mu = T = 1 (Han, Jentzen, E 2018);
+        otherwise the Cole-Hopf Monte Carlo with 10^6 samples."""
+        X = torch.zeros(1, self.in_dim, dtype=torch.float64)
+        if (self.dim, self.mu, self.T) == (100, 1.0, 1.0):
+            return {"u(0,0)": (X, 4.5901617, "Deep BSDE (Han, Jentzen, E 2018), quadrature")}
+        u, _, se = cole_hopf_radial(np.zeros((1, self.dim)), np.zeros(1), self.mu, self.T, 10**6, 0)
+        return {"u(0,0)": (X, float(u[0]), f"Cole-Hopf Monte Carlo, 10^6 samples (standard error {se[0]:.1e})")}
+
+    def condition_predictor(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = X[:, :-1]
+        return terminal(x), terminal_grad(x)
 
     def project(self, X: torch.Tensor) -> torch.Tensor:
         return torch.cat([X[:, :-1], X[:, -1:].clamp(0.0, self.T)], 1)

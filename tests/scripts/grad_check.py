@@ -32,12 +32,14 @@ points = collocation(pde, cfg, 3, torch.float64, torch.device("cpu"), info.point
 # the gradient of the loss with respect to the points, summed over the sample group, as the
 # adversarial steps use it (before its sign is taken)
 moving = {k: b.X.detach().requires_grad_(True) for k, b in points.items()}
-attack = loss_terms(model, pde, estimator, {k: points[k].with_points(X) for k, X in moving.items()}, 3)
+unbiased = cfg.train.unbiased_at(3)
+attack = loss_terms(model, pde, estimator, {k: points[k].with_points(X) for k, X in moving.items()}, 3,
+                    unbiased=unbiased)  # fmt: skip
 point_grads = torch.autograd.grad(total_loss(attack, cfg.train.condition_weight), list(moving.values()))
 point_grad = {k: (sum_values(g, info.sample_group), points[k].start) for k, g in zip(moving, point_grads, strict=True)}
 if cfg.train.adversarial.steps:
     points = adversarial_points(model, pde, estimator, points, cfg, 3)
-terms = loss_terms(model, pde, estimator, points, 3)
+terms = loss_terms(model, pde, estimator, points, 3, unbiased=unbiased)
 loss = total_loss(terms, cfg.train.condition_weight)
 grads = torch.autograd.grad(loss, list(model.parameters()))
 flat = sum_values(torch.cat([g.reshape(-1) for g in grads]))

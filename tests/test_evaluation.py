@@ -1,0 +1,85 @@
+"""Baselines and the gradient floor (dstein/evaluation.py) against independent figures.
+
+The baselines are checked against REFERENCE.md's table of null predictors (measured with
+another script on the same test sets); the gradient floor against its closed-form value for
+radial gradients, sqrt(1 - k/d), and against the families that can reach it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dstein.config import load_config
+from dstein.evaluation import baselines, evaluate, floor_sums, not_beaten
+from dstein.models import MLP, RadialMLP
+from dstein.pdes import build_pde
+
+# REFERENCE.md, "Null predictors": PDE.test_set(1000, seed=0, truth_samples=20000)
+REFERENCE = {  # d: (constant, t only, terminal value, its gradient error)
+    10: (0.168, 0.114, 0.283, 0.82),
+    100: (0.069, 0.0173, 0.155, 0.84),
+}
+
+
+@pytest.mark.parametrize("d", sorted(REFERENCE))
+def test_hjb_baselines_match_the_reference_table(d):
+    hjb = build_pde("hjb", d)
+    got = baselines(hjb, hjb.test_set(1000, seed=0, truth_samples=20000))
+    constant, t_only, terminal, terminal_grad = REFERENCE[d]
+    assert got["constant"]["l2_rel"] == pytest.approx(constant, abs=6e-4)
+    assert got["t_only"]["l2_rel"] == pytest.approx(t_only, abs=6e-4 if t_only > 0.1 else 6e-5)
+    assert got["condition_value"]["l2_rel"] == pytest.approx(terminal, abs=6e-4)
+    assert got["condition_value"]["grad_l2_rel"] == pytest.approx(terminal_grad, abs=6e-3)
+    assert got["constant"]["grad_l2_rel"] == got["t_only"]["grad_l2_rel"] == 1.0
+
+
+def test_heat_and_poisson_baselines():
+    heat = build_pde("heat", 10)
+    got = baselines(heat, heat.test_set(1000, seed=0, truth_samples=2))
+    assert got["t_only"]["l2_rel"] == pytest.approx(0.0113, abs=6e-5)  # REFERENCE.md
+    assert got["condition_value"]["grad_l2_rel"] == pytest.approx(0.0, abs=1e-12)  # x/d is the exact gradient
+    poisson = build_pde("poisson", 2)
+    assert set(baselines(poisson, poisson.test_set(200, seed=0, truth_samples=2))) == {"constant"}
+
+
+def test_warning_names_the_baseline_not_beaten():
+    ref = {"constant": {"l2_rel": 0.07}, "t_only": {"l2_rel": 0.017}}
+    assert not_beaten({"l2_rel": 0.01}, ref) is None
+    line = not_beaten({"l2_rel": 0.03}, ref)
+    assert line.startswith("warning: ") and "0.017" in line and "function of t alone" in line
+    assert "a constant" in not_beaten({"l2_rel": 0.1}, {"constant": {"l2_rel": 0.07}})
+
+
+def _floor(model, pde, test, transform=None) -> float:
+    X = test.X.float()
+    sums = floor_sums(model, X, torch.zeros(X.shape[0]), test.grad, transform)
+    return float(sums[0] / sums[1]) ** 0.5
+
+
+def test_gradient_floor_of_a_narrow_first_layer_is_sqrt_of_one_minus_k_over_d():
+    hjb = build_pde("hjb", 250)
+    test = hjb.test_set(400, seed=0, truth_samples=200)
+    torch.manual_seed(0)
+    assert _floor(MLP(251, 128, 2), hjb, test) == pytest.approx((1 - 128 / 250) ** 0.5, abs=0.02)
+    assert _floor(MLP(251, 300, 2), hjb, test) < 1e-6  # the row space is all of R^d
+    # the radial family reaches the radial truth whatever its width
+    assert _floor(RadialMLP(251, 250, 16, 2), hjb, test) < 1e-6
+    # under the hard constraint the network's part is grad u - grad g: radial too, and as
+    # large as the terminal-value predictor's gradient error
+    terminal = baselines(hjb, test)["condition_value"]["grad_l2_rel"]
+    assert _floor(MLP(251, 128, 2), hjb, test, hjb.output_transform) == pytest.approx(
+        terminal * (1 - 128 / 250) ** 0.5, abs=0.02
+    )
+    assert _floor(RadialMLP(251, 250, 16, 2), hjb, test, hjb.output_transform) < 1e-6
+
+
+def test_evaluate_reports_the_floor_and_does_not_depend_on_the_blocks(root):
+    config = load_config(root / "configs/quickstart.yaml", ["eval.samples=8", "estimator.method=stein-antithetic"])
+    hjb = build_pde("hjb", 10)
+    test = hjb.test_set(150, seed=1, truth_samples=500)
+    torch.manual_seed(1)
+    model = MLP(11, 8, 2)
+    out = evaluate(model, test, config, torch.device("cpu"), torch.float32)
+    assert set(out) == {"l1_rel", "l2_rel", "grad_l2_rel", "gradient_floor"}
+    assert out["gradient_floor"] == pytest.approx(_floor(model, hjb, test), rel=1e-6)
