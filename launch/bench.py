@@ -14,6 +14,9 @@ Suites:
            configuration whose first step exceeds --max-step-seconds (60) or whose process
            exceeds --memory-limit-gb (16) is recorded as skipped, with the reason.
   samples  the same versus samples (1024 ... 32768, chunks of 256) at d = 1000.
+  accuracy each config of --configs (quickstart, hjb_100, hjb_250) trained with the method it
+           picks and with autograd, over --seeds, through launch/train.py: errors beside the
+           baselines and the gradient floor (docs/benchmarks.md, "Accuracy").
   acceptance  the ratios of issue 6 from one run: subspace vs autograd and antithetic at
            d = 10,000; subspace at d = 100,000 vs 1000; memory at 32768 vs 1024 samples;
            antithetic at d = 250 vs the original code's 2.56 s per step (REFERENCE.md).
@@ -369,9 +372,65 @@ def suite_acceptance(args: argparse.Namespace) -> dict:
     return {"suite": "acceptance", "runs": run, "ratios": finite}
 
 
+ACCURACY_CONFIGS = ("quickstart", "hjb_100", "hjb_250")
+
+
+def suite_accuracy(args: argparse.Namespace) -> dict:
+    """Each config of --configs trained to the end with the method it picks and with autograd
+    (--methods), for --seeds, through launch/train.py (--parallel runs at a time, one thread
+    each); the errors beside the baselines and the gradient floor, HJB's u(0, 0), the time."""
+    tmp = Path(args.tmp)
+    jobs = []
+    for name in args.configs:
+        for method in args.accuracy_methods:
+            for seed in args.seeds:
+                run_dir = tmp / f"accuracy-{name}-{method}-{seed}"
+                overrides = [
+                    f"seed={seed}",
+                    f"run.dir={run_dir}",
+                    "run.threads=1",
+                    "eval.plots=false",
+                    "checkpoint.resume=never",
+                ] + ([] if method == "config" else [f"estimator.method={method}"])
+                jobs.append((name, method, seed, run_dir, overrides))  # fmt: skip
+    runs: dict[str, dict] = {}
+    pending = list(jobs)
+    active: list[tuple[subprocess.Popen, tuple]] = []
+    while pending or active:
+        while pending and len(active) < args.parallel:
+            job = pending.pop(0)
+            name, method, seed, run_dir, overrides = job
+            subprocess.run(["rm", "-rf", str(run_dir)], check=True)
+            cmd = [sys.executable, str(ROOT / "launch/train.py"), "--config", f"configs/{name}.yaml", *overrides]
+            env = dict(os.environ, OMP_NUM_THREADS="1")
+            tmp.mkdir(parents=True, exist_ok=True)
+            with open(run_dir.with_suffix(".err"), "w") as err_file:  # a pipe could fill and stall the run
+                proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err_file)
+            active.append((proc, job))
+        time.sleep(2)
+        for proc, job in list(active):
+            if proc.poll() is None:
+                continue
+            active.remove((proc, job))
+            name, method, seed, run_dir, overrides = job
+            err = run_dir.with_suffix(".err").read_text()
+            key = f"{name}/{method}/seed={seed}"
+            if proc.returncode:
+                runs[key] = {"failed": proc.returncode, "stderr": err[-2000:]}
+            else:
+                summary = json.loads((run_dir / "summary.json").read_text())
+                keep = ("l1_rel", "l2_rel", "grad_l2_rel", "gradient_floor", "baselines", "reference", "method",
+                        "train_seconds", "steps", "dim")  # fmt: skip
+                runs[key] = {k: summary[k] for k in keep if k in summary}
+                runs[key]["command"] = " ".join(["launch/train.py", "--config", f"configs/{name}.yaml", *overrides])
+                runs[key]["warnings"] = [line for line in err.splitlines() if line.startswith("warning:")]
+            print(f"{key}: {runs[key].get('l2_rel', runs[key].get('failed'))}", file=sys.stderr, flush=True)
+    return {"suite": "accuracy", "parallel": args.parallel, "threads_per_run": 1, "runs": runs}
+
+
 SUITES = {
-    "acceptance": suite_acceptance, "data": suite_data, "gpu": suite_gpu, "methods": suite_methods,
-    "samples": suite_samples, "scaling": suite_scaling,
+    "acceptance": suite_acceptance, "accuracy": suite_accuracy, "data": suite_data, "gpu": suite_gpu,
+    "methods": suite_methods, "samples": suite_samples, "scaling": suite_scaling,
 }  # fmt: skip
 
 
@@ -404,6 +463,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="methods suite: methods")
     parser.add_argument("--device", default="cuda", help="gpu suite: the device to check and time (cpu: dry run)")
+    parser.add_argument("--configs", nargs="+", default=list(ACCURACY_CONFIGS), help="accuracy suite: configs")
+    parser.add_argument("--accuracy-methods", nargs="+", default=["config", "autograd"],
+                        help="accuracy suite: config (the method the config picks) and/or method names")  # fmt: skip
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="accuracy suite: seeds")
+    parser.add_argument("--parallel", type=int, default=2, help="accuracy suite: runs at a time")
     parser.add_argument("--max-step-seconds", type=float, default=60.0,
                         help="skip a configuration whose first step takes longer (0: never)")  # fmt: skip
     parser.add_argument("--memory-limit-gb", type=float, default=16.0,
