@@ -2,7 +2,9 @@
 
 Loads the run's resolved config.yaml and final model (model.pt), computes the test errors
 exactly as training did (same test set and noise unless --test-file / --samples change
-them), prints a table, writes RUN_DIR/eval.json and redraws RUN_DIR/plots.
+them), prints a table beside the baselines (best constant, best function of t alone,
+condition value everywhere) and the gradient floor, writes RUN_DIR/eval.json and redraws
+RUN_DIR/plots.
 Exit status: 0 done, 2 a user error (missing run directory, model or file).
 """
 
@@ -36,9 +38,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"{'metric':<14}{'value':>12}")
+    names = list(result["baselines"])
+    print(f"{'metric':<14}{'model':>12}" + "".join(f"{name:>17}" for name in names))
     for key in ("l1_rel", "l2_rel", "grad_l2_rel"):
-        print(f"{key:<14}{result[key]:>12.6f}")
+        row = "".join(f"{result['baselines'][name][key]:>17.6f}" for name in names)
+        print(f"{key:<14}{result[key]:>12.6f}{row}")
+    if "gradient_floor" in result:
+        print(f"{'gradient_floor':<14}{result['gradient_floor']:>12.6f}  (the gradient error no training of this "
+              "first layer can go below)")  # fmt: skip
     where = Path(args.run) / "eval.json"
     print(f"test points {result['test_points']}, eval samples {result['eval_samples']}; wrote {where}")
     return 0
