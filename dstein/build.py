@@ -20,13 +20,13 @@ from dstein.data import H5Collocation, read_test_set, validate
 from dstein.data.points import PointStream, point_counts
 from dstein.distributed import DistInfo, init_distributed
 from dstein.errors import DistributedError
-from dstein.estimators import STEIN_METHODS, provides
+from dstein.estimators import PAIRED_METHODS, STEIN_METHODS, Derivatives, provides
 from dstein.estimators.constraint import OutputTransform
-from dstein.estimators.sharded import Estimator, Shard
+from dstein.estimators.sharded import Estimator, Shard, rank_memory_bytes
 from dstein.estimators.stein import precision_problem
 from dstein.evaluation import baselines
 from dstein.models import MLP, RadialMLP
-from dstein.noise import Streams, counter_seed
+from dstein.noise import Streams, counter_seed, default_chunk
 from dstein.nonfinite import GradientWatch
 from dstein.pdes import PDE, TestSet
 from dstein.pdes import build_pde as _build_pde
@@ -35,6 +35,106 @@ from dstein.pdes import build_pde as _build_pde
 def build_pde(config: Config) -> PDE:
     """The configured PDE (``pde.name`` or a user's ``pde.target``)."""
     return _build_pde(config.pde.name, config.pde.dim, dict(config.pde.params), config.pde.target)
+
+
+def check_pde(pde: PDE, config: Config) -> None:
+    """A dry run of what training will ask of the PDE, on three points of each kind, before
+    any work: a method that raises, or returns the wrong shape or type, is refused in one
+    line naming the class and the method (a user's PDE would otherwise fail mid-run, or a
+    residual of shape (B, 1) would train silently)."""
+    gen = torch.Generator().manual_seed(0)
+    n = 3
+    counts = point_counts(pde, config)
+    points = {}
+    for kind in counts:
+        method = "sample_domain" if kind == "domain" else f"sample_condition({kind!r})"
+        points[kind] = _checked(pde, method, (n, pde.in_dim), pde.training_points, kind, n, gen, torch.float32)
+    X = points["domain"]
+    D = Derivatives(**{k: torch.zeros(n) for k in pde.needs - {"grad"}})
+    if "grad" in pde.needs:
+        D.grad = torch.zeros(n, pde.dim)
+    _checked(pde, "residual", (n,), pde.residual, X, D)
+    for kind in counts:
+        if kind != "domain":
+            _checked(pde, f"condition_target({kind!r})", (n,), pde.condition_target, kind, points[kind])
+    _checked(pde, "project", (n, pde.in_dim), pde.project, X)
+    transform = output_transform(config, pde)
+    if transform is not None:
+        T = transform(X)
+        for name in ("A", "B", "A_t", "A_lap", "B_t", "B_lap", "A_grad", "B_grad"):
+            value = getattr(T, name)
+            if value is not None:
+                shape = (n, pde.dim) if name.endswith("_grad") else (n,)
+                _checked(pde, f"output_transform().{name}", shape, lambda value=value: value)
+
+
+def _checked(pde: PDE, method: str, shape: tuple[int, ...], fn: Callable[..., Any], *args: Any) -> torch.Tensor:
+    """``fn(*args)`` of the PDE, which must return a tensor of ``shape``; else one ConfigError."""
+    cls = type(pde).__name__
+    try:
+        out = fn(*args)
+    except Exception as err:  # the user's code: any error is reported, not a traceback
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        detail = f": {first}" if first else ""
+        raise ConfigError(f"pde {pde.name}: {cls}.{method} raised {type(err).__name__}{detail}") from err
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != shape:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ConfigError(f"pde {pde.name}: {cls}.{method} returned {got}, expected a tensor of shape {shape}")
+    return out
+
+
+def memory_plan(config: Config, pde: PDE) -> dict[str, tuple[float, str]]:
+    """The largest allocations of a run (bytes) and the options that set them: an estimate,
+    from the sizes alone, made before anything is allocated."""
+    m, est, train = config.model, config.estimator, config.train
+    params = (pde.in_dim + 1) * m.width + (m.depth - 1) * (m.width + 1) * m.width + m.width + 1
+    widths = m.depth * m.width + 1
+    conditions = len(point_counts(pde, config)) - 1
+    points = train.domain_points + conditions * train.condition_points
+    plan = {
+        "the model with gradients and Adam state": (16.0 * params, f"model.width={m.width}, pde.dim={pde.dim}"),
+        "the training points of a step": (
+            4.0 * points * pde.in_dim,
+            f"train.domain_points={train.domain_points}, pde.dim={pde.dim}",
+        ),
+        "the test set": (
+            8.0 * config.eval.points * (pde.in_dim + pde.dim + 2),
+            f"eval.points={config.eval.points}, pde.dim={pde.dim}",
+        ),
+        "the evaluation of a block of test points": (
+            4.0 * 64 * config.eval.samples * (pde.in_dim + 3 * widths),
+            f"eval.samples={config.eval.samples}, pde.dim={pde.dim}",
+        ),
+    }
+    if est.method in STEIN_METHODS:
+        chunk = est.chunk or default_chunk(est.samples, paired=est.method in PAIRED_METHODS)
+        noise = m.width + 1 if est.method == "stein-subspace" else pde.in_dim
+        pairs = 2 if est.method != "stein" else 1
+        plan["one noise chunk and its activations"] = (
+            4.0 * train.domain_points * chunk * (noise + pairs * 3 * widths),
+            f"estimator.chunk={chunk}, train.domain_points={train.domain_points}, pde.dim={pde.dim}",
+        )
+    elif est.method == "hutchinson":
+        plan["the probes' tangents"] = (4.0 * train.domain_points * est.samples * pde.in_dim,
+                                        f"estimator.samples={est.samples}")  # fmt: skip
+    else:
+        plan["the Hessian-vector products"] = (4.0 * train.domain_points * min(pde.dim, 1 << 16) * pde.in_dim,
+                                               f"pde.dim={pde.dim}")  # fmt: skip
+    return plan
+
+
+def check_memory(config: Config, pde: PDE, device: torch.device) -> None:
+    """Refuse, before allocating, sizes that cannot fit the memory this rank has."""
+    plan = memory_plan(config, pde)
+    have = rank_memory_bytes(device)
+    total = sum(size for size, _ in plan.values())
+    if total <= have:
+        return
+    what, (size, options) = max(plan.items(), key=lambda item: item[1][0])
+    raise ConfigError(
+        f"{options}: {what} would take about {size / 2**30:.3g} GiB ({total / 2**30:.3g} GiB in all), more than "
+        f"the {have / 2**30:.3g} GiB this rank has: lower them"
+    )
 
 
 def build_model(config: Config, pde: PDE, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
@@ -207,7 +307,9 @@ def build_trainer(config: Config, info: DistInfo | None = None) -> Trainer:
         )
     device, dtype = info.device, getattr(torch, config.run.dtype)
     pde = build_pde(config)
+    check_memory(config, pde, device)  # before anything of the PDE's size is allocated
     check_estimator_fits(config, pde, dtype)
+    check_pde(pde, config)
     if device.type == "cuda":  # TF32/bf16 products only where sigma allows (checked above)
         torch.set_float32_matmul_precision(config.run.matmul_precision)
         torch.backends.cudnn.allow_tf32 = config.run.matmul_precision != "highest"

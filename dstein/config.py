@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+import math
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_origin, get_type_hints
 
 from omegaconf import OmegaConf
 
@@ -27,6 +28,20 @@ SCHEMA_NAME = "dstein"
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
+
+
+#: Upper bounds on sizes (far beyond any run; what a typo or a unit slip exceeds). Whether a
+#: size fits the memory a rank has is checked when the run is built (dstein/build.py).
+MAX_COUNT = 1 << 24  # samples, points, probes per point
+MAX_DIM = (1 << 31) - 1
+
+
+def _number(name: str, value: float, low: float, high: float, *, low_open: bool = False) -> None:
+    """``value`` is a finite number in [low, high] ((low, high] with ``low_open``)."""
+    finite = isinstance(value, int | float) and math.isfinite(value)
+    inside = finite and (value > low if low_open else value >= low) and value <= high
+    bound = f"{'>' if low_open else '>='} {low:g} and <= {high:g}"
+    _check(inside, f"{name}={value} must be a finite number {bound}")
 
 
 @dataclass
@@ -60,7 +75,7 @@ class RunConfig:
             f"run.dtype={self.dtype!r}: training supports float32 only (bf16/fp16 cannot resolve the "
             "Stein differences at small sigma; DeepSpeed cannot reduce float64 gradients)",
         )
-        _check(self.threads >= 0, f"run.threads={self.threads} must be >= 0")
+        _check(0 <= self.threads <= 4096, f"run.threads={self.threads} must be >= 0 and <= 4096")
 
 
 @dataclass
@@ -75,7 +90,7 @@ class PDEConfig:
     """A user's PDE class as 'package.module:ClassName' (a dstein.pdes.PDE subclass)."""
 
     def __post_init__(self) -> None:
-        _check(self.dim >= 1, f"pde.dim={self.dim} must be >= 1")
+        _check(1 <= self.dim <= MAX_DIM, f"pde.dim={self.dim} must be >= 1 and <= {MAX_DIM}")
 
 
 @dataclass
@@ -96,8 +111,8 @@ class ModelConfig:
     initial (heat) condition then holds exactly and needs no loss."""
 
     def __post_init__(self) -> None:
-        _check(self.width >= 1, f"model.width={self.width} must be >= 1")
-        _check(self.depth >= 1, f"model.depth={self.depth} must be >= 1")
+        _check(1 <= self.width <= 1 << 20, f"model.width={self.width} must be >= 1 and <= {1 << 20}")
+        _check(1 <= self.depth <= 1000, f"model.depth={self.depth} must be >= 1 and <= 1000")
         ok = ("tanh", "sin", "gelu", "silu", "softplus")
         _check(self.activation in ok, f"model.activation={self.activation!r} must be one of {ok}")
         _check(self.family in FAMILIES, f"model.family={self.family!r} must be one of {FAMILIES}")
@@ -147,10 +162,14 @@ class EstimatorConfig:
             value = getattr(self, name)
             if value is not None:
                 _check(value >= 2, f"estimator.{name}={value} must be >= 2")
+                _check(value <= MAX_COUNT, f"estimator.{name}={value} must be <= {MAX_COUNT} per point")
                 if paired:
                     _check(value % 2 == 0, f"estimator.{name}={value} must be even for {self.method} (pairs)")
         _check(self.sigma_x > 0, f"estimator.sigma_x={self.sigma_x} must be > 0")
+        _number("estimator.sigma_x", self.sigma_x, 0, 1e3, low_open=True)
         _check(self.sigma_t is None or self.sigma_t > 0, f"estimator.sigma_t={self.sigma_t} must be > 0")
+        if self.sigma_t is not None:
+            _number("estimator.sigma_t", self.sigma_t, 0, 1e3, low_open=True)
         if self.chunk is not None:
             _check(self.chunk >= 1, f"estimator.chunk={self.chunk} must be >= 1")
             _check(
@@ -176,12 +195,13 @@ class AdversarialConfig:
     the loss gradient, so fewer may do); None: estimator.samples."""
 
     def __post_init__(self) -> None:
-        _check(self.steps >= 0, f"train.adversarial.steps={self.steps} must be >= 0")
+        _check(0 <= self.steps <= 10_000, f"train.adversarial.steps={self.steps} must be >= 0 and <= 10000")
         _check(
-            self.samples is None or self.samples >= 2,
-            f"train.adversarial.samples={self.samples} must be >= 2 (or null: estimator.samples)",
+            self.samples is None or 2 <= self.samples <= MAX_COUNT,
+            f"train.adversarial.samples={self.samples} must be >= 2 and <= {MAX_COUNT} (or null: estimator.samples)",
         )
         _check(self.step_size > 0, f"train.adversarial.step_size={self.step_size} must be > 0")
+        _number("train.adversarial.step_size", self.step_size, 0, 1e6, low_open=True)
 
 
 @dataclass
@@ -218,17 +238,24 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check(self.steps >= 1, f"train.steps={self.steps} must be >= 1")
+        _check(self.steps <= 10**9, f"train.steps={self.steps} must be <= {10**9}")
         _check(self.nonfinite in ("skip", "stop"), f"train.nonfinite={self.nonfinite!r} must be skip or stop")
-        _check(self.max_skips >= 0, f"train.max_skips={self.max_skips} must be >= 0")
+        _check(0 <= self.max_skips <= 10**6, f"train.max_skips={self.max_skips} must be >= 0 and <= {10**6}")
         _check(self.lr > 0, f"train.lr={self.lr} must be > 0")
-        _check(self.domain_points >= 1, f"train.domain_points={self.domain_points} must be >= 1")
-        _check(self.condition_points >= 1, f"train.condition_points={self.condition_points} must be >= 1")
+        _number("train.lr", self.lr, 0, 10, low_open=True)
+        for name in ("domain_points", "condition_points"):
+            value = getattr(self, name)
+            _check(1 <= value <= MAX_COUNT, f"train.{name}={value} must be >= 1 and <= {MAX_COUNT}")
         _check(self.condition_weight >= 0, f"train.condition_weight={self.condition_weight} must be >= 0")
+        _number("train.condition_weight", self.condition_weight, 0, 1e12)
         _check(self.log_every >= 1, f"train.log_every={self.log_every} must be >= 1")
         _check(self.print_every >= 1, f"train.print_every={self.print_every} must be >= 1")
         losses = ("squared", "unbiased", "hybrid")
         _check(self.residual_loss in losses, f"train.residual_loss={self.residual_loss!r} must be one of {losses}")
-        _check(self.unbiased_from >= 0, f"train.unbiased_from={self.unbiased_from} must be >= 0")
+        _check(
+            0 <= self.unbiased_from <= self.steps,
+            f"train.unbiased_from={self.unbiased_from} must be >= 0 and <= train.steps={self.steps}",
+        )
 
     def unbiased_at(self, step: int) -> bool:
         """Whether the residual loss of ``step`` is the unbiased product of two estimates."""
@@ -254,9 +281,11 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         _check(self.every >= 1, f"eval.every={self.every} must be >= 1")
-        _check(self.points >= 1, f"eval.points={self.points} must be >= 1")
-        _check(self.samples >= 1, f"eval.samples={self.samples} must be >= 1")
-        _check(self.truth_samples >= 2, f"eval.truth_samples={self.truth_samples} must be >= 2")
+        _check(1 <= self.points <= MAX_COUNT, f"eval.points={self.points} must be >= 1 and <= {MAX_COUNT}")
+        _check(1 <= self.samples <= MAX_COUNT, f"eval.samples={self.samples} must be >= 1 and <= {MAX_COUNT}")
+        _check(
+            2 <= self.truth_samples <= 1 << 28, f"eval.truth_samples={self.truth_samples} must be >= 2 and <= {1 << 28}"
+        )
 
 
 @dataclass
@@ -283,6 +312,7 @@ class ParallelConfig:
         _check(self.world_size >= 0, f"parallel.world_size={self.world_size} must be >= 0")
         _check(self.sample_group_size >= 0, f"parallel.sample_group_size={self.sample_group_size} must be >= 0")
         _check(self.timeout_s > 0, f"parallel.timeout_s={self.timeout_s} must be > 0")
+        _number("parallel.timeout_s", self.timeout_s, 0, 7 * 86400, low_open=True)
 
 
 @dataclass
@@ -315,6 +345,16 @@ class CheckpointConfig:
     or a path: a step-NNNNNNNN folder, or a checkpoint directory (its newest complete one)."""
     dir: str | None = None
     """Where step-NNNNNNNN folders go; None: RUN_DIR/checkpoints. Must be shared by all nodes."""
+    deadline_s: float = 0.0
+    """A step longer than the scheduler's grace period (SLURM's KillWait, 30 s by default)
+    is killed before it ends: this many seconds after SIGTERM or checkpoint.signal (0: never)
+    the run stops in the middle of the step, as it does on a second signal: in one process
+    it saves the state before that step, with several ranks it exits at once (a step cannot
+    be cut safely across ranks) and resumes from the last complete checkpoint."""
+    fallback: bool = True
+    """When the newest checkpoint fails verification (its manifest of file sizes and hashes)
+    or loading: true says so in one line, sets it aside (step-NNNNNNNN.damaged) and resumes
+    from the newest one that passes; false refuses (exit status 2)."""
     signal: str = "SIGUSR1"
     """Preemption signal besides SIGTERM: a SIG* name (SIGUSR1, SIGUSR2, ...) or none. Either
     only sets a flag; the ranks agree on it once per step, save, and exit with status 4."""
@@ -324,6 +364,8 @@ class CheckpointConfig:
 
         _check(self.every >= 0, f"checkpoint.every={self.every} must be >= 0")
         _check(self.keep >= 1, f"checkpoint.keep={self.keep} must be >= 1")
+        _check(self.keep <= 10_000, f"checkpoint.keep={self.keep} must be <= 10000")
+        _number("checkpoint.deadline_s", self.deadline_s, 0, 86400)
         _check(bool(self.resume), "checkpoint.resume must be auto, never or a path")
         ok = self.signal == "none" or (
             self.signal.startswith("SIG") and isinstance(getattr(_signal, self.signal, None), _signal.Signals)
@@ -401,6 +443,9 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise ConfigError(f"--config {path}: expected a .yaml file")
     if not path.is_file():
         raise ConfigError(f"--config {path}: no such file")
+    _check_defaults_line(path)
+    for override in overrides:
+        _check_appended_key(override, path)
     register_schema()
     GlobalHydra.instance().clear()
     try:
@@ -423,6 +468,44 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise ConfigError(f"config {path}: {_one_line(err)}") from err
     assert isinstance(config, Config)
     return config
+
+
+def _check_defaults_line(path: Path) -> None:
+    """The file names the schema in its defaults list (before any override is applied, so
+    that the error says so whatever the overrides)."""
+    try:
+        raw = OmegaConf.load(path)
+    except Exception as err:  # a YAML syntax error, an unreadable file
+        raise ConfigError(f"config {path}: {_one_line(err)}") from err
+    tree = OmegaConf.to_container(raw) if OmegaConf.is_dict(raw) else {}
+    defaults = tree.get("defaults") if isinstance(tree, dict) else None
+    names = [str(d) for d in defaults] if isinstance(defaults, list) else []
+    if SCHEMA_NAME not in names:
+        raise ConfigError(f"config {path}: must begin with 'defaults: [{SCHEMA_NAME}, _self_]' so its keys are checked")
+
+
+def _check_appended_key(override: str, path: Path) -> None:
+    """Hydra's ``+key=value`` (and ``++``) adds keys the schema does not know without a word:
+    refuse them as unknown keys are refused (free-form dicts such as pde.params excepted)."""
+    if not override.startswith("+"):
+        return
+    key = override.lstrip("+").split("=", 1)[0].strip()
+    node: Any = Config
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        known = {f.name: f for f in fields(node)} if is_dataclass(node) else {}
+        if part not in known:
+            where = ".".join(parts[:i]) or "the top level"
+            raise ConfigError(
+                f"config {path}: {key}: Key '{part}' not in '{getattr(node, '__name__', where)}' "
+                f"(+{key} adds keys the schema does not have)"
+            )
+        hint = get_type_hints(node)[part]
+        if get_origin(hint) is dict or hint is dict:
+            return  # pde.params, deepspeed.extra: any keys
+        node = hint
+        if not is_dataclass(node):
+            return
 
 
 def load_resolved(path: str | Path) -> Config:

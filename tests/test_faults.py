@@ -110,6 +110,26 @@ BAD = [
      1, "estimator.method=stein-subspace needs a first layer linear in x; model.family=radial"),
     ("unbiased loss of one chunk", CONFIG, ["estimator.samples=64", "estimator.chunk=64"], 1,
      "train.residual_loss=unbiased needs two independent estimates"),
+    # numbers: finite and in a sane range; sizes against the memory a rank has
+    ("infinite sigma", CONFIG, ["estimator.sigma_x=inf"], 1, "estimator.sigma_x=inf must be a finite number > 0"),
+    ("infinite learning rate", CONFIG, ["train.lr=inf"], 1, "train.lr=inf must be a finite number > 0 and <= 10"),
+    ("infinite condition weight", CONFIG, ["train.condition_weight=inf"], 1,
+     "train.condition_weight=inf must be a finite number >= 0"),
+    ("infinite timeout", CONFIG, ["parallel.timeout_s=inf"], 1, "parallel.timeout_s=inf must be a finite number > 0"),
+    ("absurd timeout", CONFIG, ["parallel.timeout_s=1e300"], 1, "parallel.timeout_s=1e+300 must be a finite number"),
+    ("absurd width", CONFIG, ["model.width=10000000000"], 1, "model.width=10000000000 must be >= 1 and <= 1048576"),
+    ("absurd samples", CONFIG, ["estimator.samples=10000000000"], 1,
+     "estimator.samples=10000000000 must be <= 16777216 per point"),
+    ("dimension beyond memory", CONFIG, ["pde.dim=100000000"], 1,
+     "eval.samples=256, pde.dim=100000000: the evaluation of a block of test points would take about"),
+    ("appended unknown key", CONFIG, ["+train.stepz=5"], 1, "train.stepz: Key 'stepz' not in 'TrainConfig'"),
+    ("no defaults line, with an override", "tests/bare_config.yaml", ["train.steps=3"], 1,
+     "must begin with 'defaults: [dstein, _self_]'"),
+    # a user's PDE: refused before training, naming the class and the method
+    ("residual that raises", "configs/poisson_2d.yaml", ["pde.target=user_pde:RaisingResidual"], 1,
+     "pde raising: RaisingResidual.residual raised ZeroDivisionError: the user's bug"),
+    ("residual of the wrong shape", "configs/poisson_2d.yaml", ["pde.target=user_pde:WrongShape"], 1,
+     "pde wrong-shape: WrongShape.residual returned (3, 1), expected a tensor of shape (3,)"),
 ]  # fmt: skip
 
 
@@ -122,7 +142,9 @@ AT_LOAD = {
     "non-smooth activation", "zero width", "zero learning rate", "unknown nonfinite policy", "uncatchable signal",
     "unknown signal", "keep no checkpoint", "ZeRO 3", "missing config file", "config not YAML",
     "odd adversarial samples", "unknown recompute policy", "difference Laplacian without pairs",
-    "unknown residual loss", "unknown model family",
+    "unknown residual loss", "unknown model family", "infinite sigma", "infinite learning rate",
+    "infinite condition weight", "infinite timeout", "absurd timeout", "absurd width", "absurd samples",
+    "appended unknown key", "no defaults line, with an override",
 }  # fmt: skip
 
 

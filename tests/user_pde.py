@@ -56,3 +56,21 @@ class Advection(Reaction):
 
     def residual(self, X: torch.Tensor, D: Derivatives) -> torch.Tensor:
         return D.require("lap") + D.require("grad").sum(1) / self.dim**0.5 - 2 * D.require("u")
+
+
+class RaisingResidual(Reaction):
+    """A residual with a bug (for the user-code tests)."""
+
+    name = "raising"
+
+    def residual(self, X: torch.Tensor, D: Derivatives) -> torch.Tensor:
+        raise ZeroDivisionError("the user's bug")
+
+
+class WrongShape(Reaction):
+    """A residual of shape (B, 1): would broadcast in the loss and train silently."""
+
+    name = "wrong-shape"
+
+    def residual(self, X: torch.Tensor, D: Derivatives) -> torch.Tensor:
+        return (D.require("lap") - D.require("u")).unsqueeze(1)
