@@ -24,6 +24,7 @@ for what they compute, no-ops in one process, and a failure of any of them is a
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -166,6 +167,32 @@ def check_layout(launch: Launch, expected_world: int, sample_group_size: int | N
     return size
 
 
+#: DeepSpeed JIT-builds this op on CPUs; torch's build lock is a plain file that a process
+#: killed during the build leaves behind, after which every start waits for it forever.
+SHM_OP = "deepspeed_shm_comm"
+STALE_BUILD_LOCK_S = 600.0  # the build takes well under a minute
+
+
+def clear_stale_build_lock(name: str = SHM_OP, older_than_s: float = STALE_BUILD_LOCK_S) -> str | None:
+    """Remove the op's build lock when it is older than any build takes (say so), so that a
+    start after a killed build does not hang; a fresh lock (a build under way) is left."""
+    import time
+
+    from torch.utils.cpp_extension import _get_build_directory
+
+    try:
+        lock = Path(_get_build_directory(name, verbose=False)) / "lock"
+        age = time.time() - lock.stat().st_mtime
+    except (OSError, RuntimeError):
+        return None
+    if age < older_than_s:
+        return None
+    with contextlib.suppress(OSError):
+        lock.unlink()
+        return f"removed the stale build lock {lock} ({age / 60:.0f} min old: a build was killed)"
+    return None
+
+
 def init_distributed(
     sample_group_size: int | None = None, expected_world: int = 0, timeout_s: float = 300.0, device: str = "auto"
 ) -> DistInfo:
@@ -198,7 +225,10 @@ def init_distributed(
         raise DistributedError(
             f"a process group of {dist.get_world_size()} ranks exists but the launcher says {launch.world_size}"
         )
-    import deepspeed
+    note = clear_stale_build_lock() if launch.local_rank == 0 else None
+    if note:
+        print(f"note: {note}", file=sys.stderr, flush=True)
+    import deepspeed  # slow to import; only where a process group is built
 
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout, verbose=False)
     group = None

@@ -43,9 +43,11 @@ class Preempted(DsteinError):
 
     exit_status = 4
 
-    def __init__(self, step: int, path: Path, signal_name: str):
-        super().__init__(f"preempted by {signal_name} after step {step}: checkpoint {path}")
+    def __init__(self, step: int, path: Path | None, signal_name: str, note: str = "", synced: bool = True):
+        where = f"checkpoint {path}" if path else "no checkpoint yet"
+        super().__init__(f"preempted by {signal_name} after step {step}: {where}{note}")
         self.step, self.path, self.signal_name = step, path, signal_name
+        self.synced = synced  # False: the ranks stopped without meeting (a step was interrupted)
 
 
 class RunStopped(DsteinError):

@@ -5,6 +5,8 @@ or only on RANK); the code that can fail calls ``fault(NAME, N, rank)`` at the r
 
 - ``nan-loss@N``: the residual loss of training step N (0-based) becomes NaN;
 - ``nan-grad@N``: the residual loss of step N stays finite but its gradient is NaN;
+- ``slow-step@N``: step N (its loss, before the backward pass) takes 120 s longer, as a step
+  longer than the scheduler's grace period would;
 - ``stall-save@N``: rank 0 stops (sleeps) inside the save of the checkpoint after N steps,
   after every file is written and before the commit marker, for a test to kill the job;
 - ``fail-save@N``: the save of the checkpoint after N steps fails like a full disk
@@ -22,6 +24,7 @@ import time
 import torch
 
 ENV = "DSTEIN_FAULT"
+SLOW_STEP_S = 120.0
 
 
 def armed(name: str, step: int, rank: int = 0) -> bool:
@@ -60,4 +63,7 @@ def fault_loss(terms: dict[str, torch.Tensor], step: int, rank: int) -> dict[str
         terms = {**terms, "residual": terms["residual"] * float("nan")}
     if armed("nan-grad", step, rank):
         terms = {**terms, "residual": _NaNGradient.apply(terms["residual"])}
+    if armed("slow-step", step, rank):
+        print(f"fault: step {step} is slow", file=sys.stderr, flush=True)
+        time.sleep(SLOW_STEP_S)
     return terms

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,6 +35,18 @@ def write_text_atomic(path: str | Path, text: str) -> None:
         tmp.write_text(text)
 
 
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by None: JSON has no NaN or Infinity
+    (Python would write them, and other readers then fail on the file)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def write_json_atomic(path: str | Path, payload: dict[str, Any]) -> None:
-    """``payload`` as indented JSON with sorted keys, written atomically."""
-    write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    """``payload`` as indented JSON with sorted keys (non-finite numbers as null), written atomically."""
+    write_text_atomic(path, json.dumps(json_safe(payload), indent=2, sort_keys=True, allow_nan=False) + "\n")

@@ -3,15 +3,17 @@ progress lines or bar, TensorBoard scalars."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, TextIO
 
 import torch
 
-from dstein.files import write_text_atomic
+from dstein.files import json_safe, write_text_atomic
 
 
 def error_sums(u: torch.Tensor, grad: torch.Tensor, u_true: torch.Tensor, grad_true: torch.Tensor) -> torch.Tensor:
@@ -44,7 +46,8 @@ def relative_errors(
 
 
 class MetricsLog:
-    """Appends one JSON object per line to ``metrics.jsonl`` (only the writing rank opens it).
+    """Appends one JSON object per line to ``metrics.jsonl`` (only the writing rank opens it;
+    a non-finite number is written as null, which JSON can read).
 
     ``after``: the step the run starts from. Rows of later steps (written by a run that went
     on past its last checkpoint before it was stopped) are dropped, so a resumed run's file
@@ -54,19 +57,25 @@ class MetricsLog:
     def __init__(self, path: Path, enabled: bool = True, after: int = 0):
         self.path = path
         self._fh = None
+        self.error: str | None = None  # the first write that failed (the loop stops all ranks on it)
         if enabled:
             keep = [row for row in read_metrics(path) if row.get("step", 0) <= after] if after and path.exists() else []
             write_text_atomic(path, "".join(json.dumps(row, sort_keys=True) + "\n" for row in keep))
             self._fh = open(path, "a")  # noqa: SIM115 - held open for the run
 
     def write(self, row: dict[str, Any]) -> None:
-        if self._fh is not None:
-            self._fh.write(json.dumps(row, sort_keys=True) + "\n")
+        if self._fh is None or self.error:
+            return
+        try:
+            self._fh.write(json.dumps(json_safe(row), sort_keys=True, allow_nan=False) + "\n")
             self._fh.flush()
+        except OSError as err:  # a full disk: reported at the step's end, on every rank alike
+            self.error = f"could not write {self.path} ({err})"
 
     def close(self) -> None:
         if self._fh is not None:
-            self._fh.close()
+            with contextlib.suppress(OSError):  # what could not be written was reported already
+                self._fh.close()
             self._fh = None
 
 
@@ -121,18 +130,36 @@ class Scalars:
 
     def __init__(self, run_dir: Path, enabled: bool, after: int = 0):
         self.writer = None
+        self.folder = run_dir / "tensorboard"
+        self.error: str | None = None  # the first write that failed (the loop stops all ranks on it)
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
             # purge_step: TensorBoard hides what an earlier run logged after the starting step
-            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=after + 1)
+            self.writer = SummaryWriter(log_dir=str(self.folder), purge_step=after + 1)
+            self._previous_hook = threading.excepthook
+            threading.excepthook = self._thread_failed
+
+    def _thread_failed(self, args: threading.ExceptHookArgs) -> None:
+        """TensorBoard writes from a thread of its own: a failed write there (a full disk) is
+        noted for the loop to stop on, instead of a traceback on standard error."""
+        if isinstance(args.exc_value, OSError) and type(args.thread).__module__.startswith("tensorboard"):
+            self.error = self.error or f"could not write {self.folder} ({args.exc_value})"
+            return
+        self._previous_hook(args)
 
     def add(self, step: int, values: dict[str, float], prefix: str) -> None:
-        if self.writer is not None:
+        if self.writer is None or self.error:
+            return
+        try:
             for key, value in values.items():
                 self.writer.add_scalar(f"{prefix}/{key}", value, step)
+        except OSError as err:  # a full disk: reported at the step's end, on every rank alike
+            self.error = f"could not write {self.folder} ({err})"
 
     def close(self) -> None:
         if self.writer is not None:
-            self.writer.close()
+            with contextlib.suppress(OSError):
+                self.writer.close()
             self.writer = None
+            threading.excepthook = self._previous_hook

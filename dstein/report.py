@@ -81,7 +81,14 @@ def evaluate_run(run_dir: str | Path, test_file: str | None = None, samples: int
     test_file = test_file or config.data.test_file
     test = load_test_set(config, pde, test_file)
     model = build_model(config, pde, dtype, device)
-    model.load_state_dict(torch.load(run_dir / MODEL_FILE, map_location=device))
+    try:
+        model.load_state_dict(torch.load(run_dir / MODEL_FILE, map_location=device, weights_only=True))
+    except Exception as err:  # truncated, overwritten, or of another model: never a traceback
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ConfigError(
+            f"--run {run_dir}: {MODEL_FILE} cannot be loaded ({type(err).__name__}{': ' + first if first else ''}): "
+            "it is damaged or belongs to another config; train again, or evaluate another run"
+        ) from err
     errors = evaluate(model, test, config, device, dtype, output_transform(config, pde))
     result = {**errors, "baselines": baselines(pde, test), "model": MODEL_FILE, "test_points": int(test.X.shape[0]),
               "eval_samples": config.eval.samples, "test_file": test_file}  # fmt: skip

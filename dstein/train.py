@@ -15,8 +15,10 @@ Everything is built by ``dstein.build``; this module only runs it.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +26,11 @@ import torch
 
 import dstein
 from dstein.build import Trainer, build_trainer
-from dstein.checkpoint import Checkpointer, Preemption, Resume
+from dstein.checkpoint import Checkpointer, Interrupted, Preemption, Resume, step_of
 from dstein.config import Config, to_yaml
 from dstein.data.points import Batch
-from dstein.distributed import DistInfo, init_distributed, stop_on_lost_peer, sum_values
-from dstein.errors import Preempted
+from dstein.distributed import DistInfo, gather_objects, init_distributed, stop_on_lost_peer, sum_values
+from dstein.errors import Preempted, RunStopped
 from dstein.estimators.sharded import Estimator
 from dstein.evaluation import evaluate, not_beaten, reference_errors
 from dstein.faults import fault_loss
@@ -125,8 +127,9 @@ def adversarial_points(
     return points
 
 
-def train_step(tr: Trainer, step: int) -> StepResult:
-    """One optimizer step, applied only if the loss and the gradient are finite on every rank."""
+def train_step(tr: Trainer, step: int, critical: Callable[[], Any] = contextlib.nullcontext) -> StepResult:
+    """One optimizer step, applied only if the loss and the gradient are finite on every rank;
+    ``critical`` guards the update (an urgent stop waits for its end)."""
     cfg, info = tr.config, tr.info
     lr = cfg.train.lr * lr_factor(step, cfg.train.steps)
     for group in tr.optimizer.param_groups:
@@ -153,7 +156,8 @@ def train_step(tr: Trainer, step: int) -> StepResult:
         tr.engine.zero_grad()
         result.fault, result.ranks = "gradient", ranks
         return result
-    tr.engine.step()
+    with critical():
+        tr.engine.step()
     return result
 
 
@@ -164,20 +168,30 @@ def client_state(tr: Trainer, done: int, seconds: float) -> dict[str, Any]:
 
 def run(config: Config, info: DistInfo | None = None) -> dict[str, Any]:
     """Train as configured, from scratch or from the checkpoint that ``checkpoint.resume``
-    selects; write the run directory (rank 0, holding its lock); return the summary.
+    selects; write the run directory (rank 0, holding its lock, and that of a checkpoint.dir
+    outside it); return the summary.
 
     Raises ``Preempted`` on every rank after saving, when a rank received a preemption signal;
-    ``RunStopped`` on a fault; ``RunDirError`` when the run directory is in use or unwritable.
+    ``RunStopped`` on a fault; ``RunDirError`` when a directory is in use or unwritable. A
+    run that fails before it wrote anything removes the run directory it created.
     """
     if info is None:
         par = config.parallel
         info = init_distributed(par.sample_group_size, par.world_size, par.timeout_s, config.run.device)
-    fd, note = lock_on_rank0(Path(config.run.dir), info.rank)
+    run_dir = Path(config.run.dir)
+    locks = [lock_on_rank0(run_dir, info.rank)]
+    failed = True
     try:
-        return _train(config, info, [note] if note else [])
+        ckpt = Path(config.checkpoint.dir) if config.checkpoint.dir else None
+        if ckpt is not None and not ckpt.resolve().is_relative_to(run_dir.resolve()):
+            locks.append(lock_on_rank0(ckpt, info.rank, "checkpoint.dir"))
+        summary = _train(config, info, [held.note for held in locks if held and held.note])
+        failed = False
+        return summary
     finally:
-        if fd is not None:
-            release(fd)
+        for held in locks:
+            if held is not None:
+                release(held, clean=failed)
 
 
 def _train(config: Config, info: DistInfo, notes: list[str]) -> dict[str, Any]:
@@ -188,16 +202,14 @@ def _train(config: Config, info: DistInfo, notes: list[str]) -> dict[str, Any]:
     if writer:
         for line in [*notes, *resumed.messages]:
             print(line, flush=True)
-        if cfg.pde.dim > cfg.model.width:
+        if cfg.pde.dim > cfg.model.width and cfg.model.family == "mlp":
             print(width_warning(cfg.pde.dim, cfg.model.width), file=sys.stderr, flush=True)
-        tr.run_dir.mkdir(parents=True, exist_ok=True)
-        (tr.run_dir / "config.yaml").write_text(to_yaml(cfg))
+    _on_rank0(tr, checkpoints, lambda: (tr.run_dir / "config.yaml").write_text(to_yaml(cfg)))
     start = time.perf_counter()
     with stop_on_lost_peer(tr.info, cfg.parallel.timeout_s):
         errors = _steps(tr, checkpoints, resumed, start)
     wall = time.perf_counter() - start
-    if writer:
-        finish_run(tr.run_dir, tr.model, tr.pde, tr.test, cfg, tr.device, tr.dtype)
+    _on_rank0(tr, checkpoints, lambda: finish_run(tr.run_dir, tr.model, tr.pde, tr.test, cfg, tr.device, tr.dtype))
     summary = {
         **errors,
         "baselines": tr.baselines,
@@ -216,11 +228,25 @@ def _train(config: Config, info: DistInfo, notes: list[str]) -> dict[str, Any]:
         summary["truth_max_se"] = float(tr.test.u_se.max())
     if writer:
         summary["reference"] = reference_errors(tr.model, tr.pde, cfg, tr.device, tr.dtype, tr.estimator.transform)
-        write_json_atomic(tr.run_dir / "summary.json", summary)
-        warning = not_beaten(errors, tr.baselines)
-        if warning:
-            print(warning, file=sys.stderr, flush=True)
+    _on_rank0(tr, checkpoints, lambda: write_json_atomic(tr.run_dir / "summary.json", summary))
+    warning = not_beaten(errors, tr.baselines)
+    if writer and warning:
+        print(warning, file=sys.stderr, flush=True)
     return summary
+
+
+def _on_rank0(tr: Trainer, checkpoints: Checkpointer, write: Callable[[], Any]) -> None:
+    """Rank 0's writes into the run directory; a failure (an OSError, or the RuntimeError
+    torch.save raises on a full disk) stops every rank alike with ``RunStopped``."""
+    error = None
+    if tr.info.is_writer:
+        try:
+            write()
+        except (OSError, RuntimeError) as err:
+            error = f"could not write in run.dir={tr.run_dir} ({str(err).strip().splitlines()[0]})"
+    failed = [e for e in gather_objects(error) if e]
+    if failed:
+        raise RunStopped(_write_failure(failed[0], checkpoints.latest()))
 
 
 def width_warning(dim: int, width: int) -> str:
@@ -235,7 +261,8 @@ def width_warning(dim: int, width: int) -> str:
 
 def _steps(tr: Trainer, checkpoints: Checkpointer, resumed: Resume, start: float) -> dict[str, float]:
     """The steps after the resumed one with their logs, evaluations and checkpoints; the final
-    errors. Raises ``Preempted`` after saving when a rank received a preemption signal."""
+    errors. Raises ``Preempted`` after saving when a rank received a preemption signal, and
+    ``RunStopped`` on every rank when a non-finite streak or a failed write stops the run."""
     cfg, writer, first = tr.config, tr.info.is_writer, resumed.step
 
     def clock() -> float:  # training time of all starts: `seconds` in metrics runs on across resumes
@@ -244,15 +271,17 @@ def _steps(tr: Trainer, checkpoints: Checkpointer, resumed: Resume, start: float
     metrics = MetricsLog(tr.run_dir / "metrics.jsonl", enabled=writer, after=first)
     scalars = Scalars(tr.run_dir, enabled=writer, after=first)
     progress = Progress(cfg.train.steps, enabled=writer, every=cfg.train.print_every, initial=first)
-    preemption = Preemption(cfg.checkpoint.signal)
+    preemption = Preemption(cfg.checkpoint.signal, cfg.checkpoint.deadline_s)
     errors: dict[str, float] = {}
-    skips = 0
+    skips, step, applied, updates = 0, first, True, tr.engine.global_steps
+    before = applied  # whether the step before this one was applied
     try:
         for step in range(first, cfg.train.steps):
-            result = train_step(tr, step)
-            terms, done = result.terms, step + 1
+            updates, before = tr.engine.global_steps, applied
+            result = train_step(tr, step, preemption.critical)
+            terms, done, applied = result.terms, step + 1, result.fault is None
             new_errors = None
-            if result.fault:
+            if not applied:
                 skips += 1
                 skip_or_stop(result, done, skips, cfg, checkpoints.latest, metrics if writer else None)
             else:
@@ -267,20 +296,56 @@ def _steps(tr: Trainer, checkpoints: Checkpointer, resumed: Resume, start: float
                 metrics.write({"step": done, **errors, "baselines": tr.baselines, "seconds": clock()})
                 scalars.add(done, {**errors, **flat_baselines(tr.baselines)}, "eval")
             progress.update(done, terms, new_errors)
-            stop = preemption.agreed()
+            write_error = metrics.error or scalars.error
+            stop, write_failed = preemption.agreed(None, write_error is not None)
+            if write_failed:
+                raise RunStopped(_write_failure(write_error, checkpoints.latest()))
+            path = checkpoints.latest()
             if checkpoints.due(done) or stop:
-                path = checkpoints.save(tr.engine, done, client_state(tr, done, clock()))
+                if applied:
+                    with preemption.critical():
+                        path = checkpoints.save(tr.engine, done, client_state(tr, done, clock()))
+                elif writer:  # a step that was not applied never makes a checkpoint
+                    print(f"note: no checkpoint after step {done}: it was not applied; the last complete one is "
+                          f"{path if path else '(none yet)'}", file=sys.stderr, flush=True)  # fmt: skip
             if stop:
                 progress.close()
                 raise Preempted(done, path, preemption.received or "a signal on another rank")
         if not errors:  # resumed from the final checkpoint: nothing left to train
             errors = _evaluate(tr)
+    except Interrupted as urgent:
+        progress.close()
+        moved = tr.engine.global_steps > updates  # this step's update was made
+        raise _interrupted(tr, checkpoints, step + int(moved), moved or before, urgent, clock) from None
     finally:
         preemption.restore()
         progress.close()
         scalars.close()
         metrics.close()
     return errors
+
+
+def _interrupted(tr: Trainer, checkpoints: Checkpointer, held: int, applied: bool, urgent: Interrupted,
+                 clock: Any) -> Preempted:  # fmt: skip
+    """What a stop in the middle of a step can save: in one process the state it holds (after
+    ``held`` steps, unless the last of them was not ``applied``); with several ranks nothing (a
+    step cannot be cut safely across ranks), the last complete checkpoint stays."""
+    latest = checkpoints.latest()
+    if latest is not None and step_of(latest) == held:
+        return Preempted(held, latest, urgent.args[0], " (stopped at once, mid-step)")
+    if tr.info.world_size == 1 and applied and held > 0:
+        path = checkpoints.save(tr.engine, held, client_state(tr, held, clock()))
+        return Preempted(held, path, urgent.args[0], " (stopped at once, mid-step: the state before that step)")
+    note = (f" (stopped at once in the middle of step {held + 1}: with {tr.info.world_size} ranks a step cannot be"
+            " cut safely; the run resumes from the last complete checkpoint)")  # fmt: skip
+    return Preempted(held, latest, urgent.args[0], note, synced=tr.info.world_size == 1)
+
+
+def _write_failure(error: str | None, latest: Any) -> str:
+    return (
+        f"{error}; the last complete checkpoint, {latest if latest else '(none yet)'}, is intact: free space or fix "
+        "run.dir, then run the same command to resume"
+    )
 
 
 def _evaluate(tr: Trainer) -> dict[str, float]:

@@ -26,6 +26,9 @@ from dstein.config import load_config, to_yaml
 from dstein.distributed import exit_process, this_rank
 from dstein.errors import ConfigError, DistributedError, DsteinError, Preempted, RunStopped
 
+#: Whether every rank ended at the same point (then they wait for each other before exiting).
+SYNCED = True
+
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(
@@ -59,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug and not isinstance(err, Preempted):
             raise
         status = getattr(err, "exit_status", ConfigError.exit_status)  # a ValueError: a bad value
+        if isinstance(err, Preempted) and not err.synced:
+            global SYNCED
+            SYNCED = False
         if isinstance(err, Preempted):
             if this_rank() == 0:
                 print(f"{err}; exit {status}: run the same command to continue", flush=True)
@@ -80,4 +86,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     status = main()
-    exit_process(status, barrier=status in (0, 4, 5))  # every rank stopped at the same point
+    exit_process(status, barrier=SYNCED and status in (0, 4, 5))  # every rank stopped at the same point
