@@ -61,11 +61,33 @@ def check_pde(pde: PDE, config: Config) -> None:
     transform = output_transform(config, pde)
     if transform is not None:
         T = transform(X)
+        if T is None:
+            raise ConfigError(f"pde {pde.name}: {type(pde).__name__}.output_transform returned None at training points")
         for name in ("A", "B", "A_t", "A_lap", "B_t", "B_lap", "A_grad", "B_grad"):
             value = getattr(T, name)
             if value is not None:
                 shape = (n, pde.dim) if name.endswith("_grad") else (n,)
                 _checked(pde, f"output_transform().{name}", shape, lambda value=value: value)
+        if config.estimator.method == "stein-subspace" and config.model.family == "radial":
+            _check_radial_directions(pde, T, X[:, : pde.dim])
+
+
+def _check_radial_directions(pde: PDE, T: OutputTransform, x: torch.Tensor) -> None:
+    """stein-subspace with the radial family estimates grad f only along its basis and x: the
+    transform's grad A and grad B must point along x (those of hjb, heat and the unit ball do)."""
+    for name in ("A_grad", "B_grad"):
+        w = getattr(T, name)
+        if w is None:
+            continue
+        w, x64 = w.double(), x.double()
+        along = (w * x64).sum(1, keepdim=True) / (x64 * x64).sum(1, keepdim=True).clamp_min(1e-300)
+        off = (w - along * x64).norm(dim=1) / w.norm(dim=1).clamp_min(1e-300)
+        if float(off.max()) > 1e-4:
+            raise ConfigError(
+                f"pde {pde.name}: {type(pde).__name__}.output_transform().{name} does not point along x, which "
+                "estimator.method=stein-subspace with model.family=radial needs (its gradient lies in the span of "
+                "the first layer's rows and x): use stein-antithetic, or model.family=mlp"
+            )
 
 
 def _checked(pde: PDE, method: str, shape: tuple[int, ...], fn: Callable[..., Any], *args: Any) -> torch.Tensor:
@@ -147,9 +169,9 @@ def build_model(config: Config, pde: PDE, dtype: torch.dtype, device: torch.devi
         shift, scale = float(sq.mean()), max(float(sq.std()), 1e-12)
     torch.manual_seed(counter_seed(config.seed, Streams.MODEL_INIT))
     if m.family == "radial":
-        model: torch.nn.Module = RadialMLP(pde.in_dim, pde.dim, m.width, m.depth, m.activation, shift, scale)
+        model: MLP = RadialMLP(pde.in_dim, pde.dim, m.width, m.depth, m.activation, shift, scale, m.input_scale)
     else:
-        model = MLP(pde.in_dim, m.width, m.depth, m.activation)
+        model = MLP(pde.in_dim, m.width, m.depth, m.activation, m.input_scale, pde.dim)
     return model.to(device=device, dtype=dtype)
 
 
@@ -175,11 +197,6 @@ def check_estimator_fits(config: Config, pde: PDE, dtype: torch.dtype) -> None:
         raise ConfigError(
             f"pde {pde.name} needs {sorted(missing)}, which estimator.method={method} cannot give "
             f"(it gives {sorted(provides(method))})"
-        )
-    if method == "stein-subspace" and config.model.family != "mlp":
-        raise ConfigError(
-            f"estimator.method=stein-subspace needs a first layer linear in x; model.family={config.model.family} "
-            "also feeds |x|^2 to it: use estimator.method=stein-antithetic, or model.family=mlp"
         )
     if method in STEIN_METHODS:
         problem = precision_problem(config.estimator.sigma_x, dtype, config.run.matmul_precision, True, pde.needs)

@@ -104,7 +104,14 @@ class ModelConfig:
     family: str = "mlp"
     """mlp: the plain MLP (its input gradient lies in the row space of its first layer: at most
     model.width directions); radial: the MLP whose first layer also sees |x|^2 (standardized),
-    so that its gradient may point along x in any d (dstein/models.py, README's model families)."""
+    so that its gradient may point along x in any d (dstein/models.py, README's model families).
+    Both take every method, stein-subspace included."""
+    input_scale: float = 1.0
+    """x enters the first layer as input_scale * x (time and |x|^2 unscaled). Adam moves each
+    of that layer's d weights on x by about train.lr per step whatever its gradient, so where
+    d >> width their random drift gives the model an input gradient that does not shrink with
+    d (HJB's true gradient does, like 1/sqrt(d)); 1/d keeps a coherent change of W x at the
+    learning rate's size and the drift negligible (muP's input-layer scaling). 1: plain."""
     hard_constraint: bool = False
     """Represent the solution as u = A + B f (the PDE's output transform: hjb u = g(x) +
     (T - t) f, heat u = |x|^2/(2d) + t f), f the smoothed network: the terminal (hjb) or
@@ -116,6 +123,7 @@ class ModelConfig:
         ok = ("tanh", "sin", "gelu", "silu", "softplus")
         _check(self.activation in ok, f"model.activation={self.activation!r} must be one of {ok}")
         _check(self.family in FAMILIES, f"model.family={self.family!r} must be one of {FAMILIES}")
+        _number("model.input_scale", self.input_scale, 0, 1e3, low_open=True)
 
 
 @dataclass
@@ -123,8 +131,7 @@ class EstimatorConfig:
     method: str = "auto"
     """autograd (exact stacked back-propagation), hutchinson, stein, stein-antithetic,
     stein-subspace (in the row space of the first layer: cost and variance independent of d),
-    or auto: stein-subspace when pde.dim > model.width (family mlp), else stein-antithetic
-    (resolved on load)."""
+    or auto: stein-subspace when pde.dim > model.width, else stein-antithetic (resolved on load)."""
     samples: int = 2048
     """Gaussian perturbations per collocation point (antithetic: 2 per pair)."""
     chunk: int | None = None
@@ -394,9 +401,8 @@ class Config:
 
     def __post_init__(self) -> None:
         _check(self.seed >= 0, f"seed={self.seed} must be >= 0")
-        if self.estimator.method == "auto":  # the subspace estimator needs a first layer linear in x
-            subspace = self.pde.dim > self.model.width and self.model.family == "mlp"
-            self.estimator.method = "stein-subspace" if subspace else "stein-antithetic"
+        if self.estimator.method == "auto":  # the subspace pays where the row space is smaller than R^d
+            self.estimator.method = "stein-subspace" if self.pde.dim > self.model.width else "stein-antithetic"
         _check(
             self.estimator.laplacian == "stein" or self.estimator.method in (*PAIRED_METHODS, "autograd", "hutchinson"),
             f"estimator.laplacian=difference needs antithetic pairs: estimator.method={self.estimator.method} has none "

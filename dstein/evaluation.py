@@ -30,7 +30,7 @@ from dstein.distributed import sum_values
 from dstein.estimators import STEIN_METHODS, SteinSpec
 from dstein.estimators.constraint import OutputTransform
 from dstein.estimators.stein import FullSpace
-from dstein.estimators.subspace import row_basis
+from dstein.estimators.subspace import input_weight, row_basis
 from dstein.metrics import error_sums, errors_from_sums, relative_errors
 from dstein.noise import Streams, counter_seed, split_evenly
 from dstein.pdes import PDE, TestSet
@@ -107,7 +107,7 @@ def floor_sums(
     if not isinstance(layer, torch.nn.Linear):
         return None
     d = grad_true.shape[1]
-    Wx = layer.weight.detach().double()[:, :d]
+    Wx = input_weight(model, layer).detach().double()[:, :d]
     U, s = row_basis(Wx @ Wx.T)
     V = Wx.T @ (U / s)  # (d, r) orthonormal
     target = grad_true.double().to(V.device)

@@ -12,7 +12,10 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -29,13 +32,23 @@ class MLP(nn.Module):
     """``depth`` hidden layers of ``width`` units with a smooth activation, scalar output.
 
     The first layer is a plain ``nn.Linear`` exposed as ``input_layer``: estimators that
-    exploit its linearity (the subspace estimator) look for it there.
+    exploit its linearity (the subspace estimator) look for it there, and read the weights it
+    applies to X from ``input_weight()``. ``input_scale`` multiplies the first ``dim``
+    columns of X (x; time, if any, follows) before that layer: Adam moves each of the layer's
+    weights by about the learning rate per step whatever its gradient, so with many inputs
+    their random drift makes an input gradient that does not shrink with d; a scale of 1/d
+    keeps a coherent update of the pre-activation at the learning rate's size and the drift
+    negligible (the input-layer scaling of muP).
     """
 
     #: ``model(X) == body(input_layer(X))``: what the subspace estimator relies on.
     linear_input = True
+    column_scale: torch.Tensor
 
-    def __init__(self, in_dim: int, width: int, depth: int, activation: str = "tanh"):
+    def __init__(
+        self, in_dim: int, width: int, depth: int, activation: str = "tanh", input_scale: float = 1.0,
+        dim: int | None = None,
+    ):  # fmt: skip
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"model.activation={activation!r} is not one of {sorted(ACTIVATIONS)}")
@@ -48,10 +61,19 @@ class MLP(nn.Module):
             layers += [nn.Linear(width, width), act()]
         layers.append(nn.Linear(width, 1))
         self.body = nn.Sequential(*layers)
+        self.input_scale = float(input_scale)
+        scale = torch.ones(in_dim)
+        scale[: in_dim if dim is None else dim] = self.input_scale
+        self.register_buffer("column_scale", scale, persistent=False)  # follows the model's device and dtype
+
+    def input_weight(self) -> torch.Tensor:
+        """The weights the first layer applies to X (its weight, x's columns times input_scale)."""
+        weight = self.input_layer.weight
+        return weight if self.input_scale == 1.0 else weight * self.column_scale
 
     def pre_activation(self, X: torch.Tensor) -> torch.Tensor:
         """What the first activation sees."""
-        return self.input_layer(X)
+        return F.linear(X, self.input_weight(), self.input_layer.bias)
 
     def forward(self, X: torch.Tensor) -> torch.Tensor:
         return self.body(self.pre_activation(X))
@@ -60,6 +82,23 @@ class MLP(nn.Module):
         """Directions of R^d, per point (B, m, d), that the input gradient may have beyond the
         row space of ``input_layer``'s spatial weights (None: none)."""
         return None
+
+    def quadratic_feature(self) -> QuadraticFeature | None:
+        """The first layer's quadratic input feature (None: the first layer is linear in x)."""
+        return None
+
+
+@dataclass(frozen=True)
+class QuadraticFeature:
+    """How ``|x|^2`` enters a first layer: ``pre_activation = input_layer(X) + weight * q``,
+    ``q = (|x|^2 - shift) / scale``, x the first ``dim`` columns of X. ``weight`` (width,) is
+    the live parameter (gradients flow through it); what the subspace estimator needs to
+    follow a perturbation of x through the feature (dstein/estimators/subspace.py)."""
+
+    weight: torch.Tensor
+    shift: torch.Tensor
+    scale: torch.Tensor
+    dim: int
 
 
 class RadialMLP(MLP):
@@ -75,9 +114,9 @@ class RadialMLP(MLP):
 
     def __init__(
         self, in_dim: int, dim: int, width: int, depth: int, activation: str = "tanh", shift: float = 0.0,
-        scale: float = 1.0,
+        scale: float = 1.0, input_scale: float = 1.0,
     ):  # fmt: skip
-        super().__init__(in_dim, width, depth, activation)
+        super().__init__(in_dim, width, depth, activation, input_scale, dim)
         self.dim = dim
         self.radial = nn.Linear(1, width, bias=False)
         self.register_buffer("q_shift", torch.tensor(float(shift)))
@@ -88,7 +127,10 @@ class RadialMLP(MLP):
         return ((x * x).sum(1, keepdim=True) - self.q_shift) / self.q_scale
 
     def pre_activation(self, X: torch.Tensor) -> torch.Tensor:
-        return self.input_layer(X) + self.radial(self.feature(X))
+        return super().pre_activation(X) + self.radial(self.feature(X))
 
     def gradient_directions(self, X: torch.Tensor) -> torch.Tensor:
         return X[:, : self.dim].unsqueeze(1)
+
+    def quadratic_feature(self) -> QuadraticFeature:
+        return QuadraticFeature(self.radial.weight[:, 0], self.q_shift, self.q_scale, self.dim)

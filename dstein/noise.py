@@ -74,25 +74,11 @@ def counter_seed(*counters: int) -> int:
 
 
 def chunk_generator(seed: int, step: int, stream: int, chunk: int, device: torch.device) -> torch.Generator:
+    """The generator of one noise chunk: its standard normal ``z`` are drawn first, then any
+    other noise of its samples (``Space.draw_aux``); identical for identical counters."""
     gen = torch.Generator(device=device)
     gen.manual_seed(counter_seed(seed, step, stream, chunk))
     return gen
-
-
-def sample_chunk(
-    seed: int,
-    step: int,
-    stream: int,
-    chunk: int,
-    shape: tuple[int, ...],
-    *,
-    dtype: torch.dtype = torch.float32,
-    device: torch.device | str = "cpu",
-) -> torch.Tensor:
-    """Standard normal noise of one chunk; identical for identical counters and shape."""
-    device = torch.device(device)
-    gen = chunk_generator(seed, step, stream, chunk, device)
-    return torch.randn(shape, generator=gen, dtype=dtype, device=device)
 
 
 def num_chunks(samples: int, chunk: int) -> int:

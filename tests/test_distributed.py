@@ -34,6 +34,16 @@ CASES = {
         "model.hard_constraint=true",
         "train.adversarial.steps=1",
     ],
+    "hjb-radial-subspace": [
+        "configs/quickstart.yaml",
+        *SMALL_64,
+        "pde.dim=40",
+        "estimator.method=stein-subspace",
+        "model.family=radial",
+        "model.hard_constraint=true",
+        "train.residual_loss=unbiased",
+        "train.adversarial.steps=1",
+    ],
 }
 
 
@@ -81,6 +91,8 @@ def reference(tmp_path_factory):
         ("hjb-hard", 2, 0),
         ("hjb-hard", 4, 2),
         ("hjb-hard-subspace", 3, 0),
+        ("hjb-radial-subspace", 3, 0),
+        ("hjb-radial-subspace", 4, 2),
     ],
 )
 def test_gradient_equals_single_process_gradient(reference, tmp_path, case, world, sample_group_size):

@@ -106,8 +106,10 @@ BAD = [
     ("unknown model family", CONFIG, ["model.family=cnn"], 1, "model.family='cnn' must be one of"),
     ("hard constraint the PDE has none of", "configs/poisson_2d.yaml", ["model.hard_constraint=true"], 1,
      "model.hard_constraint=true: pde poisson has no output transform"),
-    ("radial family with the subspace estimator", CONFIG, ["model.family=radial", "estimator.method=stein-subspace"],
-     1, "estimator.method=stein-subspace needs a first layer linear in x; model.family=radial"),
+    ("non-radial constraint with the radial subspace", "configs/poisson_2d.yaml",
+     ["pde.target=user_pde:NonRadialTransform", "pde.dim=8", "model.width=4", "model.family=radial",
+      "estimator.method=stein-subspace", "model.hard_constraint=true"], 1,
+     "NonRadialTransform.output_transform().A_grad does not point along x"),
     ("unbiased loss of one chunk", CONFIG, ["estimator.samples=64", "estimator.chunk=64"], 1,
      "train.residual_loss=unbiased needs two independent estimates"),
     # numbers: finite and in a sane range; sizes against the memory a rank has

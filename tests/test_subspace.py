@@ -131,3 +131,165 @@ def test_auto_method_is_subspace_when_d_exceeds_the_width(root):
 
     assert method("pde.dim=200", "model.width=128") == "stein-subspace"
     assert method("pde.dim=100", "model.width=128") == "stein-antithetic"
+
+
+# --- the radial family: a first layer that also sees |x|^2 (docs/MATH.md section 10) ---------
+
+
+class LinearRadial(torch.nn.Module):
+    """g = c . (W x + w t + b + a q), q = (|x|^2 - shift) / scale: a linear body, so that the
+    smoothed model is a closed form: f = g + (c . a) d sx^2 / scale, grad f = W'c + (c . a) 2x /
+    scale, lap f = (c . a) 2d / scale, u_t = c . w."""
+
+    def __init__(self, d: int, time: bool, k: int = 5, seed: int = 0):
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.d, self.time = d, time
+        self.input_layer = torch.nn.Linear(d + (1 if time else 0), k).double()
+        with torch.no_grad():
+            self.input_layer.weight.copy_(torch.randn(k, d + (1 if time else 0), generator=gen) / math.sqrt(d))
+        self.radial = torch.nn.Linear(1, k, bias=False).double()
+        with torch.no_grad():
+            self.radial.weight.copy_(torch.randn(k, 1, generator=gen))
+        self.c = torch.randn(k, generator=gen, dtype=torch.float64)
+        self.shift, self.scale = torch.tensor(float(d)), torch.tensor(math.sqrt(2.0 * d))
+
+    def body(self, h):
+        return (h @ self.c).unsqueeze(-1)
+
+    def quadratic_feature(self):
+        from dstein.models import QuadraticFeature
+
+        return QuadraticFeature(self.radial.weight[:, 0], self.shift, self.scale, self.d)
+
+    def forward(self, X):
+        q = ((X[:, : self.d] ** 2).sum(1, keepdim=True) - self.shift) / self.scale
+        return self.body(self.input_layer(X) + self.radial(q))
+
+    def smoothed(self, X, sx, st):
+        ca = float(self.c @ self.radial.weight[:, 0].detach())
+        W = self.input_layer.weight.detach()
+        grad = (W[:, : self.d].T @ self.c).unsqueeze(0) + ca * 2 * X[:, : self.d] / self.scale
+        out = {
+            "u": self.forward(X).detach().squeeze(-1) + ca * self.d * sx**2 / self.scale,
+            "grad": grad,
+            "grad_sq": (grad * grad).sum(1),
+            "lap": torch.full((X.shape[0],), ca * 2 * self.d / float(self.scale), dtype=X.dtype),
+        }
+        if self.time:
+            out["u_t"] = torch.full((X.shape[0],), float(self.c @ W[:, self.d]), dtype=X.dtype)
+        return out
+
+
+@pytest.mark.parametrize("d", [3, 6, 12])  # width 5: the row space is R^3; one direction beyond it; seven
+@pytest.mark.parametrize("laplacian", ["stein", "difference"])
+def test_radial_subspace_matches_closed_form(d, laplacian):
+    fn, X = LinearRadial(d, True), points(d, True)
+    est = {k: [] for k in NEEDS_T}
+    for r in range(40):
+        D = dstein.estimate(fn, X, method="stein-subspace", needs=NEEDS_T, samples=256, sigma_x=SX, sigma_t=ST,
+                            seed=r, laplacian=laplacian)  # fmt: skip
+        for k in NEEDS_T:
+            est[k].append(getattr(D, k).detach())
+    exact = fn.smoothed(X, SX, ST)
+    for k in NEEDS_T:
+        assert_within_se(torch.stack(est[k]), exact[k], name=f"radial d={d} {laplacian} {k}")
+
+
+def test_radial_subspace_rank_and_center():
+    from dstein.estimators import make_space
+    from dstein.models import RadialMLP
+
+    spec = make_spec("stein-subspace", NEEDS_T, samples=8, sigma_x=SX, sigma_t=ST)
+    for d, rank, dof in ((3, 3, 0), (6, 6, 0), (12, 6, 6)):  # width 5: r = min(5, d), + x's direction if r < d
+        model = RadialMLP(d + 1, d, 5, 2, "gelu", shift=float(d), scale=2.0).double()
+        X = points(d, True)
+        space = make_space(model, X, spec)
+        assert (space.rank, space.width, space.dof) == (rank, rank + 1, dof)
+        assert torch.allclose(space.center(), model(X).reshape(-1), rtol=1e-12, atol=1e-12)
+
+
+def radial_estimates(
+    method: str, reps: int, seed0: int, laplacian: str, d: int = 12, width: int = 5, input_scale: float = 1.0
+):
+    """Estimates, and the parameter gradient of a loss linear in them, for a radial gelu MLP;
+    ``along`` with HJB's hard-constraint direction grad g(x) = 2x / (1 + |x|^2)."""
+    from dstein.models import RadialMLP
+
+    torch.manual_seed(3)
+    model = RadialMLP(d + 1, d, width, 2, "gelu", shift=float(d), scale=math.sqrt(2.0 * d), input_scale=input_scale)
+    model = model.double()
+    with torch.no_grad():
+        model.radial.weight.mul_(3.0)
+    X = points(d, True, n=4)
+    x = X[:, :d]
+    directions = (2 * x / (1 + (x * x).sum(1, keepdim=True))).unsqueeze(1)
+    needs = ("u", "u_t", "grad_sq", "lap", "along")
+    out: dict[str, list[torch.Tensor]] = {k: [] for k in (*needs, "grad", "param_grad")}
+    for r in range(reps):
+        kwargs = {"samples": 512, "sigma_x": SX, "sigma_t": ST, "seed": seed0 + r, "laplacian": laplacian}
+        D = dstein.estimate(model, X, method=method, needs=needs, directions=directions, **kwargs)
+        loss = (D.u_t + D.lap - D.grad_sq + D.u + 3 * D.along[:, 0]).sum()
+        grads = torch.autograd.grad(loss, list(model.parameters()))
+        for k in needs:
+            out[k].append(getattr(D, k).detach())
+        out["grad"].append(dstein.estimate(model, X, method=method, needs={"grad"}, **kwargs).grad.detach())
+        out["param_grad"].append(torch.cat([g.reshape(-1) for g in grads]))
+    return {k: torch.stack(v) for k, v in out.items()}
+
+
+@pytest.mark.parametrize(("laplacian", "input_scale"), [("stein", 1.0), ("difference", 1.0), ("difference", 0.3)])
+def test_radial_subspace_agrees_with_antithetic_on_a_radial_mlp(laplacian, input_scale):
+    """Value, u_t, grad, grad_sq, lap, along (x's direction) and the parameter gradient (V and
+    e held constant) have the full-space estimator's means: every difference within its
+    standard error (independent noise: other seeds). With model.input_scale the estimator
+    reads the weights the layer applies (input_weight)."""
+    reps = 40
+    a = radial_estimates("stein-subspace", reps, 0, laplacian, input_scale=input_scale)
+    b = radial_estimates("stein-antithetic", reps, 10_000, laplacian, input_scale=input_scale)
+    for k in a:
+        z = (a[k].mean(0) - b[k].mean(0)) / torch.sqrt(a[k].var(0) / reps + b[k].var(0) / reps)
+        if k in ("grad", "param_grad"):  # many components: their squared z-scores sum like chi^2
+            m = z.numel()
+            assert (float((z * z).sum()) - m) / math.sqrt(2 * m) < 4, k
+        else:
+            assert torch.all(z.abs() < 4), (k, z)
+
+
+def test_radial_subspace_costs_and_varies_alike_at_every_d():
+    """The difference Laplacian's spread does not grow with d (the feature's 1 / scale keeps
+    the |x|^2 curvature O(1)), and the noise per sample is width + 2 numbers, not d + 1."""
+    from dstein.estimators import make_space
+    from dstein.models import RadialMLP
+
+    spread = {}
+    for d in (50, 2000):
+        torch.manual_seed(0)
+        model = RadialMLP(d + 1, d, 16, 2, "gelu", shift=float(d), scale=math.sqrt(2.0 * d)).double()
+        X = points(d, True)
+        kwargs = {"needs": {"lap"}, "samples": 256, "sigma_x": 0.05, "sigma_t": 0.05, "laplacian": "difference"}
+        spec = make_spec("stein-subspace", samples=256, sigma_x=0.05, sigma_t=0.05, needs={"lap"})
+        assert make_space(model, X, spec).width == 16 + 2
+        est = torch.stack([dstein.estimate(model, X, method="stein-subspace", seed=r, **kwargs).lap.detach()
+                           for r in range(30)])  # fmt: skip
+        spread[d] = float(est.std(0).mean())
+    assert spread[2000] < 2 * spread[50], spread
+
+
+def test_radial_subspace_partial_sums_add_up_over_ranks_and_point_groups():
+    from dstein.estimators import make_space
+    from dstein.models import RadialMLP
+
+    model = RadialMLP(13, 12, 5, 2, "gelu", shift=12.0, scale=5.0).double()
+    X = points(12, True, n=4)
+    spec = make_spec("stein-subspace", NEEDS_T, samples=96, sigma_x=SX, sigma_t=ST, chunk=16)
+    full = partial_sums(model, X, spec, range(spec.num_chunks), space=make_space(model, X, spec))
+    for world in (2, 3):
+        parts = [partial_sums(model, X, spec, deal_chunks(spec.num_chunks, r, world), space=make_space(model, X, spec))
+                 for r in range(world)]  # fmt: skip
+        for key, value in full.items():
+            assert torch.allclose(sum(p[key] for p in parts), value, rtol=1e-12, atol=1e-12)
+    rows = X[1:3]  # a point group's rows: the same noise, its own c per sample included
+    part = partial_sums(model, rows, spec, range(spec.num_chunks), rows=(1, 4), space=make_space(model, rows, spec))
+    for key, value in part.items():
+        assert torch.allclose(value, full[key][1:3], rtol=1e-12, atol=1e-12), key

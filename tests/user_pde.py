@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from dstein.estimators import Derivatives
+from dstein.estimators.constraint import OutputTransform
 from dstein.pdes import ExactPDE
 
 
@@ -74,3 +75,14 @@ class WrongShape(Reaction):
 
     def residual(self, X: torch.Tensor, D: Derivatives) -> torch.Tensor:
         return (D.require("lap") - D.require("u")).unsqueeze(1)
+
+
+class NonRadialTransform(Reaction):
+    """A hard constraint u = A + f whose grad A does not point along x (the radial family's
+    subspace estimator refuses it)."""
+
+    name = "non-radial-transform"
+
+    def output_transform(self, X: torch.Tensor) -> OutputTransform:
+        return OutputTransform(A=self.exact(X), B=torch.ones_like(X[:, 0]), A_grad=self.exact_grad(X),
+                               A_lap=self.exact(X))  # fmt: skip

@@ -21,7 +21,7 @@ import torch
 from dstein.estimators.autograd import autograd_estimate, hutchinson_estimate
 from dstein.estimators.base import ALL_NEEDS, Derivatives, Reducer, Space, SteinSpec, check_needs
 from dstein.estimators.stein import FullSpace, check_precision, stein_estimate
-from dstein.estimators.subspace import InputSubspace
+from dstein.estimators.subspace import InputSubspace, RadialSubspace
 from dstein.noise import default_chunk
 
 METHODS = ("autograd", "hutchinson", "stein", "stein-antithetic", "stein-subspace")
@@ -98,11 +98,16 @@ def make_spec(
 def make_space(
     model: torch.nn.Module, X: torch.Tensor, spec: SteinSpec, cache: dict | None = None, shares: int = 1
 ) -> Space:
-    """Where ``spec``'s perturbations live: the row space of the model's linear input layer
-    (stein-subspace; ``cache``, a dict that lives for one loss, lets the estimates of that
-    loss share its basis) or all input coordinates. ``shares``: the ranks that sum their
-    partial sums (what each computes whole from the sums then counts 1 / shares)."""
-    return InputSubspace(model, X, spec, cache, shares) if spec.subspace else FullSpace(model, X, spec)
+    """Where ``spec``'s perturbations live: the row space of the model's input layer, with x's
+    own direction for a model with a quadratic feature (stein-subspace; ``cache``, a dict that
+    lives for one loss, lets the estimates of that loss share its basis) or all input
+    coordinates. ``shares``: the ranks that sum their partial sums (what each computes whole
+    from the sums then counts 1 / shares)."""
+    if not spec.subspace:
+        return FullSpace(model, X, spec)
+    quadratic = getattr(model, "quadratic_feature", None)
+    radial = callable(quadratic) and quadratic() is not None
+    return (RadialSubspace if radial else InputSubspace)(model, X, spec, cache, shares)
 
 
 def estimate(

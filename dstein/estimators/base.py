@@ -119,8 +119,21 @@ class Space(Protocol):
         """g at the unperturbed points, (B,)."""
         ...
 
-    def values(self, z: torch.Tensor, antithetic: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def draw_aux(self, gen: torch.Generator, shape: tuple[int, int]) -> torch.Tensor | None:
+        """Noise of each sample (shape (points, samples)) besides ``z``, drawn from the chunk's
+        generator after ``z`` (None: the space needs none). The radial subspace draws the
+        squared norm of the perturbation outside its basis here."""
+        ...
+
+    def values(
+        self, z: torch.Tensor, antithetic: bool, aux: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """g at X + scale * z (and X - scale * z when ``antithetic``), as (B, n) tensors."""
+        ...
+
+    def lap_weight(self, zx_sq: torch.Tensor, aux: torch.Tensor | None) -> torch.Tensor:
+        """Stein's Laplacian weight ``|delta|^2 / sx^2 - d`` of each sample, from ``|z_x|^2``
+        (and ``aux``): ``|z_x|^2 - rank`` where g sees the noise through ``z`` alone."""
         ...
 
     def spatial(self, coords: torch.Tensor) -> torch.Tensor:

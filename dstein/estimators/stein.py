@@ -37,7 +37,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from dstein.estimators.base import Derivatives, Reducer, Space, SteinSpec, split_input
-from dstein.noise import sample_chunk
+from dstein.noise import chunk_generator
 
 #: Unit roundoff of the matrix products under torch.set_float32_matmul_precision on CUDA:
 #: 'high' allows TF32 (10-bit mantissa), 'medium' bf16 (7-bit mantissa).
@@ -92,7 +92,15 @@ class FullSpace:
     def center(self) -> torch.Tensor:
         return self.model(self.X).reshape(-1)
 
-    def values(self, z: torch.Tensor, antithetic: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def draw_aux(self, gen: torch.Generator, shape: tuple[int, int]) -> None:
+        return None
+
+    def lap_weight(self, zx_sq: torch.Tensor, aux: torch.Tensor | None) -> torch.Tensor:
+        return zx_sq - self.rank
+
+    def values(
+        self, z: torch.Tensor, antithetic: bool, aux: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """g at X + scale*z (and X - scale*z), as (B, n) tensors."""
         B, n, D = z.shape
         eps = z * self.scale
@@ -122,13 +130,14 @@ def _chunk_terms(
     """One chunk's sums (SUM_KEYS that the spec needs, in order); its noise from its seed."""
     B = space.X.shape[0]
     offset, total = rows
-    z = sample_chunk(
-        spec.seed, spec.step, spec.stream, c, (total, spec.terms_per_chunk, space.width),
-        dtype=space.X.dtype, device=space.X.device,
-    )  # fmt: skip
+    gen = chunk_generator(spec.seed, spec.step, spec.stream, c, space.X.device)
+    z = torch.randn((total, spec.terms_per_chunk, space.width), generator=gen, dtype=space.X.dtype,
+                    device=space.X.device)  # fmt: skip
+    aux = space.draw_aux(gen, (total, spec.terms_per_chunk))
     if total != B:
         z = z[offset : offset + B]
-    g_plus, g_minus = space.values(z, spec.antithetic)
+        aux = None if aux is None else aux[offset : offset + B]
+    g_plus, g_minus = space.values(z, spec.antithetic, aux)
     if g_minus is None:
         value = odd = g_plus
     else:
@@ -153,7 +162,7 @@ def _chunk_terms(
                 weight = (3 - z[..., r] ** 2) if space.width > r else 2.0
                 out.append((weight * even).sum(1))
             else:
-                out.append(((zx_sq - r) * even).sum(1))
+                out.append((space.lap_weight(zx_sq, aux) * even).sum(1))
     return tuple(out)
 
 

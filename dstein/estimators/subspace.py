@@ -21,6 +21,7 @@ them would get a first-order parameter gradient only).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dstein.estimators.base import SteinSpec, split_input
@@ -29,13 +30,14 @@ from dstein.estimators.base import SteinSpec, split_input
 RANK_RTOL = 1e-6
 
 
-def split_model(model: nn.Module) -> tuple[nn.Linear, nn.Module]:
-    """The model's linear input layer and the rest (``model(X) == body(input_layer(X))``)."""
+def split_model(model: nn.Module, feature: bool = False) -> tuple[nn.Linear, nn.Module]:
+    """The model's linear input layer and the rest (``model(X) == body(input_layer(X))``, or
+    with ``feature``: ``body(input_layer(X) + weight * q(x))``, ``model.quadratic_feature()``)."""
     layer, body = getattr(model, "input_layer", None), getattr(model, "body", None)
-    if not getattr(model, "linear_input", True):
+    if not feature and not getattr(model, "linear_input", True):
         raise ValueError(
-            f"estimator.method=stein-subspace needs a model whose first layer is linear in x; {type(model).__name__} "
-            "(model.family=radial) also feeds |x|^2 to it: use stein-antithetic, or model.family=mlp"
+            f"{type(model).__name__} feeds more than a linear map of x to its first layer and exposes no "
+            "quadratic_feature(): estimator.method=stein-subspace cannot follow a perturbation through it"
         )
     if not isinstance(layer, nn.Linear) or not callable(body):
         raise ValueError(
@@ -45,6 +47,13 @@ def split_model(model: nn.Module) -> tuple[nn.Linear, nn.Module]:
             f"{'' if callable(body) else ' and no body'} (dstein.models.MLP qualifies)"
         )
     return layer, body
+
+
+def input_weight(model: nn.Module, layer: nn.Linear) -> torch.Tensor:
+    """The weights the first layer applies to X: ``model.input_weight()`` where the model
+    scales its inputs (dstein.models.MLP), else the layer's own."""
+    weight = getattr(model, "input_weight", None)
+    return weight() if callable(weight) else layer.weight
 
 
 def row_basis(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,6 +71,19 @@ class InputSubspace:
 
     def __init__(self, model: nn.Module, X: torch.Tensor, spec: SteinSpec, cache: dict | None = None, shares: int = 1):
         layer, self.body = split_model(model)
+        self._basis(model, layer, X, spec, cache, shares)
+        self.width = self.rank + (1 if spec.time_dependent else 0)
+        self.h0 = F.linear(X, self.weight, layer.bias)  # (B, width of the layer): the unperturbed pre-activations
+        M = self.Mx
+        if spec.sigma_t is not None:
+            M = torch.cat([M, self.wt * spec.sigma_t], dim=1)
+        self.M = M  # pre-activation change per unit of z
+
+    def _basis(
+        self, model: nn.Module, layer: nn.Linear, X: torch.Tensor, spec: SteinSpec, cache: dict | None, shares: int
+    ) -> None:
+        """The row-space basis of the first layer's spatial weights, shared by the estimates
+        of one loss through ``cache``; ``Mx = Wx V sx`` (differentiable in Wx, V constant)."""
         self.X = X
         self.d = split_input(X, spec.time_dependent)
         if layer.in_features != X.shape[1]:
@@ -70,37 +92,48 @@ class InputSubspace:
         # M = Wx V = G U / s, and V itself (d x r) is only formed when a gradient is asked for.
         # The weight is split once per loss (one gradient buffer of the weight's size in the
         # backward pass instead of one zero-filled buffer per slice: 20 ms each at d = 100,000).
-        weight = layer.weight
-        if cache is not None and cache.get("weight") is weight and cache.get("version") == weight._version:
-            Wx, wt, G, U, s = cache["basis"]  # computed for another set of points of the same loss
+        param = layer.weight
+        if cache is not None and cache.get("weight") is param and cache.get("version") == param._version:
+            weight, Wx, wt, G, U, s = cache["basis"]  # computed for another set of points of the same loss
         else:
+            weight = input_weight(model, layer)
             Wx, wt = weight.split([self.d, weight.shape[1] - self.d], dim=1)
             G = Wx @ Wx.detach().T  # (k, k): the only O(k^2 d) product
             U, s = row_basis(G)
             if cache is not None:
-                cache.update(weight=weight, version=weight._version, basis=(Wx, wt, G, U, s))
-        self.Wx, self.Us, self.live = Wx.detach(), U / s, Wx
+                cache.update(weight=param, version=param._version, basis=(weight, Wx, wt, G, U, s))
+        self.weight, self.Wx, self.Us, self.live, self.wt, self.G = weight, Wx.detach(), U / s, Wx, wt, G
         self.shares = shares  # ranks that each compute the whole of what follows from the summed estimates
         self.rank = U.shape[1]
-        self.width = self.rank + (1 if spec.time_dependent else 0)
-        self.h0 = layer(X)  # (B, width of the layer): the unperturbed pre-activations
-        M = (G @ self.Us) * spec.sigma_x  # (k, r): differentiable in Wx, V constant
-        if spec.sigma_t is not None:
-            M = torch.cat([M, wt * spec.sigma_t], dim=1)
-        self.M = M  # pre-activation change per unit of z
+        self.Mx = (G @ self.Us) * spec.sigma_x  # (k, r): differentiable in Wx, V constant
 
     def center(self) -> torch.Tensor:
         return self.body(self.h0).reshape(-1)
 
-    def values(self, z: torch.Tensor, antithetic: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        B, n, _ = z.shape
+    def draw_aux(self, gen: torch.Generator, shape: tuple[int, int]) -> torch.Tensor | None:
+        return None
+
+    def lap_weight(self, zx_sq: torch.Tensor, aux: torch.Tensor | None) -> torch.Tensor:
+        return zx_sq - self.rank
+
+    def values(
+        self, z: torch.Tensor, antithetic: bool, aux: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         shift = z @ self.M.T  # (B, n, k): O(k r) per sample
-        h = self.h0.unsqueeze(1)
+        return self._body_at(shift, None, antithetic)
+
+    def _body_at(
+        self, odd: torch.Tensor, even: torch.Tensor | None, antithetic: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """g at pre-activations ``h0 + odd + even`` (and ``h0 - odd + even``), (B, n) each:
+        ``odd`` changes sign with the noise, ``even`` (or None) does not."""
+        B, n, _ = odd.shape
+        h = self.h0.unsqueeze(1) if even is None else self.h0.unsqueeze(1) + even
         if antithetic:
-            g = self.body(torch.cat([(h + shift).reshape(B * n, -1), (h - shift).reshape(B * n, -1)]))
+            g = self.body(torch.cat([(h + odd).reshape(B * n, -1), (h - odd).reshape(B * n, -1)]))
             g = g.reshape(2, B, n)
             return g[0], g[1]
-        return self.body((h + shift).reshape(B * n, -1)).reshape(B, n), None
+        return self.body((h + odd).reshape(B * n, -1)).reshape(B, n), None
 
     @property
     def V(self) -> torch.Tensor:
@@ -129,3 +162,108 @@ class InputSubspace:
         change = torch.einsum("kd,bmd->bmk", self.live - self.Wx, w_perp)  # zero, with a gradient
         correction = torch.einsum("bmk,kr,br->bm", change, self.Us, coords.detach()) / self.shares
         return torch.einsum("bmr,br->bm", inside, coords) + correction
+
+
+class RadialSubspace(InputSubspace):
+    """The subspace estimator for a first layer that also sees ``q = (|x|^2 - shift) / scale``
+    (``model.family=radial``; docs/MATH.md section 10).
+
+    A perturbation ``delta`` of x reaches that layer through ``Wx delta``, ``x . delta`` and
+    ``|delta|^2``. With V the row-space basis (r columns) and ``e`` the unit vector of x's part
+    outside it (one per point), ``delta = V xi + e eta + delta_perp``, and at the current
+    weights
+
+        Wx delta = Wx V xi,   x . delta = (V'x) . xi + rho eta,   |delta|^2 = |xi|^2 + eta^2 + c
+
+    (``rho = |x - V V'x|``), with ``c = |delta_perp|^2 ~ sx^2 chi^2(d - r - 1)``: one number per
+    sample (``draw_aux``), shared by the two members of a pair. So g depends on delta only
+    through ``(xi, eta, c)`` and the estimators of stein.py hold with noise ``z`` of width
+    ``r + 1`` (the coordinates along V and e; ``r`` when the row space is all of R^d); the
+    gradient lies in ``span(V, x)``. Stein's Laplacian weight is the full one,
+    ``|z|^2 + c / sx^2 - d`` (its variance grows like d, as in full space); the difference
+    Laplacian has no spatial weight and the full-space variance, which the feature's
+    ``1 / scale`` keeps O(1). Per sample the work is O(width r); per point, ``Wx x`` and ``|x|^2``.
+
+    Parameter gradients: V and e are held constant; ``Wx e eta`` enters the pre-activation with
+    value 0 and its gradient (``eta`` moves ``x . delta``, so that term has a non-zero
+    conditional mean), computed as ``(Wx - sg(Wx)) (x - V V'x) / rho`` from ``Wx x`` and
+    ``Wx V`` without another O(width d) product per point. ``along`` takes directions in
+    ``span(V, x)`` only (the hard constraints' ``grad A``, ``grad B`` are along x): for those
+    the value is exact and no term is missing from its parameter gradient (section 6)."""
+
+    def __init__(self, model: nn.Module, X: torch.Tensor, spec: SteinSpec, cache: dict | None = None, shares: int = 1):
+        layer, self.body = split_model(model, feature=True)
+        feature = model.quadratic_feature()  # type: ignore[operator]
+        self._basis(model, layer, X, spec, cache, shares)
+        if feature.dim != self.d:
+            raise ValueError(f"the model's quadratic feature reads {feature.dim} columns, the points have {self.d}")
+        self.sx, self.r = spec.sigma_x, self.rank
+        x = X[:, : self.d]
+        xW = x @ self.live.T  # (B, k): Wx x, the only O(width d) product per point
+        x_sq = (x * x).sum(1)
+        self.a = feature.weight / feature.scale  # (k,): the pre-activation per unit of |x|^2
+        bias = 0.0 if layer.bias is None else layer.bias
+        self.h0 = xW + bias + self.a * (x_sq - feature.shift).unsqueeze(1)
+        if spec.sigma_t is not None:
+            self.h0 = self.h0 + X[:, self.d :] @ self.wt.T
+        self.proj = xW.detach() @ self.Us  # V'x: (B, r)
+        self.extra = 1 if self.r < self.d else 0  # the direction e, where the row space is not all of R^d
+        self.dof = max(self.d - self.r - 1, 0)  # of c
+        self.rank = self.r + self.extra
+        self.width = self.rank + (1 if spec.time_dependent else 0)
+        self.wt_st = None if spec.sigma_t is None else self.wt[:, 0] * spec.sigma_t
+        if self.extra:
+            self.rho = (x_sq.detach() - (self.proj * self.proj).sum(1)).clamp_min(0).sqrt()
+            change = (xW - xW.detach()) - self.proj @ ((self.G - self.G.detach()) @ self.Us).T  # (Wx - sg Wx) x_perp
+            self.We = change * (self.sx / self.rho.clamp_min(1e-30)).unsqueeze(1)  # (B, k): zero, with a gradient
+
+    def draw_aux(self, gen: torch.Generator, shape: tuple[int, int]) -> torch.Tensor | None:
+        """``c / sx^2 ~ chi^2(d - r - 1)`` per sample (None when delta_perp has no dimension)."""
+        if not self.dof:
+            return None
+        alpha = torch.full(shape, self.dof / 2, dtype=self.X.dtype, device=self.X.device)
+        return 2 * torch._standard_gamma(alpha, generator=gen)
+
+    def lap_weight(self, zx_sq: torch.Tensor, aux: torch.Tensor | None) -> torch.Tensor:
+        return zx_sq + (0 if aux is None else aux) - self.d
+
+    def values(
+        self, z: torch.Tensor, antithetic: bool, aux: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        r, sx = self.r, self.sx
+        zx = z[..., :r]
+        odd = zx @ self.Mx.T  # (B, n, k): Wx V xi
+        x_delta = zx @ self.proj.unsqueeze(2)  # (B, n, 1): (V'x) . xi / sx
+        sq = (zx * zx).sum(-1, keepdim=True)
+        if self.extra:
+            ze = z[..., r : r + 1]
+            odd = odd + ze * self.We.unsqueeze(1)
+            x_delta = x_delta + ze * self.rho.reshape(-1, 1, 1)
+            sq = sq + ze * ze
+        if self.wt_st is not None:
+            odd = odd + z[..., self.rank : self.rank + 1] * self.wt_st
+        if aux is not None:
+            sq = sq + aux.unsqueeze(-1)
+        odd = odd + (2 * sx) * x_delta * self.a  # the feature: 2 x . delta (odd) + |delta|^2 (even)
+        return self._body_at(odd, (sx * sx) * sq * self.a, antithetic)
+
+    def _e(self) -> torch.Tensor:
+        """e per point (B, d): the unit vector of x's part outside the row space."""
+        x = self.X[:, : self.d].detach()
+        return (x - (self.proj @ self.Us.T) @ self.Wx) / self.rho.clamp_min(1e-30).unsqueeze(1)
+
+    def spatial(self, coords: torch.Tensor) -> torch.Tensor:
+        """Coordinates along V (and e) as vectors in R^d."""
+        out = coords[:, : self.r] @ self.V.T
+        return out + coords[:, self.r :] * self._e() if self.extra else out
+
+    def along(self, coords: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
+        """Inner products (B, m) of the gradient with directions w in span(V, x) (B, m, d):
+        ``(V'w) . coords_V + (e . w) coords_e``, with ``e . w = (x . w - (V'x) . (V'w)) / rho``."""
+        inside = torch.einsum("kd,bmd->bmk", self.Wx, directions) @ self.Us  # V'w: (B, m, r)
+        value = torch.einsum("bmr,br->bm", inside, coords[:, : self.r])
+        if not self.extra:
+            return value
+        x_w = torch.einsum("bd,bmd->bm", self.X[:, : self.d].detach(), directions)
+        along_e = (x_w - torch.einsum("bmr,br->bm", inside, self.proj)) / self.rho.clamp_min(1e-30).unsqueeze(1)
+        return value + along_e * coords[:, self.r : self.r + 1]
