@@ -14,6 +14,8 @@ Suites:
            configuration whose first step exceeds --max-step-seconds (60) or whose process
            exceeds --memory-limit-gb (16) is recorded as skipped, with the reason.
   samples  the same versus samples (1024 ... 32768, chunks of 256) at d = 1000.
+  beyond   configs/hjb_10k.yaml as it ships (radial family, stein-subspace, its samples and
+           loss) at d = 1000 and 100,000 (--dims): seconds per step and their ratio.
   accuracy each config of --configs (quickstart, hjb_100, hjb_250) trained with the method it
            picks and with autograd, over --seeds, through launch/train.py: errors beside the
            baselines and the gradient floor (docs/benchmarks.md, "Accuracy").
@@ -67,7 +69,10 @@ def _rss_mb() -> float:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def worker(out: str, warmup: int, steps: int, overrides: list[str], max_step_seconds: float = 0.0) -> None:
+def worker(
+    out: str, warmup: int, steps: int, overrides: list[str], max_step_seconds: float = 0.0,
+    config_file: str = "configs/quickstart.yaml",
+) -> None:  # fmt: skip
     """One rank: build the trainer from the environment's launcher and time training steps.
 
     Memory: the resident set before the first step and its peak over the steps (CPU), and
@@ -80,7 +85,7 @@ def worker(out: str, warmup: int, steps: int, overrides: list[str], max_step_sec
     from dstein.distributed import barrier
     from dstein.train import train_step
 
-    config = load_config(ROOT / "configs/quickstart.yaml", [*overrides, "run.dir=/tmp/dstein-bench"])
+    config = load_config(ROOT / config_file, [*overrides, "run.dir=/tmp/dstein-bench"])
     tr = build_trainer(config)
     before = _rss_mb()
     if tr.device.type == "cuda":
@@ -127,6 +132,7 @@ def launch_ranks(
     overrides: list[str],
     max_step_seconds: float = 0.0,
     memory_limit_gb: float = 0.0,
+    config_file: str = "configs/quickstart.yaml",
 ) -> dict:
     """Run ``world`` worker ranks; their rank 0's JSON record, or a ``skipped`` record when the
     first step is too slow (or does not finish within startup + max_step_seconds), or the
@@ -149,7 +155,8 @@ def launch_ranks(
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=port, OMP_NUM_THREADS=threads)  # fmt: skip
         cmd = [sys.executable, __file__, "--worker", str(out), "--warmup", str(warmup), "--steps", str(steps),
-               "--max-step-seconds", str(max_step_seconds), "--", *overrides]  # fmt: skip
+               "--max-step-seconds", str(max_step_seconds), "--worker-config", config_file,
+               "--", *overrides]  # fmt: skip
         procs.append(subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                       text=True, preexec_fn=limit))  # fmt: skip
     # a first step still running after start-up + max_step_seconds is skipped at once
@@ -239,13 +246,30 @@ def step_overrides(method: str, dim: int, samples: int, chunk: int | None = None
     return out + ([f"estimator.chunk={chunk}"] if chunk else [])
 
 
-def time_steps(args: argparse.Namespace, name: str, overrides: list[str]) -> dict:
+def time_steps(
+    args: argparse.Namespace, name: str, overrides: list[str], config_file: str = "configs/quickstart.yaml"
+) -> dict:
     tmp = Path(args.tmp)
     tmp.mkdir(parents=True, exist_ok=True)
     record = launch_ranks(1, tmp / f"{name}.json", args.warmup, args.steps, overrides, args.max_step_seconds,
-                          args.memory_limit_gb)  # fmt: skip
+                          args.memory_limit_gb, config_file)  # fmt: skip
     print(f"{name}: {record.get('median_step_seconds', record.get('skipped'))}", file=sys.stderr, flush=True)
-    return {"overrides": overrides, **record}
+    return {"config": config_file, "overrides": overrides, **record}
+
+
+def suite_beyond(args: argparse.Namespace) -> dict:
+    """configs/hjb_10k.yaml's own settings (its model family, method, samples and loss) at
+    d = 1000 and 100,000 (--dims), with the eval set shrunk (it is not timed): seconds per
+    training step and the ratio of the largest d to the smallest (the beyond-the-width
+    issue's cost target: at most 2)."""
+    runs = {}
+    small = ["eval.points=8", "eval.truth_samples=100", "eval.samples=8", "run.threads=0"]
+    for dim in args.dims:
+        runs[f"d={dim}"] = time_steps(args, f"beyond-{dim}", [f"pde.dim={dim}", *small], "configs/hjb_10k.yaml")
+    secs = [runs[f"d={dim}"].get("median_step_seconds") for dim in (min(args.dims), max(args.dims))]
+    ratio = secs[1] / secs[0] if None not in secs else None
+    return {"suite": "beyond", "config": "configs/hjb_10k.yaml", "runs": runs,
+            f"d{max(args.dims)}_over_d{min(args.dims)}": ratio}  # fmt: skip
 
 
 def device_agreement(device: str, repeats: int = 16, samples: int = 4096) -> dict:
@@ -430,7 +454,7 @@ def suite_accuracy(args: argparse.Namespace) -> dict:
 
 SUITES = {
     "acceptance": suite_acceptance, "accuracy": suite_accuracy, "data": suite_data, "gpu": suite_gpu,
-    "methods": suite_methods, "samples": suite_samples, "scaling": suite_scaling,
+    "methods": suite_methods, "samples": suite_samples, "scaling": suite_scaling, "beyond": suite_beyond,
 }  # fmt: skip
 
 
@@ -459,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         nargs="+",
         default=None,
-        help="methods suite: d (default 100 1000 10000 100000); gpu suite: 10000 100000 1000000",
+        help="methods suite: d (default 100 1000 10000 100000); gpu suite: 10000 100000 1000000; beyond: 1000 100000",
     )
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="methods suite: methods")
     parser.add_argument("--device", default="cuda", help="gpu suite: the device to check and time (cpu: dry run)")
@@ -473,17 +497,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory-limit-gb", type=float, default=16.0,
                         help="address-space limit per benchmark process; a run beyond it is skipped")  # fmt: skip
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-config", default="configs/quickstart.yaml", help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         from dstein.distributed import exit_process
 
-        worker(args.worker, args.warmup, args.steps, args.overrides, args.max_step_seconds)
+        worker(args.worker, args.warmup, args.steps, args.overrides, args.max_step_seconds, args.worker_config)
         exit_process(0)
     if not args.suite:
         parser.error("--suite is required")
     if args.dims is None:
-        args.dims = [10000, 100000, 1000000] if args.suite == "gpu" else [100, 1000, 10000, 100000]
+        default_dims = {"gpu": [10000, 100000, 1000000], "beyond": [1000, 100000]}
+        args.dims = default_dims.get(args.suite, [100, 1000, 10000, 100000])
     result = {"machine": machine(), **SUITES[args.suite](args)}
     out = Path(args.out or f"bench-{args.suite}.json")
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -104,6 +104,19 @@ class SteinSpec:
         return self.chunk // 2 if self.antithetic else self.chunk
 
 
+class NoiseOfZ:
+    """What a space that sees the noise through ``z`` alone answers: no other noise, and
+    Stein's Laplacian weight ``|z_x|^2 - rank`` (``stein.FullSpace``, ``subspace.InputSubspace``)."""
+
+    rank: int
+
+    def draw_aux(self, gen: torch.Generator, shape: tuple[int, int]) -> torch.Tensor | None:
+        return None
+
+    def lap_weight(self, zx_sq: torch.Tensor, aux: torch.Tensor | None) -> torch.Tensor:
+        return zx_sq - self.rank
+
+
 class Space(Protocol):
     """Where a Stein estimate perturbs the model: all input coordinates (``stein.FullSpace``)
     or the row space of its linear input layer (``subspace.InputSubspace``).

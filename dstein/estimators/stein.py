@@ -36,7 +36,7 @@ from collections.abc import Iterable
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from dstein.estimators.base import Derivatives, Reducer, Space, SteinSpec, split_input
+from dstein.estimators.base import Derivatives, NoiseOfZ, Reducer, Space, SteinSpec, split_input
 from dstein.noise import chunk_generator
 
 #: Unit roundoff of the matrix products under torch.set_float32_matmul_precision on CUDA:
@@ -76,7 +76,7 @@ def check_precision(model: torch.nn.Module, sigma_x: float, needs: frozenset[str
         raise ValueError(problem)
 
 
-class FullSpace:
+class FullSpace(NoiseOfZ):
     """Perturbations of all ``D`` input coordinates: ``g(X +- scale * z)``, ``z`` of width D
     (a ``base.Space``)."""
 
@@ -91,12 +91,6 @@ class FullSpace:
 
     def center(self) -> torch.Tensor:
         return self.model(self.X).reshape(-1)
-
-    def draw_aux(self, gen: torch.Generator, shape: tuple[int, int]) -> None:
-        return None
-
-    def lap_weight(self, zx_sq: torch.Tensor, aux: torch.Tensor | None) -> torch.Tensor:
-        return zx_sq - self.rank
 
     def values(
         self, z: torch.Tensor, antithetic: bool, aux: torch.Tensor | None = None

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dstein.estimators.base import SteinSpec, split_input
+from dstein.estimators.base import NoiseOfZ, SteinSpec, split_input
 
 #: Eigenvalues of the Gram matrix below this fraction of the largest are dropped (rank r).
 RANK_RTOL = 1e-6
@@ -66,7 +66,7 @@ def row_basis(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return U[:, keep].to(gram.dtype), s2[keep].sqrt().to(gram.dtype)
 
 
-class InputSubspace:
+class InputSubspace(NoiseOfZ):
     """The space of the subspace estimator (a ``base.Space``, like ``stein.FullSpace``)."""
 
     def __init__(self, model: nn.Module, X: torch.Tensor, spec: SteinSpec, cache: dict | None = None, shares: int = 1):
@@ -109,12 +109,6 @@ class InputSubspace:
 
     def center(self) -> torch.Tensor:
         return self.body(self.h0).reshape(-1)
-
-    def draw_aux(self, gen: torch.Generator, shape: tuple[int, int]) -> torch.Tensor | None:
-        return None
-
-    def lap_weight(self, zx_sq: torch.Tensor, aux: torch.Tensor | None) -> torch.Tensor:
-        return zx_sq - self.rank
 
     def values(
         self, z: torch.Tensor, antithetic: bool, aux: torch.Tensor | None = None

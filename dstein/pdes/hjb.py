@@ -94,9 +94,9 @@ class HJB(PDE):
         Training points at time s are drawn from N(0, (1 + 2 spread v s) I), v ~ U(0, 1) (the
         terminal points at s = T): 0 draws them like the test points, 1 covers the whole
         domain of dependence, which at d = 100 the test distribution alone misses
-        (docs/benchmarks.md). ``origin``: the share of training points drawn instead over the
-        domain of dependence of x = 0 (where the published reference u(0, 0) lies), from
-        N(0, 2 v s I): at high d, x ~ N(0, I) never comes near the origin."""
+        (docs/benchmarks.md). ``origin``: the share of training points drawn instead along the
+        diffusion from x = 0 (the domain of dependence of the published reference u(0, 0)),
+        x ~ N(0, 2 s I): at high d, x ~ N(0, I) never comes near the origin."""
         super().__init__(dim)
         if not (math.isfinite(mu) and mu > 0):
             raise ValueError(f"pde.params.mu={mu!r} must be > 0")
@@ -119,7 +119,7 @@ class HJB(PDE):
             variance = 1 + 2 * self.spread * v * X[:, -1]
             if self.origin:
                 near = torch.rand(X.shape[0], generator=gen, dtype=X.dtype) < self.origin
-                variance = torch.where(near, 2 * v * X[:, -1], variance)
+                variance = torch.where(near, 2 * X[:, -1], variance)
             X[:, :-1] *= torch.sqrt(variance).unsqueeze(1)
         return X
 
