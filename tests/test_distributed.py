@@ -128,18 +128,22 @@ def losses(run_dir: Path) -> list[dict]:
     ]
 
 
-def assert_same_losses(a: list[dict], b: list[dict], rtol: float = 1e-5) -> None:
-    """The loss of every step, and every term of the first step, agree to ``rtol``.
+def assert_same_losses(a: list[dict], b: list[dict], rtol: float = 1e-5, later_rtol: float = 1e-3) -> None:
+    """Every term of the first step agrees to ``rtol``; the loss and lr of later steps to
+    ``later_rtol``.
 
     After the first update the parameters differ in the last float32 bits (gradient sums in
-    another order), and at d = 10,000 with sigma_x = 0.01 the residual term amplifies such
-    differences: its Laplacian weights (|z|^2 - d) / sigma_x^2 reach 1e6 while the float32
-    rounding of g+ + g- - 2 g0 is 1e-7. The total loss is dominated by the condition term.
+    another order), and at d = 10,000 with sigma_x = 0.01 the residual amplifies such
+    differences: the Laplacian divides g+ + g- - 2 g0, whose float32 rounding is 1e-7, by
+    sigma_x^2 = 1e-4 (by 1e-4 / 141 with Stein's weights |z|^2 - d). configs/hjb_10k.yaml's
+    loss is that residual alone (hard constraint): its second step differs by about 1e-4
+    between world sizes. The exact equality of the sharded gradient is the float64 test above.
     """
     assert [r["step"] for r in a] == [r["step"] for r in b]
     for i, (ra, rb) in enumerate(zip(a, b, strict=True)):
         for key in ra if i == 0 else ["loss", "lr"]:
-            assert abs(ra[key] - rb[key]) <= rtol * max(abs(rb[key]), 1e-12), (key, ra, rb)
+            tol = rtol if i == 0 or key == "lr" else later_rtol
+            assert abs(ra[key] - rb[key]) <= tol * max(abs(rb[key]), 1e-12), (key, ra, rb)
 
 
 @pytest.fixture(scope="module")
