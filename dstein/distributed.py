@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -291,10 +292,33 @@ def collective_failure(err: BaseException) -> bool:
     return any(part in innermost for part in _COMMUNICATION_CODE)
 
 
+def ranks_at(info: DistInfo, text: str) -> tuple[str, list[int]] | None:
+    """The host, and its ranks, whose address a communication error names ("Connection
+    closed by peer [10.0.0.3]:1234"); None when it names none of the ranks' hosts."""
+    addresses = set(re.findall(r"\[([0-9a-fA-F.:]+)\]:\d+", text))
+    if not addresses:
+        return None
+    hosts: dict[str, list[int]] = {}
+    for rank, (host, _) in enumerate(info.peers):
+        hosts.setdefault(host, []).append(rank)
+    for host, ranks in hosts.items():
+        try:
+            if socket.gethostbyname(host) in addresses:
+                return host, ranks
+        except OSError:
+            continue
+    return None
+
+
 def peer_lost(info: DistInfo, err: BaseException, timeout_s: float) -> PeerLost:
-    """The error to stop with after a failed collective, naming what can be known of the peer."""
+    """The error to stop with after a failed collective, naming what can be known of the
+    peer: the ranks on this host whose process is gone, else the host (and its ranks) that
+    the communication error names."""
     gone = lost_ranks(info)
     who = f"rank {', '.join(map(str, gone))} is gone" if gone else "a peer rank died or stopped answering"
+    at = None if gone else ranks_at(info, str(err))
+    if at is not None:
+        who = f"a rank on host {at[0]} (ranks {', '.join(map(str, at[1]))}) died or stopped answering"
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return PeerLost(
         f"rank {info.rank}: a collective failed: {who} (collective timeout {timeout_s:g}s, "

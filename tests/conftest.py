@@ -23,3 +23,11 @@ def slurm():
     from slurm_cluster import cluster
 
     yield from cluster()
+
+
+@pytest.fixture(scope="session")
+def multinode():
+    """Two SLURM nodes, each in its own network namespace: the clients' environment."""
+    from slurm_cluster import multinode_cluster
+
+    yield from multinode_cluster(2)

@@ -273,3 +273,13 @@ def test_only_a_failed_collective_counts_as_a_lost_peer():
     assert not collective_failure(raised(ValueError("bad value")))
     assert collective_failure(raised(dist.DistError("NCCL communicator was aborted")))
     # gloo's plain RuntimeError from inside torch.distributed: test_killed_rank_makes_the_others_exit...
+
+
+def test_a_lost_peer_on_another_host_is_named_by_the_address_in_the_error():
+    from dstein.distributed import DistInfo, Launch, ranks_at
+
+    info = DistInfo(Launch("srun", 0, 4, 0), "gloo", torch.device("cpu"), 4,
+                    peers=[("here", 11), ("here", 12), ("localhost", 13), ("localhost", 14)])  # fmt: skip
+    cause = "[../pair.cc:553] Connection closed by peer [127.0.0.1]:24481. This is typically caused by..."
+    assert ranks_at(info, cause) == ("localhost", [2, 3])
+    assert ranks_at(info, "Connection reset by peer") is None  # no address: nothing to name
