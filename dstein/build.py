@@ -25,7 +25,7 @@ from dstein.estimators.constraint import OutputTransform
 from dstein.estimators.sharded import Estimator, Shard, rank_memory_bytes
 from dstein.estimators.stein import precision_problem
 from dstein.evaluation import baselines
-from dstein.models import MLP, RadialMLP
+from dstein.models import MLP, RadialMLP, radial_phi
 from dstein.noise import Streams, counter_seed, default_chunk
 from dstein.nonfinite import GradientWatch
 from dstein.pdes import PDE, TestSet
@@ -165,11 +165,12 @@ def build_model(config: Config, pde: PDE, dtype: torch.dtype, device: torch.devi
     if m.family == "radial":  # |x|^2 standardized over 4096 training points of a fixed draw
         gen = torch.Generator().manual_seed(counter_seed(config.seed, Streams.FEATURE_STATS))
         x = pde.training_points("domain", 4096, gen, torch.float64)[:, : pde.dim]
-        sq = (x * x).sum(1)
-        shift, scale = float(sq.mean()), max(float(sq.std()), 1e-12)
+        q = radial_phi((x * x).sum(1), m.radial_feature)
+        shift, scale = float(q.mean()), max(float(q.std()), 1e-12)
     torch.manual_seed(counter_seed(config.seed, Streams.MODEL_INIT))
     if m.family == "radial":
-        model: MLP = RadialMLP(pde.in_dim, pde.dim, m.width, m.depth, m.activation, shift, scale, m.input_scale)
+        model: MLP = RadialMLP(pde.in_dim, pde.dim, m.width, m.depth, m.activation, shift, scale, m.input_scale,
+                               m.radial_feature)  # fmt: skip
     else:
         model = MLP(pde.in_dim, m.width, m.depth, m.activation, m.input_scale, pde.dim)
     return model.to(device=device, dtype=dtype)

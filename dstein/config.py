@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 
 from dstein.errors import ConfigError
 from dstein.estimators import LAPLACIANS, METHODS, PAIRED_METHODS
-from dstein.models import FAMILIES
+from dstein.models import FAMILIES, RADIAL_FEATURES
 
 SCHEMA_NAME = "dstein"
 
@@ -106,6 +106,10 @@ class ModelConfig:
     model.width directions); radial: the MLP whose first layer also sees |x|^2 (standardized),
     so that its gradient may point along x in any d (dstein/models.py, README's model families).
     Both take every method, stein-subspace included."""
+    radial_feature: str = "square"
+    """What of |x|^2 the radial family's first layer sees (standardized over the training
+    points): square, |x|^2 itself; log, log(1 + |x|^2), which resolves small |x| where |x|^2
+    spans orders of magnitude (HJB's points near the origin and at |x|^2 ~ d)."""
     input_scale: float = 1.0
     """x enters the first layer as input_scale * x (time and |x|^2 unscaled). Adam moves each
     of that layer's d weights on x by about train.lr per step whatever its gradient, so where
@@ -124,6 +128,8 @@ class ModelConfig:
         _check(self.activation in ok, f"model.activation={self.activation!r} must be one of {ok}")
         _check(self.family in FAMILIES, f"model.family={self.family!r} must be one of {FAMILIES}")
         _number("model.input_scale", self.input_scale, 0, 1e3, low_open=True)
+        _check(self.radial_feature in RADIAL_FEATURES,
+               f"model.radial_feature={self.radial_feature!r} must be one of {RADIAL_FEATURES}")  # fmt: skip
 
 
 @dataclass

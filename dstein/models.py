@@ -88,24 +88,42 @@ class MLP(nn.Module):
         return None
 
 
+#: What of |x|^2 the radial family's first layer sees (model.radial_feature).
+RADIAL_FEATURES = ("square", "log")
+
+
 @dataclass(frozen=True)
 class QuadraticFeature:
     """How ``|x|^2`` enters a first layer: ``pre_activation = input_layer(X) + weight * q``,
-    ``q = (|x|^2 - shift) / scale``, x the first ``dim`` columns of X. ``weight`` (width,) is
-    the live parameter (gradients flow through it); what the subspace estimator needs to
-    follow a perturbation of x through the feature (dstein/estimators/subspace.py)."""
+    ``q = (phi(|x|^2) - shift) / scale``, x the first ``dim`` columns of X, ``phi`` the identity
+    (``square``) or ``log(1 + .)`` (``log``). ``weight`` (width,) is the live parameter
+    (gradients flow through it); what the subspace estimator needs to follow a perturbation
+    of x through the feature (dstein/estimators/subspace.py)."""
 
     weight: torch.Tensor
     shift: torch.Tensor
     scale: torch.Tensor
     dim: int
+    kind: str = "square"
+
+    def change(self, r2: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        """``phi(r2 + step) - phi(r2)``, computed without cancellation (for the log: a
+        log1p of the relative step, not a difference of two logarithms)."""
+        return step if self.kind == "square" else torch.log1p(step / (1 + r2))
+
+
+def radial_phi(r2: torch.Tensor, kind: str) -> torch.Tensor:
+    """``phi(|x|^2)`` of the radial feature."""
+    return r2 if kind == "square" else torch.log1p(r2)
 
 
 class RadialMLP(MLP):
     """An MLP whose first layer also sees the standardized squared norm of x (family ``radial``).
 
     ``dim``: the spatial columns of the input (time, if any, follows them); ``shift`` and
-    ``scale`` standardize |x|^2 over the training points (buffers, saved with the model).
+    ``scale`` standardize phi(|x|^2) over the training points (buffers, saved with the model);
+    ``feature``: phi, ``square`` (|x|^2 itself) or ``log`` (log(1 + |x|^2): resolves small |x|
+    where |x|^2 spans orders of magnitude, as HJB's points near the origin and at |x|^2 ~ d).
     """
 
     linear_input = False  # the squared norm enters the first layer too
@@ -114,17 +132,19 @@ class RadialMLP(MLP):
 
     def __init__(
         self, in_dim: int, dim: int, width: int, depth: int, activation: str = "tanh", shift: float = 0.0,
-        scale: float = 1.0, input_scale: float = 1.0,
+        scale: float = 1.0, input_scale: float = 1.0, feature: str = "square",
     ):  # fmt: skip
         super().__init__(in_dim, width, depth, activation, input_scale, dim)
-        self.dim = dim
+        if feature not in RADIAL_FEATURES:
+            raise ValueError(f"model.radial_feature={feature!r} is not one of {RADIAL_FEATURES}")
+        self.dim, self.kind = dim, feature
         self.radial = nn.Linear(1, width, bias=False)
         self.register_buffer("q_shift", torch.tensor(float(shift)))
         self.register_buffer("q_scale", torch.tensor(float(scale)))
 
     def feature(self, X: torch.Tensor) -> torch.Tensor:
         x = X[:, : self.dim]
-        return ((x * x).sum(1, keepdim=True) - self.q_shift) / self.q_scale
+        return (radial_phi((x * x).sum(1, keepdim=True), self.kind) - self.q_shift) / self.q_scale
 
     def pre_activation(self, X: torch.Tensor) -> torch.Tensor:
         return super().pre_activation(X) + self.radial(self.feature(X))
@@ -133,4 +153,4 @@ class RadialMLP(MLP):
         return X[:, : self.dim].unsqueeze(1)
 
     def quadratic_feature(self) -> QuadraticFeature:
-        return QuadraticFeature(self.radial.weight[:, 0], self.q_shift, self.q_scale, self.dim)
+        return QuadraticFeature(self.radial.weight[:, 0], self.q_shift, self.q_scale, self.dim, self.kind)

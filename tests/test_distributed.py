@@ -91,7 +91,7 @@ def reference(tmp_path_factory):
         ("hjb-hard", 2, 0),
         ("hjb-hard", 4, 2),
         ("hjb-hard-subspace", 3, 0),
-        ("hjb-radial-subspace", 3, 0),
+        ("hjb-radial-subspace", 2, 0),
         ("hjb-radial-subspace", 4, 2),
     ],
 )

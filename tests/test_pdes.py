@@ -219,3 +219,24 @@ def test_hjb_reference_value_at_the_origin_matches_deep_bsde():
     assert abs(u[0] - value) < 4 * se[0], (u[0], se[0])
     other = build_pde("hjb", 20).reference_values()["u(0,0)"]
     assert "Monte Carlo" in other[2] and 2.0 < other[1] < 4.0
+
+
+def test_hjb_training_points_cover_the_domains_of_dependence():
+    """spread = 1: at time s, x ~ N(0, (1 + 2 v s) I), v ~ U(0, 1), so |x|^2 / d lies in
+    [1, 1 + 2s] (up to its chi-square spread, sqrt(2/d)); origin = 0.25: a quarter of the
+    points follow the diffusion from x = 0 instead, |x|^2 / d = 2s."""
+    d, n = 400, 4000
+    gen = torch.Generator().manual_seed(0)
+    X = HJB(d, spread=1.0, origin=0.25).sample_domain(n, gen)
+    r, s = (X[:, :-1] ** 2).sum(1) / d, X[:, -1]
+    tol = 5 * math.sqrt(2 / d)  # relative
+    near = (r - 2 * s).abs() <= tol * 2 * s
+    spread = (r >= 1 - tol) & (r <= (1 + 2 * s) * (1 + tol))
+    assert bool((near | spread).all())
+    early = s < 0.35  # there the two kinds cannot be confused
+    share = float(near[early].double().mean())
+    assert abs(share - 0.25) < 4 * math.sqrt(0.25 * 0.75 / int(early.sum())), share
+    plain = HJB(d, spread=1.0).sample_domain(n, torch.Generator().manual_seed(0))
+    rp, sp = (plain[:, :-1] ** 2).sum(1) / d, plain[:, -1]
+    assert bool(((rp >= 1 - tol) & (rp <= (1 + 2 * sp) * (1 + tol))).all())
+    assert "origin" not in HJB(d, spread=1.0).describe() and HJB(d, origin=0.25).describe()["origin"] == 0.25

@@ -210,14 +210,16 @@ def test_radial_subspace_rank_and_center():
 
 
 def radial_estimates(
-    method: str, reps: int, seed0: int, laplacian: str, d: int = 12, width: int = 5, input_scale: float = 1.0
-):
+    method: str, reps: int, seed0: int, laplacian: str, d: int = 12, width: int = 5, input_scale: float = 1.0,
+    feature: str = "square",
+):  # fmt: skip
     """Estimates, and the parameter gradient of a loss linear in them, for a radial gelu MLP;
     ``along`` with HJB's hard-constraint direction grad g(x) = 2x / (1 + |x|^2)."""
     from dstein.models import RadialMLP
 
     torch.manual_seed(3)
-    model = RadialMLP(d + 1, d, width, 2, "gelu", shift=float(d), scale=math.sqrt(2.0 * d), input_scale=input_scale)
+    model = RadialMLP(d + 1, d, width, 2, "gelu", shift=float(d), scale=math.sqrt(2.0 * d), input_scale=input_scale,
+                      feature=feature)  # fmt: skip
     model = model.double()
     with torch.no_grad():
         model.radial.weight.mul_(3.0)
@@ -238,15 +240,20 @@ def radial_estimates(
     return {k: torch.stack(v) for k, v in out.items()}
 
 
-@pytest.mark.parametrize(("laplacian", "input_scale"), [("stein", 1.0), ("difference", 1.0), ("difference", 0.3)])
-def test_radial_subspace_agrees_with_antithetic_on_a_radial_mlp(laplacian, input_scale):
+@pytest.mark.parametrize(
+    ("laplacian", "input_scale", "feature"),
+    [("stein", 1.0, "square"), ("difference", 1.0, "square"), ("difference", 0.3, "square"), ("stein", 1.0, "log"),
+     ("difference", 1.0, "log")],
+)  # fmt: skip
+def test_radial_subspace_agrees_with_antithetic_on_a_radial_mlp(laplacian, input_scale, feature):
     """Value, u_t, grad, grad_sq, lap, along (x's direction) and the parameter gradient (V and
     e held constant) have the full-space estimator's means: every difference within its
     standard error (independent noise: other seeds). With model.input_scale the estimator
-    reads the weights the layer applies (input_weight)."""
+    reads the weights the layer applies (input_weight); with the log feature it follows
+    log(1 + |x + delta|^2) (model.radial_feature=log)."""
     reps = 40
-    a = radial_estimates("stein-subspace", reps, 0, laplacian, input_scale=input_scale)
-    b = radial_estimates("stein-antithetic", reps, 10_000, laplacian, input_scale=input_scale)
+    a = radial_estimates("stein-subspace", reps, 0, laplacian, input_scale=input_scale, feature=feature)
+    b = radial_estimates("stein-antithetic", reps, 10_000, laplacian, input_scale=input_scale, feature=feature)
     for k in a:
         z = (a[k].mean(0) - b[k].mean(0)) / torch.sqrt(a[k].var(0) / reps + b[k].var(0) / reps)
         if k in ("grad", "param_grad"):  # many components: their squared z-scores sum like chi^2

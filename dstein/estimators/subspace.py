@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dstein.estimators.base import NoiseOfZ, SteinSpec, split_input
+from dstein.models import radial_phi
 
 #: Eigenvalues of the Gram matrix below this fraction of the largest are dropped (rank r).
 RANK_RTOL = 1e-6
@@ -121,13 +122,19 @@ class InputSubspace(NoiseOfZ):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """g at pre-activations ``h0 + odd + even`` (and ``h0 - odd + even``), (B, n) each:
         ``odd`` changes sign with the noise, ``even`` (or None) does not."""
-        B, n, _ = odd.shape
-        h = self.h0.unsqueeze(1) if even is None else self.h0.unsqueeze(1) + even
-        if antithetic:
-            g = self.body(torch.cat([(h + odd).reshape(B * n, -1), (h - odd).reshape(B * n, -1)]))
+        plus = odd if even is None else even + odd
+        minus = None if not antithetic else (-odd if even is None else even - odd)
+        return self._body_of(plus, minus)
+
+    def _body_of(self, plus: torch.Tensor, minus: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """g at pre-activations ``h0 + plus`` (and ``h0 + minus``), (B, n) each."""
+        B, n, _ = plus.shape
+        h = self.h0.unsqueeze(1)
+        if minus is not None:
+            g = self.body(torch.cat([(h + plus).reshape(B * n, -1), (h + minus).reshape(B * n, -1)]))
             g = g.reshape(2, B, n)
             return g[0], g[1]
-        return self.body((h + odd).reshape(B * n, -1)).reshape(B, n), None
+        return self.body((h + plus).reshape(B * n, -1)).reshape(B, n), None
 
     @property
     def V(self) -> torch.Tensor:
@@ -195,9 +202,11 @@ class RadialSubspace(InputSubspace):
         x = X[:, : self.d]
         xW = x @ self.live.T  # (B, k): Wx x, the only O(width d) product per point
         x_sq = (x * x).sum(1)
-        self.a = feature.weight / feature.scale  # (k,): the pre-activation per unit of |x|^2
+        self.feature = feature
+        self.a = feature.weight / feature.scale  # (k,): the pre-activation per unit of phi(|x|^2)
         bias = 0.0 if layer.bias is None else layer.bias
-        self.h0 = xW + bias + self.a * (x_sq - feature.shift).unsqueeze(1)
+        self.h0 = xW + bias + self.a * (radial_phi(x_sq, feature.kind) - feature.shift).unsqueeze(1)
+        self.x_sq = x_sq.detach().reshape(-1, 1, 1)
         if spec.sigma_t is not None:
             self.h0 = self.h0 + X[:, self.d :] @ self.wt.T
         self.proj = xW.detach() @ self.Us  # V'x: (B, r)
@@ -238,8 +247,14 @@ class RadialSubspace(InputSubspace):
             odd = odd + z[..., self.rank : self.rank + 1] * self.wt_st
         if aux is not None:
             sq = sq + aux.unsqueeze(-1)
-        odd = odd + (2 * sx) * x_delta * self.a  # the feature: 2 x . delta (odd) + |delta|^2 (even)
-        return self._body_at(odd, (sx * sx) * sq * self.a, antithetic)
+        # |x +- delta|^2 - |x|^2 = +-2 x . delta (odd) + |delta|^2 (even)
+        x_delta, sq = (2 * sx) * x_delta, (sx * sx) * sq
+        if self.feature.kind == "square":
+            return self._body_at(odd + x_delta * self.a, sq * self.a, antithetic)
+        plus = odd + self.feature.change(self.x_sq, sq + x_delta) * self.a
+        if not antithetic:
+            return self._body_of(plus, None)
+        return self._body_of(plus, -odd + self.feature.change(self.x_sq, sq - x_delta) * self.a)
 
     def _e(self) -> torch.Tensor:
         """e per point (B, d): the unit vector of x's part outside the row space."""
