@@ -16,6 +16,10 @@ conditional expectation of the full estimator's gradient for value, time derivat
 Laplacian and gradient norm). A gradient along a fixed direction is not supported
 (``provides`` excludes nothing else: ``grad`` values are given, for evaluation, but a loss on
 them would get a first-order parameter gradient only).
+
+``RadialSubspace`` extends this to a first layer that also sees a function of ``|x|^2`` (the
+radial family, docs/MATH.md section 10): the basis gains x's own direction, and one
+chi-square number per sample stands for the squared norm of the rest of the perturbation.
 """
 
 from __future__ import annotations
