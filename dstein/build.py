@@ -159,13 +159,31 @@ def check_memory(config: Config, pde: PDE, device: torch.device) -> None:
     )
 
 
+#: Training points that standardize the radial feature, drawn at most this many bytes at a time.
+FEATURE_POINTS, FEATURE_DRAW_BYTES = 4096, 1 << 29
+
+
+def feature_sample(config: Config, pde: PDE) -> torch.Tensor:
+    """|x|^2 of FEATURE_POINTS training points of a fixed draw (float64): in one draw where
+    it fits in FEATURE_DRAW_BYTES, else in blocks of fresh generators (at d = 100,000 one
+    draw held 3.3 GB, at d = 10^6 it would not fit)."""
+    rows = min(FEATURE_POINTS, max(1, FEATURE_DRAW_BYTES // (8 * pde.in_dim)))
+    out = []
+    for block in range(-(-FEATURE_POINTS // rows)):
+        keys = (config.seed, Streams.FEATURE_STATS) if rows == FEATURE_POINTS else (
+            config.seed, Streams.FEATURE_STATS, block)  # fmt: skip
+        gen = torch.Generator().manual_seed(counter_seed(*keys))
+        n = min(rows, FEATURE_POINTS - block * rows)
+        x = pde.training_points("domain", n, gen, torch.float64)[:, : pde.dim]
+        out.append((x * x).sum(1))
+    return torch.cat(out)
+
+
 def build_model(config: Config, pde: PDE, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
     """The configured model family with its initial weights (the same on every rank)."""
     m = config.model
-    if m.family == "radial":  # |x|^2 standardized over 4096 training points of a fixed draw
-        gen = torch.Generator().manual_seed(counter_seed(config.seed, Streams.FEATURE_STATS))
-        x = pde.training_points("domain", 4096, gen, torch.float64)[:, : pde.dim]
-        q = radial_phi((x * x).sum(1), m.radial_feature)
+    if m.family == "radial":  # phi(|x|^2) standardized over training points of a fixed draw
+        q = radial_phi(feature_sample(config, pde), m.radial_feature)
         shift, scale = float(q.mean()), max(float(q.std()), 1e-12)
     torch.manual_seed(counter_seed(config.seed, Streams.MODEL_INIT))
     if m.family == "radial":

@@ -30,6 +30,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -177,9 +178,7 @@ STALE_BUILD_LOCK_S = 600.0  # the build takes well under a minute
 def clear_stale_build_lock(name: str = SHM_OP, older_than_s: float = STALE_BUILD_LOCK_S) -> str | None:
     """Remove the op's build lock when it is older than any build takes (say so), so that a
     start after a killed build does not hang; a fresh lock (a build under way) is left."""
-    import time
-
-    from torch.utils.cpp_extension import _get_build_directory
+    from torch.utils.cpp_extension import _get_build_directory  # loads the C++ toolchain helpers: only here
 
     try:
         lock = Path(_get_build_directory(name, verbose=False)) / "lock"

@@ -1,7 +1,8 @@
 #!/bin/bash
-# Stop the cluster of multinode-up.sh and remove everything it made: jobs, daemons, the
-# processes left in its namespaces, the namespaces, the veth links, the bridge, the
-# /etc/hosts lines and the state folder. Safe to run when nothing (or only part) is up.
+# Stop the cluster of multinode-up.sh and remove everything it made: jobs, daemons (munged
+# too if it started it), the processes left in its namespaces, the namespaces, the veth
+# links, the bridge, the /etc/hosts lines and the state folder. Safe to run when nothing (or
+# only part) is up.
 STATE=${DSTEIN_SLURM_MULTI_STATE:-/tmp/dstein-slurm-multi}
 MARK="# dstein multinode harness"
 export SLURM_CONF=$STATE/slurm.conf
@@ -36,6 +37,9 @@ ip link del dstbr0 2>/dev/null
 if grep -q "$MARK" /etc/hosts 2>/dev/null; then
   grep -v "$MARK" /etc/hosts > /etc/hosts.dstein-tmp && cat /etc/hosts.dstein-tmp > /etc/hosts
   rm -f /etc/hosts.dstein-tmp
+fi
+if [ -e "$STATE/started-munged" ] && [ -s /run/munge/munged.pid ]; then
+  kill -TERM "$(cat /run/munge/munged.pid)" 2>/dev/null && rm -f /run/munge/munged.pid
 fi
 rm -rf "$STATE"
 exit 0

@@ -28,7 +28,7 @@ export SLURM_CONF=$STATE/slurm.conf
 nodes_idle() { [ "$(sinfo -h -N -o %t 2>/dev/null | grep -c '^idle$')" = "$N" ]; }
 if [ -s "$STATE/slurmctld.pid" ] && nodes_idle; then echo "multinode slurm already up ($N nodes)"; exit 0; fi
 "$HERE/multinode-down.sh" >/dev/null 2>&1 || true  # leftovers of an earlier start
-for cmd in slurmctld munged ip unshare; do
+for cmd in slurmctld munged ip unshare nsenter; do
   command -v "$cmd" >/dev/null || { apt_needed=1; break; }
 done
 if [ -n "${apt_needed:-}" ] || [ ! -e /usr/lib/x86_64-linux-gnu/pmix2/lib/libpmix.so ]; then
@@ -41,7 +41,10 @@ mkdir -p "$STATE/ctld" /run/munge /var/log/munge /var/lib/munge /etc/munge
 [ -s /etc/munge/munge.key ] || mungekey --create --keyfile=/etc/munge/munge.key
 chown -R munge:munge /etc/munge /run/munge /var/log/munge /var/lib/munge
 chmod 700 /etc/munge; chmod 400 /etc/munge/munge.key; chmod 755 /run/munge
-pgrep -x munged >/dev/null || runuser -u munge -- /usr/sbin/munged --pid-file=/run/munge/munged.pid
+if ! pgrep -x munged >/dev/null; then  # started here: down.sh stops it again
+  runuser -u munge -- /usr/sbin/munged --pid-file=/run/munge/munged.pid
+  touch "$STATE/started-munged"
+fi
 for _ in $(seq 50); do munge -n 2>/dev/null | unmunge >/dev/null 2>&1 && break; sleep 0.1; done
 
 # the network: a bridge in the root namespace, one namespace per node with eth0 on it
