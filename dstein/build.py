@@ -352,7 +352,9 @@ def build_trainer(config: Config, info: DistInfo | None = None) -> Trainer:
     estimator = build_estimator(config, pde, info)
     model = build_model(config, pde, dtype, device)
     optimizer = (
-        None if config.deepspeed.optimizer == "deepspeed" else torch.optim.Adam(model.parameters(), lr=config.train.lr)
+        None
+        if config.deepspeed.optimizer == "deepspeed"
+        else torch.optim.Adam(model.parameters(), lr=config.train.lr, fused=config.train.adam == "fused" or None)
     )
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, model_parameters=model.parameters(),

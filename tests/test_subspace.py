@@ -14,7 +14,7 @@ import dstein
 from dstein.estimators import make_spec
 from dstein.estimators.sharded import deal_chunks
 from dstein.estimators.stein import partial_sums
-from dstein.estimators.subspace import InputSubspace
+from dstein.estimators.subspace import FirstLayer, InputSubspace
 from dstein.models import MLP
 
 
@@ -28,6 +28,38 @@ def test_subspace_matches_closed_form(d, family, time):
     exact = fn.smoothed(X, SX, ST if time else 0.0)
     for k in needs:
         assert_within_se(est[k], exact[k], name=f"subspace {family.__name__} d={d} {k}")
+
+
+@pytest.mark.parametrize("c, ct", [(1.0, None), (0.01, None), (0.01, (0.5, 3.0))])
+@pytest.mark.parametrize("gram", [True, False])
+def test_first_layer_products_equal_the_plain_graph(c, ct, gram):
+    """FirstLayer (no scaled or sliced copy of W in the graph) gives the values and the
+    gradients, for W and for the points, of the same products written with plain autograd:
+    ``c x Wx^T``, ``ct * W[:, d:]`` and ``c^2 Wx sg(Wx)^T``."""
+    gen = torch.Generator().manual_seed(3)
+    d, k, n, B = 9, 5, 0 if ct is None else len(ct), 4
+    W0 = torch.randn(k, d + n, generator=gen, dtype=torch.float64)
+    Y0 = torch.randn(B, d + n, generator=gen, dtype=torch.float64)
+    scale_t = None if ct is None else torch.tensor(ct, dtype=torch.float64)
+    weights = [torch.randn(*shape, generator=gen, dtype=torch.float64) for shape in [(B, k), (k, n), (k, k)]]
+
+    def loss(outputs):
+        return sum((w * o).sum() for w, o in zip(weights[: len(outputs)], outputs, strict=True))
+
+    W, Y = W0.clone().requires_grad_(), Y0.clone().requires_grad_()
+    fused = FirstLayer.apply(W, Y, d, c, scale_t, gram)
+    loss(fused).backward()
+    W_ref, Y_ref = W0.clone().requires_grad_(), Y0.clone().requires_grad_()
+    Wx = W_ref[:, :d] * c
+    plain = [Y_ref[:, :d] @ Wx.T, W_ref[:, d:] * (1.0 if scale_t is None else scale_t)]
+    if gram:
+        plain.append(Wx @ Wx.detach().T)
+    loss(plain).backward()
+    assert len(fused) == len(plain)
+    for a, b in zip(fused, plain, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(W.grad, W_ref.grad, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(Y.grad, Y_ref.grad, rtol=1e-12, atol=1e-14)
 
 
 def test_rank_is_the_row_space_dimension():

@@ -25,7 +25,6 @@ chi-square number per sample stands for the squared norm of the rest of the pert
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dstein.estimators.base import NoiseOfZ, SteinSpec, split_input
@@ -61,6 +60,61 @@ def input_weight(model: nn.Module, layer: nn.Linear) -> torch.Tensor:
     return weight() if callable(weight) else layer.weight
 
 
+def input_scales(model: nn.Module, d: int) -> tuple[float, torch.Tensor | None]:
+    """The factor the model applies to x's columns before its first layer (one number: an
+    MLP's ``column_scale`` is ``input_scale`` on all of them) and the factors of the columns
+    after them (None: 1)."""
+    scale = getattr(model, "column_scale", None)
+    if scale is None:
+        return 1.0, None
+    return float(scale[0]), scale[d:]
+
+
+class FirstLayer(torch.autograd.Function):
+    """The first layer's products that grow with d, without forming ``c * W`` or slicing W in
+    the graph (each a fresh width x d buffer per step, and its gradient another: at
+    d = 100,000 they were most of a step; docs/benchmarks.md, "Cost versus d").
+
+    ``apply(W, Y, d, c, ct, gram)`` for the layer's weight W (width x (d + n)), rows Y whose
+    first d columns are points of R^d, x's factor c and the other columns' factors ct
+    (None: 1) gives ``P = c Y_x Wx^T`` (Wx: W's first d columns), ``wt = ct * W[:, d:]`` and,
+    with ``gram``, ``G = c^2 Wx Wx^T``. G's gradient flows through its left factor only (the
+    subspace estimator's rule: V held constant). Backward writes W's gradient once:
+    ``c dP^T Y_x + c^2 dG Wx`` into its first d columns, ``ct dwt`` into the rest."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, W: torch.Tensor, Y: torch.Tensor, d: int, c: float,
+        ct: torch.Tensor | None, gram: bool,
+    ) -> tuple[torch.Tensor, ...]:  # fmt: skip
+        Wx, Yx = W[:, :d], Y[:, :d]
+        P = (Yx @ Wx.T) * c
+        wt = W[:, d:] if ct is None else W[:, d:] * ct
+        ctx.save_for_backward(W, Y)
+        ctx.d, ctx.c, ctx.ct, ctx.gram = d, c, ct, gram  # type: ignore[attr-defined]
+        if not gram:
+            return P, wt.clone()
+        return P, wt.clone(), (Wx @ Wx.T) * (c * c)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: torch.autograd.function.FunctionCtx, dP: torch.Tensor, dwt: torch.Tensor, dG=None):  # type: ignore[override]
+        W, Y = ctx.saved_tensors  # type: ignore[attr-defined]
+        d, c, ct = ctx.d, ctx.c, ctx.ct  # type: ignore[attr-defined]
+        Wx, Yx = W[:, :d], Y[:, :d]
+        dW = dY = None
+        if ctx.needs_input_grad[0]:  # type: ignore[attr-defined]
+            dW = torch.empty_like(W)
+            dW[:, :d].addmm_(dP.T, Yx, beta=0, alpha=c)
+            if dG is not None:
+                dW[:, :d].addmm_(dG, Wx, alpha=c * c)
+            dW[:, d:] = dwt if ct is None else dwt * ct
+        if ctx.needs_input_grad[1]:  # type: ignore[attr-defined]
+            dY = torch.zeros_like(Y)
+            dY[:, :d] = (dP @ Wx) * c
+        return dW, dY, None, None, None, None
+
+
 def row_basis(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``U`` (width x r) and ``s`` (r) of ``Wx = U diag(s) V^T`` from the Gram matrix
     ``Wx Wx^T`` (eigendecomposition in float64; directions with s^2 below RANK_RTOL of the
@@ -78,7 +132,8 @@ class InputSubspace(NoiseOfZ):
         layer, self.body = split_model(model)
         self._basis(model, layer, X, spec, cache, shares)
         self.width = self.rank + (1 if spec.time_dependent else 0)
-        self.h0 = F.linear(X, self.weight, layer.bias)  # (B, width of the layer): the unperturbed pre-activations
+        bias = 0.0 if layer.bias is None else layer.bias
+        self.h0 = self.P + X[:, self.d :] @ self.wt.T + bias  # (B, width of the layer): the unperturbed pre-activations
         M = self.Mx
         if spec.sigma_t is not None:
             M = torch.cat([M, self.wt * spec.sigma_t], dim=1)
@@ -95,19 +150,20 @@ class InputSubspace(NoiseOfZ):
             raise ValueError(f"the input layer takes {layer.in_features} inputs, the points have {X.shape[1]}")
         # G = Wx Wx^T with the gradient of Wx @ V for V = Wx^T U / s held constant: then
         # M = Wx V = G U / s, and V itself (d x r) is only formed when a gradient is asked for.
-        # The weight is split once per loss (one gradient buffer of the weight's size in the
-        # backward pass instead of one zero-filled buffer per slice: 20 ms each at d = 100,000).
-        param = layer.weight
+        # FirstLayer gives G with Wx x (and the time columns' weights): one gradient buffer
+        # of the weight's size in the backward pass, written once.
+        param = self.param = layer.weight
+        self.c, self.ct = input_scales(model, self.d)
         if cache is not None and cache.get("weight") is param and cache.get("version") == param._version:
-            weight, Wx, wt, G, U, s = cache["basis"]  # computed for another set of points of the same loss
+            G, U, s = cache["basis"]  # computed for another set of points of the same loss
+            self.P, self.wt = FirstLayer.apply(param, X, self.d, self.c, self.ct, False)
         else:
-            weight = input_weight(model, layer)
-            Wx, wt = weight.split([self.d, weight.shape[1] - self.d], dim=1)
-            G = Wx @ Wx.detach().T  # (k, k): the only O(k^2 d) product
-            U, s = row_basis(G)
+            self.P, self.wt, G = FirstLayer.apply(param, X, self.d, self.c, self.ct, True)
+            U, s = row_basis(G)  # G: the only O(k^2 d) product
             if cache is not None:
-                cache.update(weight=param, version=param._version, basis=(weight, Wx, wt, G, U, s))
-        self.weight, self.Wx, self.Us, self.live, self.wt, self.G = weight, Wx.detach(), U / s, Wx, wt, G
+                cache.update(weight=param, version=param._version, basis=(G, U, s))
+        self.Us, self.G = U / s, G
+        self._along: tuple | None = None  # (directions, what along() needs of them alone)
         self.shares = shares  # ranks that each compute the whole of what follows from the summed estimates
         self.rank = U.shape[1]
         self.Mx = (G @ self.Us) * spec.sigma_x  # (k, r): differentiable in Wx, V constant
@@ -141,6 +197,15 @@ class InputSubspace(NoiseOfZ):
         return self.body((h + plus).reshape(B * n, -1)).reshape(B, n), None
 
     @property
+    def Wx(self) -> torch.Tensor:
+        """The spatial weights the first layer applies (width x d; formed on each call, no gradient)."""
+        return self.param.detach()[:, : self.d] * self.c
+
+    def times_Wx(self, Y: torch.Tensor) -> torch.Tensor:
+        """``Y Wx^T`` for rows Y (..., d), without forming Wx (no gradient)."""
+        return torch.matmul(Y, self.param.detach()[:, : self.d].T) * self.c
+
+    @property
     def V(self) -> torch.Tensor:
         """The orthonormal basis (d x r) of the row space of Wx."""
         return self.Wx.T @ self.Us
@@ -161,10 +226,13 @@ class InputSubspace(NoiseOfZ):
         ``coords' diag(1/s) U' (Wx - sg(Wx)) w_perp``, whose value is zero. Every rank of a
         sample group computes that term from the summed coordinates, so its gradient enters
         with weight 1 / shares (the shares of the group's gradient are summed)."""
-        Wx_w = torch.einsum("kd,bmd->bmk", self.Wx, directions)  # (B, m, k)
-        inside = Wx_w @ self.Us  # V' w = Us' Wx w: (B, m, r)
-        w_perp = directions - torch.einsum("kd,bmr,kr->bmd", self.Wx, inside, self.Us)
-        change = torch.einsum("kd,bmd->bmk", self.live - self.Wx, w_perp)  # zero, with a gradient
+        if self._along is None or self._along[0] is not directions:  # the same for both halves of a pair
+            inside = self.times_Wx(directions) @ self.Us  # V' w = Us' Wx w: (B, m, r)
+            w_perp = directions - (inside @ self.Us.T) @ (self.param.detach()[:, : self.d] * self.c)
+            B, m, d = w_perp.shape
+            live = FirstLayer.apply(self.param, w_perp.reshape(B * m, d), d, self.c, self.ct, False)[0]
+            self._along = (directions, inside, (live - live.detach()).reshape(B, m, -1))
+        _, inside, change = self._along  # change: (Wx - sg(Wx)) w_perp, zero, with a gradient
         correction = torch.einsum("bmk,kr,br->bm", change, self.Us, coords.detach()) / self.shares
         return torch.einsum("bmr,br->bm", inside, coords) + correction
 
@@ -204,14 +272,14 @@ class RadialSubspace(InputSubspace):
             raise ValueError(f"the model's quadratic feature reads {feature.dim} columns, the points have {self.d}")
         self.sx, self.r = spec.sigma_x, self.rank
         x = X[:, : self.d]
-        xW = x @ self.live.T  # (B, k): Wx x, the only O(width d) product per point
+        xW = self.P  # (B, k): Wx x, the only O(width d) product per point
         x_sq = (x * x).sum(1)
         self.feature = feature
         self.a = feature.weight / feature.scale  # (k,): the pre-activation per unit of phi(|x|^2)
         bias = 0.0 if layer.bias is None else layer.bias
         self.h0 = xW + bias + self.a * (radial_phi(x_sq, feature.kind) - feature.shift).unsqueeze(1)
         self.x_sq = x_sq.detach().reshape(-1, 1, 1)
-        if spec.sigma_t is not None:
+        if X.shape[1] > self.d:
             self.h0 = self.h0 + X[:, self.d :] @ self.wt.T
         self.proj = xW.detach() @ self.Us  # V'x: (B, r)
         self.extra = 1 if self.r < self.d else 0  # the direction e, where the row space is not all of R^d
@@ -273,10 +341,13 @@ class RadialSubspace(InputSubspace):
     def along(self, coords: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
         """Inner products (B, m) of the gradient with directions w in span(V, x) (B, m, d):
         ``(V'w) . coords_V + (e . w) coords_e``, with ``e . w = (x . w - (V'x) . (V'w)) / rho``."""
-        inside = torch.einsum("kd,bmd->bmk", self.Wx, directions) @ self.Us  # V'w: (B, m, r)
+        if self._along is None or self._along[0] is not directions:  # the same for both halves of a pair
+            inside = self.times_Wx(directions) @ self.Us  # V'w: (B, m, r)
+            along_e = None
+            if self.extra:
+                x_w = torch.einsum("bd,bmd->bm", self.X[:, : self.d].detach(), directions)
+                along_e = (x_w - torch.einsum("bmr,br->bm", inside, self.proj)) / self.rho.clamp_min(1e-30).unsqueeze(1)
+            self._along = (directions, inside, along_e)
+        _, inside, along_e = self._along
         value = torch.einsum("bmr,br->bm", inside, coords[:, : self.r])
-        if not self.extra:
-            return value
-        x_w = torch.einsum("bd,bmd->bm", self.X[:, : self.d].detach(), directions)
-        along_e = (x_w - torch.einsum("bmr,br->bm", inside, self.proj)) / self.rho.clamp_min(1e-30).unsqueeze(1)
-        return value + along_e * coords[:, self.r : self.r + 1]
+        return value if along_e is None else value + along_e * coords[:, self.r : self.r + 1]
