@@ -179,8 +179,11 @@ def baselines(pde: PDE, test: TestSet) -> dict[str, dict[str, float]]:
     ``constant`` (the test mean), ``t_only`` (time-dependent PDEs: the least-squares
     polynomial of degree T_ONLY_DEGREE in t, fitted to the test values; a lower degree on
     small test sets, at least 20 points per coefficient), ``condition_value``
-    (the terminal or initial value everywhere, where the PDE has one). The first two have
-    gradient error 1."""
+    (the terminal or initial value everywhere, where the PDE has one) and
+    ``constrained_constant`` (where the PDE has a hard constraint u = A + B f: the best
+    constant f, ``sum B (u - A) / sum B^2`` on the test set, with gradient ``grad A + f grad B``;
+    on STDE's two-body problems it already scores an error of order 1/sqrt(d)). The first two
+    have gradient error 1."""
     u, grad = test.u.double(), test.grad.double()
     zero = torch.zeros_like(grad)
     out = {"constant": relative_errors(torch.full_like(u, float(u.mean())), zero, u, grad)}
@@ -192,6 +195,14 @@ def baselines(pde: PDE, test: TestSet) -> dict[str, dict[str, float]]:
     predictor = pde.condition_predictor(test.X.double())
     if predictor is not None:
         out["condition_value"] = relative_errors(predictor[0], predictor[1], u, grad)
+    transform = pde.output_transform(test.X.double())
+    if transform is not None:
+        A, B = transform.A.double(), transform.B.double()
+        f = float((B * (u - A)).sum() / (B * B).sum().clamp_min(1e-300))
+        value_grad = zero if transform.A_grad is None else transform.A_grad.double()
+        if transform.B_grad is not None:
+            value_grad = value_grad + f * transform.B_grad.double()
+        out["constrained_constant"] = relative_errors(A + f * B, value_grad, u, grad)
     return out
 
 

@@ -33,7 +33,8 @@ def _save(fig, path: Path) -> None:
 
 #: How the baselines are drawn on errors.png (reference lines of the solution's L2 error).
 BASELINE_STYLES = {"constant": ("best constant", ":"), "t_only": ("best function of t", "--"),
-                   "condition_value": ("condition value", "-.")}  # fmt: skip
+                   "condition_value": ("condition value", "-."),
+                   "constrained_constant": ("constant under the hard constraint", (0, (1, 3)))}  # fmt: skip
 
 
 def plot_history(rows: list[dict], out: Path, title: str, baselines: dict[str, dict[str, float]] | None = None) -> None:

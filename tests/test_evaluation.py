@@ -39,6 +39,16 @@ def test_heat_and_poisson_baselines():
     got = baselines(heat, heat.test_set(1000, seed=0, truth_samples=2))
     assert got["t_only"]["l2_rel"] == pytest.approx(0.0113, abs=6e-5)  # REFERENCE.md
     assert got["condition_value"]["grad_l2_rel"] == pytest.approx(0.0, abs=1e-12)  # x/d is the exact gradient
+    # u = |x|^2 / (2d) + t f: heat's solution is f = 1, a constant under its hard constraint
+    assert got["constrained_constant"]["l2_rel"] == pytest.approx(0.0, abs=1e-12)
+    sg = build_pde("sine_gordon", 50)
+    test = sg.test_set(400, seed=0, truth_samples=2)
+    B = 1 - (test.X * test.X).sum(1)
+    f = float((B * test.u).sum() / (B * B).sum())  # least squares: no other constant does better
+    got = baselines(sg, test)["constrained_constant"]
+    for c in (f, 0.99 * f, 1.01 * f):
+        assert got["l2_rel"] <= float((c * B - test.u).norm() / test.u.norm()) + 1e-15
+    assert got["l2_rel"] == pytest.approx(float((f * B - test.u).norm() / test.u.norm()), rel=1e-12)
     poisson = build_pde("poisson", 2)
     assert set(baselines(poisson, poisson.test_set(200, seed=0, truth_samples=2))) == {"constant"}
 

@@ -32,7 +32,11 @@ def derivatives(model, pde, X):
     )
 
 
-@pytest.mark.parametrize("name, dim", [("poisson", 2), ("poisson", 7), ("heat", 3), ("heat", 100)])
+@pytest.mark.parametrize(
+    "name, dim",
+    [("poisson", 2), ("poisson", 7), ("heat", 3), ("heat", 100), ("sine_gordon", 2), ("sine_gordon", 9),
+     ("allen_cahn", 5)],
+)  # fmt: skip
 def test_exact_solution_has_zero_residual_and_matching_gradient(name, dim):
     pde = build_pde(name, dim)
     gen = torch.Generator().manual_seed(0)
@@ -168,7 +172,7 @@ def test_hjb_test_set_carries_standard_errors():
 
 
 def test_registry_and_user_pde():
-    assert set(REGISTRY) == {"poisson", "heat", "hjb"}
+    assert set(REGISTRY) == {"poisson", "heat", "hjb", "sine_gordon", "allen_cahn"}
     pde = build_pde("ignored", 3, target="user_pde:Reaction")
     X = pde.sample_domain(16, torch.Generator().manual_seed(0))
     D = derivatives(Exact(pde), pde, X)
@@ -185,6 +189,8 @@ def test_registry_and_user_pde():
         (dict(name="x", dim=2, target="nowhere.module:Cls"), "cannot be imported"),
         (dict(name="x", dim=2, target="no_colon"), "package.module:ClassName"),
         (dict(name="x", dim=2, target="math:sqrt"), "not a subclass"),
+        (dict(name="sine_gordon", dim=1), "pde.dim=1: the two-body solution couples neighbouring coordinates"),
+        (dict(name="allen_cahn", dim=3, params={"coeff_seed": 0.5}), "pde.params.coeff_seed=0.5 must be an integer"),
     ],
 )
 def test_bad_pde_settings_are_named(kwargs, message):
@@ -240,3 +246,30 @@ def test_hjb_training_points_cover_the_domains_of_dependence():
     rp, sp = (plain[:, :-1] ** 2).sum(1) / d, plain[:, -1]
     assert bool(((rp >= 1 - tol) & (rp <= (1 + 2 * sp) * (1 + tol))).all())
     assert "origin" not in HJB(d, spread=1.0).describe() and HJB(d, origin=0.25).describe()["origin"] == 0.25
+
+
+@pytest.mark.parametrize("name", ["sine_gordon", "allen_cahn"])
+def test_two_body_transform_sampling_and_source(name):
+    """u = (1 - |x|^2) f: B's derivatives are those autograd finds, and f = psi gives the exact
+    solution; points: the radius uniform in [0, 1] (not in volume), boundary points on the
+    sphere; the coefficients follow coeff_seed; g computed in float64 for float32 points."""
+    d = 6
+    pde = build_pde(name, d, {"coeff_seed": 4})
+    gen = torch.Generator().manual_seed(2)
+    X = pde.sample_domain(4000, gen)
+    r = X.norm(dim=1)
+    assert (r <= 1).all() and abs(float(r.mean()) - 0.5) < 4 * math.sqrt(1 / 12 / 4000)
+    assert torch.allclose(pde.sample_condition("boundary", 50, gen).norm(dim=1), torch.ones(50, dtype=torch.float64))
+    Xg = X[:7].clone().requires_grad_(True)
+    T = pde.output_transform(Xg)
+    (grad_B,) = torch.autograd.grad(T.B.sum(), Xg, create_graph=True)
+    lap_B = sum(torch.autograd.grad(grad_B[:, i].sum(), Xg, retain_graph=True)[0][:, i] for i in range(d))
+    assert torch.allclose(grad_B, T.B_grad) and torch.allclose(lap_B, T.B_lap) and T.A.abs().max() == 0
+    psi = pde._psi(X[:7])[0]
+    assert torch.allclose(T.value(psi).detach(), pde.exact(X[:7]), rtol=1e-12, atol=1e-14)
+    other = build_pde(name, d, {"coeff_seed": 5})
+    assert not torch.equal(pde.coeffs, other.coeffs) and torch.equal(
+        pde.coeffs, build_pde(name, d, {"coeff_seed": 4}).coeffs
+    )
+    assert torch.allclose(pde.source(X[:7].float()).double(), pde.source(X[:7]), rtol=1e-6, atol=1e-6)
+    assert pde.describe() == {"name": name, "dim": d, "coeff_seed": 4}

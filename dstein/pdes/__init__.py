@@ -9,8 +9,9 @@ from dstein.pdes.base import PDE, ExactPDE, TestSet
 from dstein.pdes.heat import Heat
 from dstein.pdes.hjb import HJB
 from dstein.pdes.poisson import Poisson
+from dstein.pdes.twobody import AllenCahn, SineGordon
 
-REGISTRY: dict[str, type[PDE]] = {cls.name: cls for cls in (Poisson, Heat, HJB)}
+REGISTRY: dict[str, type[PDE]] = {cls.name: cls for cls in (Poisson, Heat, HJB, SineGordon, AllenCahn)}
 
 __all__ = ["PDE", "REGISTRY", "ExactPDE", "TestSet", "build_pde", "resolve_pde_class"]
 

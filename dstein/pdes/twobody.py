@@ -1,0 +1,144 @@
+"""STDE's two-body benchmarks on the unit ball (Shi et al., NeurIPS 2024; after SDGD):
+``lap u + N(u) = g`` with ``u = 0`` on the unit sphere and the exact solution
+
+    u*(x) = (1 - |x|^2) psi(x),   psi(x) = sum_{i<d} c_i sin(theta_i),
+    theta_i = x_i + cos(x_{i+1}) + x_{i+1} cos(x_i),
+
+``c_i ~ N(0, 1)`` drawn once from ``coeff_seed``; ``g = lap u* + N(u*)`` in closed form.
+``N(u) = sin(u)`` (Sine-Gordon) or ``u - u^3`` (Allen-Cahn). Points: a uniform direction
+times a radius ``r ~ U(0, 1)`` (the peers' sampling, denser near the centre than uniform
+in the ball); boundary points on the sphere.
+
+Each term of psi couples two neighbouring coordinates, so u* varies in every direction of
+R^d and its gradient is not radial: at d above the width no first layer's row space holds
+it (docs/MATH.md, "the gradient floor"). Each coordinate of x is O(1/sqrt(d)) at these
+points, so ``u*`` is close to ``(1 - |x|^2) psi(0)`` and a constant under the hard
+constraint ``u = (1 - |x|^2) f`` already scores an error of order 1/sqrt(d)
+(``evaluation.baselines``: ``constrained_constant``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dstein.estimators.base import Derivatives
+from dstein.estimators.constraint import OutputTransform
+from dstein.pdes.base import ExactPDE, uniform_sphere
+
+
+class TwoBody(ExactPDE):
+    """The shared part: the solution, its derivatives, the ball and its sphere."""
+
+    needs = frozenset({"u", "lap"})
+    time_dependent = False
+    conditions = ("boundary",)
+    constrained = ("boundary",)
+
+    def __init__(self, dim: int, coeff_seed: int = 0):
+        super().__init__(dim)
+        if dim < 2:
+            raise ValueError(f"pde.dim={dim}: the two-body solution couples neighbouring coordinates, so dim >= 2")
+        if not isinstance(coeff_seed, int) or isinstance(coeff_seed, bool):
+            raise ValueError(f"pde.params.coeff_seed={coeff_seed!r} must be an integer")
+        self.coeff_seed = coeff_seed
+        self.coeffs = torch.randn(dim - 1, generator=torch.Generator().manual_seed(coeff_seed), dtype=torch.float64)
+
+    def nonlinearity(self, u: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        return {"name": self.name, "dim": self.dim, "coeff_seed": self.coeff_seed}
+
+    # -- the exact solution ---------------------------------------------------------------
+    def _parts(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """theta_i, its first and second derivatives along x_i (a) and x_{i+1} (b), and c."""
+        a, b = x[:, :-1], x[:, 1:]
+        cos_a, sin_a, cos_b, sin_b = torch.cos(a), torch.sin(a), torch.cos(b), torch.sin(b)
+        theta = a + cos_b + b * cos_a
+        da, db = 1 - b * sin_a, cos_a - sin_b
+        daa, dbb = -b * cos_a, -cos_b
+        return theta, da, db, daa, dbb, self.coeffs.to(x)
+
+    def _psi(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """psi, grad psi (B, d) and lap psi."""
+        theta, da, db, daa, dbb, c = self._parts(x)
+        s, co = torch.sin(theta), torch.cos(theta)
+        psi = (c * s).sum(1)
+        grad = torch.zeros_like(x)
+        grad[:, :-1] += c * co * da
+        grad[:, 1:] += c * co * db
+        lap = (c * (co * (daa + dbb) - s * (da * da + db * db))).sum(1)
+        return psi, grad, lap
+
+    def exact(self, X: torch.Tensor) -> torch.Tensor:
+        theta, *_, c = self._parts(X)
+        return (1 - (X * X).sum(1)) * (c * torch.sin(theta)).sum(1)
+
+    def exact_grad(self, X: torch.Tensor) -> torch.Tensor:
+        psi, grad, _ = self._psi(X)
+        return -2 * X * psi.unsqueeze(1) + (1 - (X * X).sum(1)).unsqueeze(1) * grad
+
+    def exact_lap(self, X: torch.Tensor) -> torch.Tensor:
+        """``lap u* = -2 d psi - 4 x . grad psi + (1 - |x|^2) lap psi``."""
+        psi, grad, lap = self._psi(X)
+        return -2 * self.dim * psi - 4 * (X * grad).sum(1) + (1 - (X * X).sum(1)) * lap
+
+    def source(self, X: torch.Tensor) -> torch.Tensor:
+        """g = lap u* + N(u*), computed in float64."""
+        Xd = X.double()
+        return (self.exact_lap(Xd) + self.nonlinearity(self.exact(Xd))).to(X.dtype)
+
+    def residual(self, X: torch.Tensor, D: Derivatives) -> torch.Tensor:
+        return D.require("lap") + self.nonlinearity(D.require("u")) - self.source(X)
+
+    # -- points ---------------------------------------------------------------------------
+    def sample_domain(self, n: int, gen: torch.Generator, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        direction = uniform_sphere(n, self.dim, gen, dtype)
+        return direction * torch.rand(n, 1, generator=gen, dtype=dtype)
+
+    def sample_condition(
+        self, kind: str, n: int, gen: torch.Generator, dtype: torch.dtype = torch.float64
+    ) -> torch.Tensor:
+        return uniform_sphere(n, self.dim, gen, dtype)
+
+    def condition_target(self, kind: str, X: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(X.shape[0], dtype=X.dtype, device=X.device)
+
+    def project(self, X: torch.Tensor) -> torch.Tensor:
+        return X / X.norm(dim=1, keepdim=True).clamp_min(1.0)
+
+    def project_condition(self, kind: str, X: torch.Tensor) -> torch.Tensor:
+        return X / X.norm(dim=1, keepdim=True).clamp_min(1e-30)
+
+    def output_transform(self, X: torch.Tensor) -> OutputTransform:
+        """u = (1 - |x|^2) f: zero on the sphere."""
+        return OutputTransform(
+            A=torch.zeros_like(X[:, 0]),
+            B=1 - (X * X).sum(1),
+            B_grad=-2 * X,
+            B_lap=torch.full_like(X[:, 0], -2.0 * self.dim),
+        )
+
+    def slice(self, n: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+        coord = torch.linspace(-1.0, 1.0, n, dtype=torch.float64)
+        X = torch.zeros(n, self.dim, dtype=torch.float64)
+        X[:, 0] = coord
+        return X, coord, "x_1 (the others 0)"
+
+
+class SineGordon(TwoBody):
+    """``lap u + sin(u) = g`` (STDE's two-body Sine-Gordon)."""
+
+    name = "sine_gordon"
+
+    def nonlinearity(self, u: torch.Tensor) -> torch.Tensor:
+        return torch.sin(u)
+
+
+class AllenCahn(TwoBody):
+    """``lap u + u - u^3 = g`` (STDE's two-body Allen-Cahn)."""
+
+    name = "allen_cahn"
+
+    def nonlinearity(self, u: torch.Tensor) -> torch.Tensor:
+        return u - u**3
