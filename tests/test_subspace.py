@@ -62,6 +62,23 @@ def test_first_layer_products_equal_the_plain_graph(c, ct, gram):
     torch.testing.assert_close(Y.grad, Y_ref.grad, rtol=1e-12, atol=1e-14)
 
 
+def test_along_is_linear_in_the_directions():
+    """``along`` is ``w . (V coords)``: its gradient with respect to the directions (the points,
+    in adversarial steps) is ``V coords`` alone; the correction term, zero for every w, adds
+    nothing to it."""
+    d, B, m = 40, 3, 2
+    torch.manual_seed(5)
+    model = MLP(d + 1, 8, 2, input_scale=0.1, dim=d).double()
+    X = points(d, True, n=B)
+    spec = make_spec("stein-subspace", NEEDS_T, samples=8, sigma_x=SX, sigma_t=ST)
+    space = InputSubspace(model, X, spec)
+    coords = torch.randn(B, space.rank, dtype=torch.float64)
+    directions = torch.randn(B, m, d, dtype=torch.float64, requires_grad=True)
+    space.along(coords, directions).sum().backward()
+    expected = space.spatial(coords).unsqueeze(1).expand(B, m, d)
+    torch.testing.assert_close(directions.grad, expected, rtol=1e-10, atol=1e-12)
+
+
 def test_rank_is_the_row_space_dimension():
     X = points(50, True)
     spec = make_spec("stein-subspace", NEEDS_T, samples=8, sigma_x=SX, sigma_t=ST)

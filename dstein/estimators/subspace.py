@@ -230,7 +230,9 @@ class InputSubspace(NoiseOfZ):
             inside = self.times_Wx(directions) @ self.Us  # V' w = Us' Wx w: (B, m, r)
             w_perp = directions - (inside @ self.Us.T) @ (self.param.detach()[:, : self.d] * self.c)
             B, m, d = w_perp.shape
-            live = FirstLayer.apply(self.param, w_perp.reshape(B * m, d), d, self.c, self.ct, False)[0]
+            # w_perp detached: the term is zero for every w (and its gradient along the points,
+            # Wx' g projected out of the row space, too), so none is computed
+            live = FirstLayer.apply(self.param, w_perp.detach().reshape(B * m, d), d, self.c, self.ct, False)[0]
             self._along = (directions, inside, (live - live.detach()).reshape(B, m, -1))
         _, inside, change = self._along  # change: (Wx - sg(Wx)) w_perp, zero, with a gradient
         correction = torch.einsum("bmk,kr,br->bm", change, self.Us, coords.detach()) / self.shares
