@@ -94,5 +94,9 @@ def test_sample_sharding_lives_in_one_module():
         if path.name in ("sharded.py",):
             continue
         text = path.read_text()
-        assert "autograd.Function" not in text or path.name in ("autograd.py", "faults.py"), path
+        # autograd Functions elsewhere are local (subspace.FirstLayer: the first layer's
+        # products); none of those files talks to other ranks
+        assert "autograd.Function" not in text or path.name in ("autograd.py", "faults.py", "subspace.py"), path
+        if path.name == "subspace.py":
+            assert "distributed" not in text, path
         assert "deal_chunks" not in text or path.name == "__init__.py", path
