@@ -22,6 +22,10 @@ Suites:
   acceptance  the ratios of issue 6 from one run: subspace vs autograd and antithetic at
            d = 10,000; subspace at d = 100,000 vs 1000; memory at 32768 vs 1024 samples;
            antithetic at d = 250 vs the original code's 2.56 s per step (REFERENCE.md).
+  original one training step of the paper's original code (--original: a checkout of
+           LithiumDA/PINN-without-Stacked-BP) and of dstein on identical work (HJB d = 250,
+           width 128, 3 hidden tanh layers, 2048 samples, antithetic, 50 + 50 points),
+           alternating in one process: seconds per step and the speed-up.
   gpu      on --device (cuda): every method's derivatives there in float32 against CPU
            float64 on a small case (HJB d = 20, width 32; Monte Carlo methods: 16 repeats
            on each side, largest z-score of the difference of means; autograd: relative
@@ -287,6 +291,77 @@ def suite_beyond(args: argparse.Namespace) -> dict:
             f"d{max(args.dims)}_over_d{min(args.dims)}": ratio}  # fmt: skip
 
 
+#: The original code's HJB d = 250 step (conf/hjb/improved-steins.yaml: depth 4 there is 3 hidden
+#: layers, tanh, sigma 0.01 for x and t, 2048 samples, 50 + 50 points, boundary weight 500)
+#: at width 128, and the same work in dstein: the terminal condition as a loss of the same
+#: weight with as many samples, Stein's Laplacian, the squared residual, no attack.
+ORIGINAL_WORK = {"dim": 250, "width": 128, "hidden": 3, "samples": 2048, "points": 50, "weight": 500.0, "lr": 2e-4}
+ORIGINAL_DSTEIN = [
+    "pde.dim=250", "pde.params.spread=0", "model.family=mlp", "model.width=128", "model.depth=3",
+    "model.activation=tanh", "model.hard_constraint=false", "estimator.method=stein-antithetic",
+    "estimator.samples=2048", "estimator.chunk=256", "estimator.condition_samples=2048", "estimator.sigma_x=0.01",
+    "estimator.sigma_t=0.01", "estimator.laplacian=stein", "train.residual_loss=squared",
+    "train.condition_weight=500", "train.lr=2e-4", "train.domain_points=50", "train.condition_points=50",
+    "train.adversarial.steps=0", "deepspeed=zero0", "eval.points=8", "eval.truth_samples=100", "eval.samples=8",
+    "run.threads=0",
+]  # fmt: skip
+
+
+def suite_original(args: argparse.Namespace) -> dict:
+    """One training step of the paper's original code (``--original``: a checkout of
+    LithiumDA/PINN-without-Stacked-BP, its improved-steins wrapper and HJB equation) and of
+    dstein on the same work (ORIGINAL_WORK), in this one process, their steps alternating:
+    seconds per step (median over --steps after --warmup each) and the ratio."""
+    import torch
+
+    src = Path(args.original or "")
+    if not (src / "src" / "hjb" / "derivative_wrapper.py").is_file():
+        raise SystemExit(f"error: --original={args.original!r}: not a checkout of LithiumDA/PINN-without-Stacked-BP "
+                         "(src/hjb/derivative_wrapper.py missing)")  # fmt: skip
+    sys.path.insert(0, str(src.resolve()))
+    from src.hjb.derivative_wrapper import ImprovedSteinsWrapper  # the original code
+    from src.hjb.equation import HJBEquation
+    from src.model import MLP as OriginalMLP
+
+    from dstein.build import build_trainer
+    from dstein.config import load_config
+    from dstein.train import train_step
+
+    w = ORIGINAL_WORK
+    torch.manual_seed(0)
+    g = OriginalMLP([w["dim"] + 1] + [w["width"]] * w["hidden"] + [1])
+    f = ImprovedSteinsWrapper(g, t_std=0.01, x_std=0.01, train_sample_cnt=w["samples"], eval_sample_cnt=w["samples"])
+    hjb = HJBEquation(w["dim"], 1.0, 1.0)
+    optimizer = torch.optim.Adam(g.parameters(), lr=w["lr"])
+
+    def original_step() -> None:
+        x = torch.randn(2 * w["points"], w["dim"])
+        t = torch.cat([torch.rand(w["points"], 1), torch.ones(w["points"], 1)])
+        X = torch.cat([x, t], 1)
+        optimizer.zero_grad()
+        loss = hjb.domain_loss(X[: w["points"]], f) + w["weight"] * hjb.boundary_loss(X[w["points"] :], f)
+        loss.backward()
+        optimizer.step()
+
+    config = load_config(ROOT / "configs/hjb_250.yaml", [*ORIGINAL_DSTEIN, f"run.dir={args.tmp}/original"])
+    tr = build_trainer(config)
+    sizes = [sum(p.numel() for p in model.parameters()) for model in (tr.engine.module, g)]
+    if sizes[0] != sizes[1]:
+        raise SystemExit(f"error: the two models differ in size ({sizes[0]} vs {sizes[1]} weights)")
+    times: dict[str, list[float]] = {"original": [], "dstein": []}
+    for step in range(args.warmup + args.steps):
+        for name, run in (("original", original_step), ("dstein", lambda step=step: train_step(tr, step))):
+            start = time.perf_counter()
+            run()
+            if step >= args.warmup:
+                times[name].append(time.perf_counter() - start)
+    median = {name: statistics.median(values) for name, values in times.items()}
+    return {
+        "suite": "original", "work": w, "dstein_overrides": ORIGINAL_DSTEIN, "threads": torch.get_num_threads(),
+        "step_seconds": times, "median_step_seconds": median, "speedup": median["original"] / median["dstein"],
+    }  # fmt: skip
+
+
 def device_agreement(device: str, repeats: int = 16, samples: int = 4096) -> dict:
     """Every method's derivatives on ``device`` (float32) against the CPU in float64, small case.
 
@@ -470,6 +545,7 @@ def suite_accuracy(args: argparse.Namespace) -> dict:
 SUITES = {
     "acceptance": suite_acceptance, "accuracy": suite_accuracy, "data": suite_data, "gpu": suite_gpu,
     "methods": suite_methods, "samples": suite_samples, "scaling": suite_scaling, "beyond": suite_beyond,
+    "original": suite_original,
 }  # fmt: skip
 
 
@@ -503,6 +579,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="methods suite: methods")
     parser.add_argument("--device", default="cuda", help="gpu suite: the device to check and time (cpu: dry run)")
     parser.add_argument("--configs", nargs="+", default=list(ACCURACY_CONFIGS), help="accuracy suite: configs")
+    parser.add_argument("--original", default=None,
+                        help="original suite: a checkout of LithiumDA/PINN-without-Stacked-BP")  # fmt: skip
     parser.add_argument("--accuracy-methods", nargs="+", default=["config", "autograd"],
                         help="accuracy suite: config (the method the config picks) and/or method names")  # fmt: skip
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="accuracy suite: seeds")

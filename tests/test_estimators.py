@@ -326,3 +326,39 @@ def test_difference_laplacian_needs_pairs():
     with pytest.raises(ValueError, match="laplacian=difference needs antithetic pairs"):
         dstein.estimate(SinWave(2, False), points(2, False), method="stein", needs={"lap"}, samples=8, sigma_x=SX,
                         laplacian="difference")  # fmt: skip
+
+
+@pytest.mark.parametrize("family", ["mlp", "radial-square", "radial-log"])
+@pytest.mark.parametrize("time", [False, True])
+@pytest.mark.parametrize("method", ["stein", "stein-antithetic"])
+def test_perturbing_the_first_layer_equals_perturbing_the_input(family, time, method):
+    """The full-space estimator perturbs a layered model's pre-activation (``h0 +- W eps`` and
+    the quadratic feature's change) instead of its input: the same sums of the same noise, and
+    the same parameter and point gradients, as ``g(X +- eps)`` (float64, to rounding)."""
+    from dstein.estimators.stein import FullSpace
+    from dstein.models import MLP, RadialMLP
+
+    d = 7
+    torch.manual_seed(11)
+    if family == "mlp":
+        model = MLP(d + time, 12, 2, "gelu", input_scale=0.5, dim=d).double()
+    else:
+        model = RadialMLP(d + time, d, 12, 2, "gelu", shift=3.0, scale=2.0, input_scale=0.5,
+                          feature=family.removeprefix("radial-")).double()  # fmt: skip
+    needs = NEEDS_T if time else NEEDS
+    spec = make_spec(method, needs, samples=16, sigma_x=0.3, sigma_t=0.2 if time else None, chunk=8, seed=4)
+    X = points(d, time, n=5).requires_grad_(True)
+    results = []
+    for through_input in (True, False):
+        space = FullSpace(model, X, spec, through_input=through_input)
+        assert (space.h0 is None) == through_input
+        sums = partial_sums(model, X, spec, range(spec.num_chunks), space=space)
+        total = sum((v * (1.0 + i)).sum() for i, v in enumerate(sums.values())) + space.center().sum()
+        grads = torch.autograd.grad(total, [X, *model.parameters()])
+        results.append((sums, grads))
+    (a, ga), (b, gb) = results
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-10, atol=1e-12, msg=key)
+    for x, y in zip(ga, gb, strict=True):
+        torch.testing.assert_close(y, x, rtol=1e-9, atol=1e-11)

@@ -76,11 +76,26 @@ def check_precision(model: torch.nn.Module, sigma_x: float, needs: frozenset[str
         raise ValueError(problem)
 
 
+def layered(model: torch.nn.Module) -> tuple | None:
+    """``(pre_activation, input_weight, body, quadratic_feature)`` of a model that is
+    ``body(pre_activation(X))`` with ``pre_activation(X) = input_weight() X + b`` (plus, with a
+    quadratic feature, ``a * q(|x|^2)``): dstein.models.MLP and RadialMLP. None otherwise."""
+    parts = [getattr(model, name, None) for name in ("pre_activation", "input_weight", "body", "quadratic_feature")]
+    return tuple(parts) if all(callable(p) for p in parts) else None
+
+
 class FullSpace(NoiseOfZ):
     """Perturbations of all ``D`` input coordinates: ``g(X +- scale * z)``, ``z`` of width D
-    (a ``base.Space``)."""
+    (a ``base.Space``).
 
-    def __init__(self, model: torch.nn.Module, X: torch.Tensor, spec: SteinSpec):
+    For a model whose first layer is linear (``layered``), the perturbation is applied to that
+    layer's pre-activation instead of the input: ``h0 +- W eps`` (and the change of its
+    quadratic feature, from ``x . eps`` and ``|eps_x|^2``), so the two members of a pair share
+    ``W eps`` and the first layer runs once per pair instead of twice, with no copy of the
+    perturbed inputs. The same function of the same noise: ``through_input=True`` perturbs the
+    input itself (any model; tests compare the two)."""
+
+    def __init__(self, model: torch.nn.Module, X: torch.Tensor, spec: SteinSpec, through_input: bool = False):
         self.model, self.X = model, X
         self.d = split_input(X, spec.time_dependent)
         self.width = X.shape[1]  # columns of z: the d spatial ones (the "rank"), then time
@@ -88,9 +103,43 @@ class FullSpace(NoiseOfZ):
         self.scale = torch.full((self.width,), spec.sigma_x, dtype=X.dtype, device=X.device)
         if spec.sigma_t is not None:
             self.scale[self.d] = spec.sigma_t
+        parts = None if through_input else layered(model)
+        self.h0: torch.Tensor | None = None
+        if parts is not None:
+            pre_activation, input_weight, self.body, quadratic = parts
+            self.h0, self.W, self.feature = pre_activation(X), input_weight(), quadratic()
+            if self.feature is not None:
+                if self.feature.dim != self.d:
+                    raise ValueError(
+                        f"the model's quadratic feature reads {self.feature.dim} columns, the points have {self.d}"
+                    )
+                x = X[:, : self.d]
+                self.a = self.feature.weight / self.feature.scale  # pre-activation per unit of phi(|x|^2)
+                self.x_sq = (x * x).sum(1).reshape(-1, 1, 1)
 
     def center(self) -> torch.Tensor:
-        return self.model(self.X).reshape(-1)
+        return (self.model(self.X) if self.h0 is None else self.body(self.h0)).reshape(-1)
+
+    def _through_layer(self, eps: torch.Tensor, antithetic: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """g at pre-activations ``h0 + W eps`` (and ``h0 - W eps``), with the quadratic
+        feature's change ``phi(|x +- eps_x|^2) - phi(|x|^2)``, ``|x +- eps_x|^2 - |x|^2 =
+        +-2 x . eps_x + |eps_x|^2``."""
+        assert self.h0 is not None
+        B, n, _ = eps.shape
+        odd = eps @ self.W.T  # (B, n, k): W eps, shared by the pair
+        plus, minus = odd, -odd if antithetic else None
+        if self.feature is not None:
+            ex = eps[..., : self.d]
+            x_eps = 2 * (ex @ self.X[:, : self.d].unsqueeze(2))  # (B, n, 1)
+            sq = (ex * ex).sum(-1, keepdim=True)
+            plus = plus + self.feature.change(self.x_sq, sq + x_eps) * self.a
+            if minus is not None:
+                minus = minus + self.feature.change(self.x_sq, sq - x_eps) * self.a
+        h = self.h0.unsqueeze(1)
+        if minus is None:
+            return self.body((h + plus).reshape(B * n, -1)).reshape(B, n), None
+        g = self.body(torch.cat([(h + plus).reshape(B * n, -1), (h + minus).reshape(B * n, -1)])).reshape(2, B, n)
+        return g[0], g[1]
 
     def values(
         self, z: torch.Tensor, antithetic: bool, aux: torch.Tensor | None = None
@@ -98,6 +147,8 @@ class FullSpace(NoiseOfZ):
         """g at X + scale*z (and X - scale*z), as (B, n) tensors."""
         B, n, D = z.shape
         eps = z * self.scale
+        if self.h0 is not None:
+            return self._through_layer(eps, antithetic)
         Xe = self.X.unsqueeze(1)
         if antithetic:
             Y = torch.cat([(Xe + eps).reshape(B * n, D), (Xe - eps).reshape(B * n, D)])
