@@ -316,8 +316,9 @@ def suite_original(args: argparse.Namespace) -> dict:
 
     src = Path(args.original or "")
     if not (src / "src" / "hjb" / "derivative_wrapper.py").is_file():
-        raise SystemExit(f"error: --original={args.original!r}: not a checkout of LithiumDA/PINN-without-Stacked-BP "
-                         "(src/hjb/derivative_wrapper.py missing)")  # fmt: skip
+        print(f"error: --original={args.original!r}: not a checkout of LithiumDA/PINN-without-Stacked-BP "
+              "(src/hjb/derivative_wrapper.py missing)", file=sys.stderr)  # fmt: skip
+        raise SystemExit(2)
     sys.path.insert(0, str(src.resolve()))
     from src.hjb.derivative_wrapper import ImprovedSteinsWrapper  # the original code
     from src.hjb.equation import HJBEquation

@@ -115,3 +115,10 @@ def test_evaluate_refuses_a_folder_that_is_no_run(tmp_path):
 def test_every_launch_script_has_help(script):
     out = run_command([sys.executable, f"launch/{script}", "--help"])
     assert out.returncode == 0 and out.stdout.startswith("usage:") and len(out.stdout.splitlines()) > 5
+
+
+def test_bench_original_names_a_missing_checkout(tmp_path):
+    out = run_command([sys.executable, "launch/bench.py", "--suite", "original", "--original", str(tmp_path),
+                       "--out", str(tmp_path / "x.json")])  # fmt: skip
+    assert out.returncode == 2 and "not a checkout of LithiumDA/PINN-without-Stacked-BP" in out.stderr
+    assert "Traceback" not in out.stderr and not (tmp_path / "x.json").exists()
