@@ -5,6 +5,9 @@ hide (docs/architecture.md)."""
 from __future__ import annotations
 
 import ast
+import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "dstein"
@@ -32,6 +35,18 @@ def dstein_imports(node: ast.AST, package: str) -> set[str]:
     return found - {package}
 
 
+def parse(path: Path) -> ast.Module:
+    """``ast.parse`` of a file. CPython 3.11.7 can raise "AST constructor recursion depth
+    mismatch" (a SystemError, seen once in a full CI run) depending on the state of the process;
+    then the file is parsed again in a fresh interpreter."""
+    try:
+        return ast.parse(path.read_text())
+    except SystemError:
+        code = "import ast, pickle, sys; sys.stdout.buffer.write(pickle.dumps(ast.parse(open(sys.argv[1]).read())))"
+        out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, check=True)
+        return pickle.loads(out.stdout)
+
+
 def graph() -> tuple[dict[str, set[str]], list[str]]:
     """Module -> the dstein modules it imports (at module level or not); and every import of
     a dstein module inside a function body, as 'module:line'."""
@@ -39,7 +54,7 @@ def graph() -> tuple[dict[str, set[str]], list[str]]:
     nested: list[str] = []
     for path in sorted(PACKAGE.rglob("*.py")):
         name = module_name(path)
-        tree = ast.parse(path.read_text())
+        tree = parse(path)
         edges[name] = set()
         for node in tree.body:
             if isinstance(node, ast.If):  # TYPE_CHECKING blocks and the like: still module level
