@@ -3,8 +3,8 @@
 Loads the run's resolved config.yaml and final model (model.pt), computes the test errors
 exactly as training did (same test set and noise unless --test-file / --samples change
 them), prints a table beside the baselines (best constant, best function of t alone,
-condition value everywhere) and the gradient floor, writes RUN_DIR/eval.json and redraws
-RUN_DIR/plots.
+condition value everywhere, the best constant under a hard constraint) and the gradient
+floor, writes RUN_DIR/eval.json and redraws RUN_DIR/plots.
 Exit status: 0 done, 2 a user error (missing run directory, model or file).
 """
 
@@ -39,9 +39,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     names = list(result["baselines"])
-    print(f"{'metric':<14}{'model':>12}" + "".join(f"{name:>17}" for name in names))
+    widths = [max(17, len(name) + 2) for name in names]
+    print(f"{'metric':<14}{'model':>12}" + "".join(f"{name:>{w}}" for name, w in zip(names, widths, strict=True)))
     for key in ("l1_rel", "l2_rel", "grad_l2_rel"):
-        row = "".join(f"{result['baselines'][name][key]:>17.6f}" for name in names)
+        row = "".join(f"{result['baselines'][name][key]:>{w}.6f}" for name, w in zip(names, widths, strict=True))
         print(f"{key:<14}{result[key]:>12.6f}{row}")
     if "gradient_floor" in result:
         print(f"{'gradient_floor':<14}{result['gradient_floor']:>12.6f}  (the gradient error no training of this "

@@ -54,11 +54,12 @@ def test_run_directory_holds_logs_tensorboard_and_plots(finished_run):
 
 def test_every_evaluation_stands_beside_its_baselines(finished_run):
     """summary.json and each eval row of metrics.jsonl carry the baselines (best constant,
-    best function of t, terminal value) and the gradient floor; a run that does not beat the
-    best function of t says so in one warning line."""
+    best function of t, terminal value, and the best constant under the quickstart's hard
+    constraint) and the gradient floor; a run that does not beat the best function of t says
+    so in one warning line."""
     run_dir, out = finished_run
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert set(summary["baselines"]) == {"constant", "t_only", "condition_value"}
+    assert set(summary["baselines"]) == {"constant", "t_only", "condition_value", "constrained_constant"}
     for errors in summary["baselines"].values():
         assert set(errors) == {"l1_rel", "l2_rel", "grad_l2_rel"}
     assert summary["baselines"]["t_only"]["grad_l2_rel"] == 1.0 and 0 <= summary["gradient_floor"] < 1e-6  # d <= width
@@ -100,7 +101,7 @@ def test_evaluate_reproduces_the_final_errors(finished_run):
         assert f"{result[key]:.6f}" in out.stdout
     assert result["baselines"] == summary["baselines"]
     header = next(line for line in out.stdout.splitlines() if line.startswith("metric"))
-    assert header.split() == ["metric", "model", "constant", "t_only", "condition_value"]
+    assert header.split() == ["metric", "model", "constant", "t_only", "condition_value", "constrained_constant"]
     t_only = f"{summary['baselines']['t_only']['l2_rel']:.6f}"
     assert any(line.startswith("l2_rel") and t_only in line for line in out.stdout.splitlines())
     assert all((run_dir / "plots" / name).is_file() for name in PLOTS)
