@@ -63,6 +63,20 @@ def split_input(X: torch.Tensor, time_dependent: bool) -> int:
     return d
 
 
+def body_at(
+    body: Callable[[torch.Tensor], torch.Tensor], h0: torch.Tensor, plus: torch.Tensor, minus: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The rest of a layered model at pre-activations ``h0 + plus`` (and ``h0 + minus``): h0
+    (B, k) per point, plus and minus (B, n, k) per sample; (B, n) values each, a pair in one
+    batch. What the subspace spaces and the full space through the first layer share."""
+    B, n, _ = plus.shape
+    h = h0.unsqueeze(1)
+    if minus is None:
+        return body((h + plus).reshape(B * n, -1)).reshape(B, n), None
+    g = body(torch.cat([(h + plus).reshape(B * n, -1), (h + minus).reshape(B * n, -1)])).reshape(2, B, n)
+    return g[0], g[1]
+
+
 @dataclass(frozen=True)
 class SteinSpec:
     """Everything that defines a Stein estimate besides the model and the points.

@@ -36,7 +36,7 @@ from collections.abc import Iterable
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from dstein.estimators.base import Derivatives, NoiseOfZ, Reducer, Space, SteinSpec, split_input
+from dstein.estimators.base import Derivatives, NoiseOfZ, Reducer, Space, SteinSpec, body_at, split_input
 from dstein.noise import chunk_generator
 
 #: Unit roundoff of the matrix products under torch.set_float32_matmul_precision on CUDA:
@@ -125,7 +125,6 @@ class FullSpace(NoiseOfZ):
         feature's change ``phi(|x +- eps_x|^2) - phi(|x|^2)``, ``|x +- eps_x|^2 - |x|^2 =
         +-2 x . eps_x + |eps_x|^2``."""
         assert self.h0 is not None
-        B, n, _ = eps.shape
         odd = eps @ self.W.T  # (B, n, k): W eps, shared by the pair
         plus, minus = odd, -odd if antithetic else None
         if self.feature is not None:
@@ -135,11 +134,7 @@ class FullSpace(NoiseOfZ):
             plus = plus + self.feature.change(self.x_sq, sq + x_eps) * self.a
             if minus is not None:
                 minus = minus + self.feature.change(self.x_sq, sq - x_eps) * self.a
-        h = self.h0.unsqueeze(1)
-        if minus is None:
-            return self.body((h + plus).reshape(B * n, -1)).reshape(B, n), None
-        g = self.body(torch.cat([(h + plus).reshape(B * n, -1), (h + minus).reshape(B * n, -1)])).reshape(2, B, n)
-        return g[0], g[1]
+        return body_at(self.body, self.h0, plus, minus)
 
     def values(
         self, z: torch.Tensor, antithetic: bool, aux: torch.Tensor | None = None

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dstein.estimators.base import NoiseOfZ, SteinSpec, split_input
+from dstein.estimators.base import NoiseOfZ, SteinSpec, body_at, split_input
 from dstein.models import radial_phi
 
 #: Eigenvalues of the Gram matrix below this fraction of the largest are dropped (rank r).
@@ -91,7 +91,7 @@ class FirstLayer(torch.autograd.Function):
         P = (Yx @ Wx.T) * c
         wt = W[:, d:] if ct is None else W[:, d:] * ct
         ctx.save_for_backward(W, Y)
-        ctx.d, ctx.c, ctx.ct, ctx.gram = d, c, ct, gram  # type: ignore[attr-defined]
+        ctx.d, ctx.c, ctx.ct = d, c, ct  # type: ignore[attr-defined]
         if not gram:
             return P, wt.clone()
         return P, wt.clone(), (Wx @ Wx.T) * (c * c)
@@ -188,13 +188,7 @@ class InputSubspace(NoiseOfZ):
 
     def _body_of(self, plus: torch.Tensor, minus: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """g at pre-activations ``h0 + plus`` (and ``h0 + minus``), (B, n) each."""
-        B, n, _ = plus.shape
-        h = self.h0.unsqueeze(1)
-        if minus is not None:
-            g = self.body(torch.cat([(h + plus).reshape(B * n, -1), (h + minus).reshape(B * n, -1)]))
-            g = g.reshape(2, B, n)
-            return g[0], g[1]
-        return self.body((h + plus).reshape(B * n, -1)).reshape(B, n), None
+        return body_at(self.body, self.h0, plus, minus)
 
     @property
     def Wx(self) -> torch.Tensor:
@@ -228,7 +222,7 @@ class InputSubspace(NoiseOfZ):
         with weight 1 / shares (the shares of the group's gradient are summed)."""
         if self._along is None or self._along[0] is not directions:  # the same for both halves of a pair
             inside = self.times_Wx(directions) @ self.Us  # V' w = Us' Wx w: (B, m, r)
-            w_perp = directions - (inside @ self.Us.T) @ (self.param.detach()[:, : self.d] * self.c)
+            w_perp = directions - (inside @ self.Us.T) @ self.Wx
             B, m, d = w_perp.shape
             # w_perp detached: the term is zero for every w (and its gradient along the points,
             # Wx' g projected out of the row space, too), so none is computed

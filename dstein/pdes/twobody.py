@@ -19,6 +19,8 @@ constraint ``u = (1 - |x|^2) f`` already scores an error of order 1/sqrt(d)
 
 from __future__ import annotations
 
+import abc
+
 import torch
 
 from dstein.estimators.base import Derivatives
@@ -43,8 +45,9 @@ class TwoBody(ExactPDE):
         self.coeff_seed = coeff_seed
         self.coeffs = torch.randn(dim - 1, generator=torch.Generator().manual_seed(coeff_seed), dtype=torch.float64)
 
+    @abc.abstractmethod
     def nonlinearity(self, u: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """N(u) of ``lap u + N(u) = g``."""
 
     def describe(self) -> dict:
         return {"name": self.name, "dim": self.dim, "coeff_seed": self.coeff_seed}
@@ -78,15 +81,14 @@ class TwoBody(ExactPDE):
         psi, grad, _ = self._psi(X)
         return -2 * X * psi.unsqueeze(1) + (1 - (X * X).sum(1)).unsqueeze(1) * grad
 
-    def exact_lap(self, X: torch.Tensor) -> torch.Tensor:
-        """``lap u* = -2 d psi - 4 x . grad psi + (1 - |x|^2) lap psi``."""
-        psi, grad, lap = self._psi(X)
-        return -2 * self.dim * psi - 4 * (X * grad).sum(1) + (1 - (X * X).sum(1)) * lap
-
     def source(self, X: torch.Tensor) -> torch.Tensor:
-        """g = lap u* + N(u*), computed in float64."""
+        """g = lap u* + N(u*) with ``lap u* = -2 d psi - 4 x . grad psi + (1 - |x|^2) lap psi``,
+        from one evaluation of psi and its derivatives, in float64."""
         Xd = X.double()
-        return (self.exact_lap(Xd) + self.nonlinearity(self.exact(Xd))).to(X.dtype)
+        psi, grad, lap = self._psi(Xd)
+        B = 1 - (Xd * Xd).sum(1)
+        lap_u = -2 * self.dim * psi - 4 * (Xd * grad).sum(1) + B * lap
+        return (lap_u + self.nonlinearity(B * psi)).to(X.dtype)
 
     def residual(self, X: torch.Tensor, D: Derivatives) -> torch.Tensor:
         return D.require("lap") + self.nonlinearity(D.require("u")) - self.source(X)
