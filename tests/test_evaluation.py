@@ -93,3 +93,20 @@ def test_evaluate_reports_the_floor_and_does_not_depend_on_the_blocks(root):
     out = evaluate(model, test, config, torch.device("cpu"), torch.float32)
     assert set(out) == {"l1_rel", "l2_rel", "grad_l2_rel", "gradient_floor"}
     assert out["gradient_floor"] == pytest.approx(_floor(model, hjb, test), rel=1e-6)
+
+
+def test_the_smoothed_value_of_a_linear_network_is_exact(root):
+    """The evaluation averages antithetic pairs, whose mean holds no part of g linear in the
+    noise: for a linear g the smoothed model is g itself, to rounding, with any number of
+    samples. Single perturbations would leave sigma_x |w| / sqrt(n) of noise (here 0.3)."""
+    from dstein.evaluation import predict
+
+    config = load_config(root / "configs/quickstart.yaml", ["eval.samples=7", "estimator.sigma_x=0.1"])
+    torch.manual_seed(0)
+    model = torch.nn.Linear(11, 1).double()
+    with torch.no_grad():
+        model.weight.mul_(30.0)
+    X = torch.randn(70, 11, dtype=torch.float64)
+    u, grad = predict(model, X, config)
+    assert torch.allclose(u, model(X).reshape(-1), rtol=0, atol=1e-12)
+    assert torch.allclose(grad, model.weight[:, :10].expand(70, 10), rtol=0, atol=1e-12)
