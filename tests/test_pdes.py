@@ -273,3 +273,19 @@ def test_two_body_transform_sampling_and_source(name):
     )
     assert torch.allclose(pde.source(X[:7].float()).double(), pde.source(X[:7]), rtol=1e-6, atol=1e-6)
     assert pde.describe() == {"name": name, "dim": d, "coeff_seed": 4}
+
+
+@pytest.mark.parametrize("block", [1, 20, 50, 1 << 16])
+def test_two_body_source_sums_in_blocks_equal_the_whole_rows(block, monkeypatch):
+    """The source sums psi, x . grad psi and lap psi over blocks of terms (the last column of a
+    block is the first of the next): any block size (elements; 5 points) gives _psi's
+    whole-row values."""
+    from dstein.pdes import twobody
+
+    pde = build_pde("sine_gordon", 11, {"coeff_seed": 1})
+    X = pde.sample_domain(5, torch.Generator().manual_seed(3))
+    psi, grad, lap = pde._psi(X)
+    monkeypatch.setattr(twobody, "SOURCE_BLOCK", block)
+    got = pde._source_sums(X)
+    for a, b in zip(got, (psi, (X * grad).sum(1), lap), strict=True):
+        assert torch.allclose(a, b, rtol=1e-13, atol=1e-13)

@@ -27,6 +27,9 @@ from dstein.estimators.base import Derivatives
 from dstein.estimators.constraint import OutputTransform
 from dstein.pdes.base import ExactPDE, uniform_sphere
 
+#: Elements (points x terms) per block when the source sums psi's terms (float64: 512 KB).
+SOURCE_BLOCK = 1 << 16
+
 
 class TwoBody(ExactPDE):
     """The shared part: the solution, its derivatives, the ball and its sphere."""
@@ -53,18 +56,21 @@ class TwoBody(ExactPDE):
         return {"name": self.name, "dim": self.dim, "coeff_seed": self.coeff_seed}
 
     # -- the exact solution ---------------------------------------------------------------
-    def _parts(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """theta_i, its first and second derivatives along x_i (a) and x_{i+1} (b), and c."""
+    def _parts(self, x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """theta_i, its first and second derivatives along x_i (a) and x_{i+1} (b), for the
+        terms of coefficients ``c`` (x: their columns and one more). The sines and cosines
+        of x are taken once: a and b are overlapping slices of x."""
+        cos_x, sin_x = torch.cos(x), torch.sin(x)
         a, b = x[:, :-1], x[:, 1:]
-        cos_a, sin_a, cos_b, sin_b = torch.cos(a), torch.sin(a), torch.cos(b), torch.sin(b)
+        cos_a, sin_a, cos_b, sin_b = cos_x[:, :-1], sin_x[:, :-1], cos_x[:, 1:], sin_x[:, 1:]
         theta = a + cos_b + b * cos_a
         da, db = 1 - b * sin_a, cos_a - sin_b
         daa, dbb = -b * cos_a, -cos_b
-        return theta, da, db, daa, dbb, self.coeffs.to(x)
+        return theta, da, db, daa, dbb, c.to(x)
 
     def _psi(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """psi, grad psi (B, d) and lap psi."""
-        theta, da, db, daa, dbb, c = self._parts(x)
+        theta, da, db, daa, dbb, c = self._parts(x, self.coeffs)
         s, co = torch.sin(theta), torch.cos(theta)
         psi = (c * s).sum(1)
         grad = torch.zeros_like(x)
@@ -73,8 +79,24 @@ class TwoBody(ExactPDE):
         lap = (c * (co * (daa + dbb) - s * (da * da + db * db))).sum(1)
         return psi, grad, lap
 
+    def _source_sums(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """psi, x . grad psi and lap psi, over blocks of about SOURCE_BLOCK elements: the dozen
+        elementwise intermediates of a block stay in cache (at d = 100,000 and 100 points,
+        about 5x faster than whole rows, which stream 80 MB through memory per operation)."""
+        psi, x_grad, lap = (x.new_zeros(x.shape[0]) for _ in range(3))
+        terms = max(1, SOURCE_BLOCK // max(1, x.shape[0]))
+        for lo in range(0, self.dim - 1, terms):
+            c = self.coeffs[lo : lo + terms]
+            xs = x[:, lo : lo + c.shape[0] + 1]
+            theta, da, db, daa, dbb, c = self._parts(xs, c)
+            s, cco = torch.sin(theta), c * torch.cos(theta)
+            psi += (c * s).sum(1)
+            x_grad += (cco * (xs[:, :-1] * da + xs[:, 1:] * db)).sum(1)
+            lap += (cco * (daa + dbb) - c * s * (da * da + db * db)).sum(1)
+        return psi, x_grad, lap
+
     def exact(self, X: torch.Tensor) -> torch.Tensor:
-        theta, *_, c = self._parts(X)
+        theta, *_, c = self._parts(X, self.coeffs)
         return (1 - (X * X).sum(1)) * (c * torch.sin(theta)).sum(1)
 
     def exact_grad(self, X: torch.Tensor) -> torch.Tensor:
@@ -85,9 +107,9 @@ class TwoBody(ExactPDE):
         """g = lap u* + N(u*) with ``lap u* = -2 d psi - 4 x . grad psi + (1 - |x|^2) lap psi``,
         from one evaluation of psi and its derivatives, in float64."""
         Xd = X.double()
-        psi, grad, lap = self._psi(Xd)
+        psi, x_grad, lap = self._source_sums(Xd)
         B = 1 - (Xd * Xd).sum(1)
-        lap_u = -2 * self.dim * psi - 4 * (Xd * grad).sum(1) + B * lap
+        lap_u = -2 * self.dim * psi - 4 * x_grad + B * lap
         return (lap_u + self.nonlinearity(B * psi)).to(X.dtype)
 
     def residual(self, X: torch.Tensor, D: Derivatives) -> torch.Tensor:
