@@ -9,7 +9,7 @@ here, once, before any work: a bad combination ends with one ``ConfigError`` lin
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from dstein.evaluation import baselines
 from dstein.models import MLP, RadialMLP, radial_phi
 from dstein.noise import Streams, counter_seed, default_chunk
 from dstein.nonfinite import GradientWatch
+from dstein.output_init import fit_output_bias
 from dstein.pdes import PDE, TestSet
 from dstein.pdes import build_pde as _build_pde
 
@@ -307,6 +308,7 @@ class Trainer:
     run_dir: Path
     watch: GradientWatch
     baselines: dict[str, dict[str, float]]  # errors of predictors that ignore x (evaluation.baselines)
+    notes: list[str] = field(default_factory=list)  # what building did, for a fresh run's first lines
 
     @property
     def device(self) -> torch.device:
@@ -351,6 +353,13 @@ def build_trainer(config: Config, info: DistInfo | None = None) -> Trainer:
         torch.backends.cudnn.allow_tf32 = config.run.matmul_precision != "highest"
     estimator = build_estimator(config, pde, info)
     model = build_model(config, pde, dtype, device)
+    reader, test = open_data(config, pde, info)
+    points = PointStream(pde, config, dtype, device, info.point_group, info.num_point_groups, reader)
+    notes = []
+    if config.model.output_init == "fit":  # before the engine copies the weights
+        t, before, after = fit_output_bias(model, pde, estimator, points(0), config.train.condition_weight)
+        notes.append(f"model.output_init=fit: output bias moved by {t:.6g} (first step's loss {before:.4g} -> "
+                     f"{after:.4g})")  # fmt: skip
     optimizer = (
         None
         if config.deepspeed.optimizer == "deepspeed"
@@ -360,9 +369,8 @@ def build_trainer(config: Config, info: DistInfo | None = None) -> Trainer:
         model=model, optimizer=optimizer, model_parameters=model.parameters(),
         config=deepspeed_config(config, info.world_size), dist_init_required=False,
     )  # fmt: skip
-    reader, test = open_data(config, pde, info)
-    points = PointStream(pde, config, dtype, device, info.point_group, info.num_point_groups, reader)
     watch = GradientWatch(engine.module)
     return Trainer(
-        config, info, pde, engine, estimator, points, test, dtype, Path(config.run.dir), watch, baselines(pde, test)
-    )
+        config, info, pde, engine, estimator, points, test, dtype, Path(config.run.dir), watch, baselines(pde, test),
+        notes,
+    )  # fmt: skip

@@ -116,6 +116,12 @@ class ModelConfig:
     d >> width their random drift gives the model an input gradient that does not shrink with
     d (HJB's true gradient does, like 1/sqrt(d)); 1/d keeps a coherent change of W x at the
     learning rate's size and the drift negligible (muP's input-layer scaling). 1: plain."""
+    output_init: str = "default"
+    """default: torch's initialization of the output layer (its output about 0); fit: before
+    the first step, move the output bias by the constant that minimizes the first step's loss
+    (dstein/output_init.py). Adam moves that bias by about train.lr per step, so a solution
+    whose level is far from 0 (the two-body problems' f ~ sin(1) sum_i c_i, of order sqrt(d))
+    takes level / lr steps to reach without it."""
     hard_constraint: bool = False
     """Represent the solution as u = A + B f (the PDE's output transform: hjb u = g(x) +
     (T - t) f, heat u = |x|^2/(2d) + t f), f the smoothed network: the terminal (hjb) or
@@ -128,6 +134,7 @@ class ModelConfig:
         _check(self.activation in ok, f"model.activation={self.activation!r} must be one of {ok}")
         _check(self.family in FAMILIES, f"model.family={self.family!r} must be one of {FAMILIES}")
         _number("model.input_scale", self.input_scale, 0, 1e3, low_open=True)
+        _check(self.output_init in ("default", "fit"), f"model.output_init={self.output_init!r} must be default or fit")
         _check(self.radial_feature in RADIAL_FEATURES,
                f"model.radial_feature={self.radial_feature!r} must be one of {RADIAL_FEATURES}")  # fmt: skip
 

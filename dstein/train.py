@@ -200,7 +200,8 @@ def _train(config: Config, info: DistInfo, notes: list[str]) -> dict[str, Any]:
     checkpoints = Checkpointer(cfg, tr.info.rank, tr.info.world_size)
     resumed = checkpoints.resume(tr.engine, tr.reader)
     if writer:
-        for line in [*notes, *resumed.messages]:
+        fresh = tr.notes if resumed.path is None else []  # a resumed run's weights are the checkpoint's
+        for line in [*notes, *fresh, *resumed.messages]:
             print(line, flush=True)
         if cfg.pde.dim > cfg.model.width and cfg.model.family == "mlp":
             print(width_warning(cfg.pde.dim, cfg.model.width), file=sys.stderr, flush=True)

@@ -44,6 +44,14 @@ CASES = {
         "train.residual_loss=unbiased",
         "train.adversarial.steps=1",
     ],
+    "sine-gordon-fit": [
+        "configs/sine_gordon_1k.yaml",
+        *SMALL_64,
+        "pde.dim=40",
+        "model.output_init=fit",
+        "pde.params.coeff_seed=2",
+    ],
+    "hjb-fit": ["configs/quickstart.yaml", *SMALL_64, "model.output_init=fit"],
 }
 
 
@@ -93,6 +101,9 @@ def reference(tmp_path_factory):
         ("hjb-hard-subspace", 3, 0),
         ("hjb-radial-subspace", 2, 0),
         ("hjb-radial-subspace", 4, 2),
+        ("sine-gordon-fit", 2, 0),
+        ("sine-gordon-fit", 4, 2),
+        ("hjb-fit", 3, 1),
     ],
 )
 def test_gradient_equals_single_process_gradient(reference, tmp_path, case, world, sample_group_size):

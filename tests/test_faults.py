@@ -106,6 +106,8 @@ BAD = [
     ("unknown residual loss", CONFIG, ["train.residual_loss=l1"], 1, "train.residual_loss='l1' must be one of"),
     ("unknown model family", CONFIG, ["model.family=cnn"], 1, "model.family='cnn' must be one of"),
     ("unknown Adam implementation", CONFIG, ["train.adam=sparse"], 1, "train.adam='sparse' must be auto or fused"),
+    ("unknown output initialization", CONFIG, ["model.output_init=zero"], 1,
+     "model.output_init='zero' must be default or fit"),
     ("hard constraint the PDE has none of", "configs/poisson_2d.yaml", ["model.hard_constraint=true"], 1,
      "model.hard_constraint=true: pde poisson has no output transform"),
     ("non-radial constraint with the radial subspace", "configs/poisson_2d.yaml",

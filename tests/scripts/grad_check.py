@@ -19,6 +19,7 @@ from dstein.build import build_estimator, build_model
 from dstein.config import load_config
 from dstein.data.points import collocation
 from dstein.distributed import exit_process, init_distributed, sum_values
+from dstein.output_init import fit_output_bias
 from dstein.pdes import build_pde
 from dstein.train import adversarial_points, loss_terms, total_loss
 
@@ -28,6 +29,9 @@ info = init_distributed(cfg.parallel.sample_group_size, timeout_s=60, device="cp
 pde = build_pde(cfg.pde.name, cfg.pde.dim, dict(cfg.pde.params))
 estimator = build_estimator(cfg, pde, info)
 model = build_model(cfg, pde, torch.float64, torch.device("cpu"))
+if cfg.model.output_init == "fit":  # as build_trainer does, on the first step's points
+    first = collocation(pde, cfg, 0, torch.float64, torch.device("cpu"), info.point_group, info.num_point_groups)
+    fit_output_bias(model, pde, estimator, first, cfg.train.condition_weight)
 points = collocation(pde, cfg, 3, torch.float64, torch.device("cpu"), info.point_group, info.num_point_groups)
 # the gradient of the loss with respect to the points, summed over the sample group, as the
 # adversarial steps use it (before its sign is taken)
