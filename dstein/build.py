@@ -120,8 +120,8 @@ def memory_plan(config: Config, pde: PDE) -> dict[str, tuple[float, str]]:
             4.0 * points * pde.in_dim,
             f"train.domain_points={train.domain_points}, pde.dim={pde.dim}",
         ),
-        "the test set": (
-            8.0 * config.eval.points * (pde.in_dim + pde.dim + 2),
+        "the test set": (  # its points and gradients, and the draw of one block of points (twice)
+            8.0 * config.eval.points * (pde.in_dim + pde.dim + 2) + 16.0 * pde.test_block * pde.in_dim,
             f"eval.points={config.eval.points}, pde.dim={pde.dim}",
         ),
         "the evaluation of a block of test points": (

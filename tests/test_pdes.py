@@ -213,6 +213,22 @@ def test_test_points_are_drawn_in_blocks_any_slice_alike():
     assert torch.equal(pde.test_set(50, seed=5, truth_samples=2).X, whole[:50])
 
 
+def test_test_point_blocks_shrink_at_very_large_dimension(monkeypatch):
+    """A block holds at most TEST_BLOCK_ELEMENTS numbers (at d = 10^6 a block of 1024 rows
+    was 8 GB); any slice is still the same rows, and below the bound nothing changes."""
+    from dstein.pdes import base
+
+    pde = build_pde("sine_gordon", 50)
+    before = pde.test_points(0, 40, seed=3)
+    assert pde.test_block == base.TEST_BLOCK
+    monkeypatch.setattr(base, "TEST_BLOCK_ELEMENTS", 50 * 7 + 3)
+    assert pde.test_block == 7
+    whole = pde.test_points(0, 40, seed=3)
+    assert not torch.equal(whole, before)  # other blocks, other draws
+    cuts = [0, 3, 7, 15, 40]
+    assert torch.equal(torch.cat([pde.test_points(a, b, seed=3) for a, b in itertools.pairwise(cuts)]), whole)
+
+
 def test_hjb_reference_value_at_the_origin_matches_deep_bsde():
     """u(0, 0) at d = 100 (Deep BSDE's quadrature value 4.5901617): the d-independent
     Cole-Hopf Monte Carlo agrees within 4 standard errors; other d use the Monte Carlo."""
@@ -289,3 +305,14 @@ def test_two_body_source_sums_in_blocks_equal_the_whole_rows(block, monkeypatch)
     got = pde._source_sums(X)
     for a, b in zip(got, (psi, (X * grad).sum(1), lap), strict=True):
         assert torch.allclose(a, b, rtol=1e-13, atol=1e-13)
+
+
+def test_exact_truth_in_row_blocks_equals_the_whole(monkeypatch):
+    from dstein.pdes import base
+
+    pde = build_pde("allen_cahn", 20, {"coeff_seed": 1})
+    X = pde.sample_domain(23, torch.Generator().manual_seed(0))
+    monkeypatch.setattr(base, "TRUTH_BLOCK_ELEMENTS", 20 * 4)  # blocks of 4 rows
+    got = pde.truth(X, 2, 0)
+    assert torch.equal(got.u, pde.exact(X)) and torch.equal(got.grad, pde.exact_grad(X))
+    assert pde.truth(X[:0], 2, 0).u.shape == (0,)

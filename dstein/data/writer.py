@@ -25,7 +25,6 @@ from dstein.faults import fault
 from dstein.files import atomic_path
 from dstein.noise import split_evenly
 from dstein.pdes import PDE, build_pde
-from dstein.pdes.base import TEST_BLOCK
 
 ROW_BYTES_PER_CHUNK = 1 << 16  # ~64 KiB chunks: a shuffled read decompresses little beyond its rows
 
@@ -64,8 +63,9 @@ def _write_part(
             return
         tails = {"X": (pde.in_dim,), "u": (), "grad": (pde.dim,), "u_se": ()}
         test = {}
-        for start in tqdm(range(lo, hi, TEST_BLOCK), desc="test truth", disable=not progress, unit="block"):
-            stop = min(hi, start + TEST_BLOCK)
+        rows = pde.test_block
+        for start in tqdm(range(lo, hi, rows), desc="test truth", disable=not progress, unit="block"):
+            stop = min(hi, start + rows)
             truth = pde.truth(pde.test_points(start, stop, config.eval.seed), truth_samples, config.eval.seed)
             values = {"X": truth.X, "u": truth.u, "grad": truth.grad, "u_se": truth.u_se}
             for name, value in values.items():

@@ -19,8 +19,13 @@ from dstein.estimators.base import Derivatives
 from dstein.estimators.constraint import OutputTransform
 from dstein.noise import Streams, counter_seed
 
-#: Test points are drawn in blocks of this many (see PDE.test_points).
+#: Test points are drawn in blocks of this many (see PDE.test_points), fewer where a block
+#: would hold more than TEST_BLOCK_ELEMENTS numbers (1 GiB in float64: from in_dim = 131,072
+#: on; at d = 1,000,000 a block of 1024 rows was 8 GB, twice over while it was drawn).
 TEST_BLOCK = 1024
+TEST_BLOCK_ELEMENTS = 1 << 27
+#: Rows of an exact solution evaluated at once hold at most this many numbers each (128 MB).
+TRUTH_BLOCK_ELEMENTS = 1 << 24
 
 
 @dataclass
@@ -137,19 +142,25 @@ class PDE(abc.ABC):
     def test_points(self, start: int, stop: int, seed: int) -> torch.Tensor:
         """Rows ``start:stop`` of the endless sequence of test points of ``seed``.
 
-        Points are drawn in blocks of TEST_BLOCK, block ``k`` from a generator seeded by
+        Points are drawn in blocks of ``test_block`` rows, block ``k`` from a generator seeded by
         ``(seed, k)``: any slice can be produced without drawing the rows before it (several
         ranks write one test set, none holding all of it).
         """
         if stop <= start:
             return torch.zeros(0, self.in_dim, dtype=torch.float64)
+        rows = self.test_block
         blocks = []
-        for k in range(start // TEST_BLOCK, (stop - 1) // TEST_BLOCK + 1):
+        for k in range(start // rows, (stop - 1) // rows + 1):
             gen = torch.Generator().manual_seed(counter_seed(seed, k, Streams.TEST_POINTS))
-            block = self.sample_test(TEST_BLOCK, gen)
-            base = k * TEST_BLOCK
-            blocks.append(block[max(start, base) - base : min(stop, base + TEST_BLOCK) - base])
+            block = self.sample_test(rows, gen)
+            base = k * rows
+            blocks.append(block[max(start, base) - base : min(stop, base + rows) - base])
         return torch.cat(blocks)
+
+    @property
+    def test_block(self) -> int:
+        """Rows per block of test points: TEST_BLOCK, fewer at very large in_dim."""
+        return min(TEST_BLOCK, max(1, TEST_BLOCK_ELEMENTS // self.in_dim))
 
     def test_set(self, n: int, seed: int, truth_samples: int) -> TestSet:
         """``n`` test points of ``seed`` and their ground truth."""
@@ -182,7 +193,13 @@ class ExactPDE(PDE):
         """Exact spatial gradient at X, shape (B, dim)."""
 
     def truth(self, X: torch.Tensor, samples: int, seed: int) -> TestSet:
-        return TestSet(X=X, u=self.exact(X), grad=self.exact_grad(X))
+        """The closed forms at X, in blocks of rows of at most TRUTH_BLOCK_ELEMENTS numbers
+        (a closed form's intermediates are as large as X, a dozen of them for the two-body
+        solutions: 200 points at d = 10^6 took 11 GB whole)."""
+        rows = max(1, TRUTH_BLOCK_ELEMENTS // max(1, X.shape[1]))
+        blocks = [X[lo : lo + rows] for lo in range(0, X.shape[0], rows)] or [X]
+        u = torch.cat([self.exact(B) for B in blocks])
+        return TestSet(X=X, u=u, grad=torch.cat([self.exact_grad(B) for B in blocks]))
 
 
 def uniform_ball(
