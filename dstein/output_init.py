@@ -75,18 +75,19 @@ def fit_output_bias(
     dom = points["domain"]
     kinds = [(k, kind) for k, kind in enumerate(pde.conditions) if kind in points]
     estimates: list[tuple[Derivatives, list[Derivatives]]] = []
-    with torch.no_grad():
-        for shift in (-1.0, 0.0, 1.0):
+    for shift in (-1.0, 0.0, 1.0):  # with autograd on: the autograd methods differentiate g
+        with torch.no_grad():
             bias.add_(shift)
-            cache: dict = {}
-            D = estimator(model, dom.X, pde.needs, step=0, stream=Streams.DOMAIN, rows=dom.rows, cache=cache)
-            conds = [
-                estimator(model, points[kind].X, frozenset({"u"}), step=0, stream=Streams.condition(k),
-                          samples=estimator.condition_samples, rows=points[kind].rows, cache=cache)
-                for k, kind in kinds
-            ]  # fmt: skip
+        cache: dict = {}
+        D = estimator(model, dom.X, pde.needs, step=0, stream=Streams.DOMAIN, rows=dom.rows, cache=cache)
+        conds = [
+            estimator(model, points[kind].X, frozenset({"u"}), step=0, stream=Streams.condition(k),
+                      samples=estimator.condition_samples, rows=points[kind].rows, cache=cache)
+            for k, kind in kinds
+        ]  # fmt: skip
+        with torch.no_grad():
             bias.sub_(shift)
-            estimates.append((D, conds))
+        estimates.append((D, conds))
     residual_at = _interpolate([D for D, _ in estimates])
     condition_at = [_interpolate([conds[i] for _, conds in estimates]) for i in range(len(kinds))]
     copies = estimator.shard.size  # the ranks of a sample group hold the same residuals
