@@ -14,14 +14,19 @@ Suites:
            configuration whose first step exceeds --max-step-seconds (60) or whose process
            exceeds --memory-limit-gb (16) is recorded as skipped, with the reason.
   samples  the same versus samples (1024 ... 32768, chunks of 256) at d = 1000.
-  beyond   configs/hjb_10k.yaml as it ships (radial family, stein-subspace, its samples and
-           loss) at d = 1000 and 100,000 (--dims): seconds per step and their ratio.
+  beyond   configs/hjb_10k.yaml (or --config) as it ships (radial family, stein-subspace, its
+           samples and loss) at d = 1000 and 100,000 (--dims): seconds per step and their ratio.
   accuracy each config of --configs (quickstart, hjb_100, hjb_250) trained with the method it
            picks and with autograd, over --seeds, through launch/train.py: errors beside the
            baselines and the gradient floor (docs/benchmarks.md, "Accuracy").
   acceptance  the ratios of issue 6 from one run: subspace vs autograd and antithetic at
            d = 10,000; subspace at d = 100,000 vs 1000; memory at 32768 vs 1024 samples;
            antithetic at d = 250 vs the original code's 2.56 s per step (REFERENCE.md).
+  peers    the peers' two-body problems (--pdes sine_gordon allen_cahn, d = --dims, default
+           1000) trained with configs/sine_gordon_1k.yaml's settings and each of dstein's
+           methods (--peer-methods) for --budget-steps steps, one run at a time: steps per
+           second, peak memory, errors beside the baselines, time to --target-l2 (STDE's
+           9.4e-3 on this machine kind, REFERENCE.md).
   original one training step of the paper's original code (--original: a checkout of
            LithiumDA/PINN-without-Stacked-BP) and of dstein on identical work (HJB d = 250,
            width 128, 3 hidden tanh layers, 2048 samples, antithetic, 50 + 50 points),
@@ -277,17 +282,18 @@ def time_steps(
 
 
 def suite_beyond(args: argparse.Namespace) -> dict:
-    """configs/hjb_10k.yaml's own settings (its model family, method, samples and loss) at
-    d = 1000 and 100,000 (--dims), with the eval set shrunk (it is not timed) and any
-    overrides given after ``--``: seconds per training step and the ratio of the largest d to
-    the smallest (the beyond-the-width issue's cost target: at most 2)."""
+    """A config's own settings (--config, default configs/hjb_10k.yaml: its model family,
+    method, samples and loss) at d = 1000 and 100,000 (--dims), with the eval set shrunk (it
+    is not timed) and any overrides given after ``--``: seconds per training step and the
+    ratio of the largest d to the smallest (the cost targets: at most 2)."""
     runs = {}
+    config = args.config or "configs/hjb_10k.yaml"
     small = ["eval.points=8", "eval.truth_samples=100", "eval.samples=8", "run.threads=0", *args.overrides]
     for dim in args.dims:
-        runs[f"d={dim}"] = time_steps(args, f"beyond-{dim}", [f"pde.dim={dim}", *small], "configs/hjb_10k.yaml")
+        runs[f"d={dim}"] = time_steps(args, f"beyond-{dim}", [f"pde.dim={dim}", *small], config)
     secs = [runs[f"d={dim}"].get("median_step_seconds") for dim in (min(args.dims), max(args.dims))]
     ratio = secs[1] / secs[0] if None not in secs else None
-    return {"suite": "beyond", "config": "configs/hjb_10k.yaml", "runs": runs,
+    return {"suite": "beyond", "config": config, "runs": runs,
             f"d{max(args.dims)}_over_d{min(args.dims)}": ratio}  # fmt: skip
 
 
@@ -493,65 +499,113 @@ def suite_acceptance(args: argparse.Namespace) -> dict:
 
 
 ACCURACY_CONFIGS = ("quickstart", "hjb_100", "hjb_250")
+#: What a training run's summary contributes to a suite's record.
+SUMMARY_KEYS = ("l1_rel", "l2_rel", "grad_l2_rel", "gradient_floor", "baselines", "reference", "method",
+                "train_seconds", "steps", "dim")  # fmt: skip
+
+
+def train_runs(jobs: list[tuple[str, str, str, list[str]]], parallel: int, tmp: Path) -> dict[str, dict]:
+    """Run ``launch/train.py --config CONFIG OVERRIDES`` for each ``(key, name, config,
+    overrides)``, ``parallel`` at a time (one thread each unless the overrides say otherwise),
+    in run directory ``tmp/name``: the summary's errors and time, the eval rows of metrics.jsonl
+    (step, seconds, errors), the process's peak resident memory, the command and warnings."""
+    runs: dict[str, dict] = {}
+    pending = list(jobs)
+    active: dict[int, tuple[subprocess.Popen, str, Path, list[str]]] = {}
+    tmp.mkdir(parents=True, exist_ok=True)
+    while pending or active:
+        while pending and len(active) < parallel:
+            key, name, config, overrides = pending.pop(0)
+            run_dir = tmp / name
+            subprocess.run(["rm", "-rf", str(run_dir)], check=True)
+            overrides = [f"run.dir={run_dir}", "eval.plots=false", "checkpoint.resume=never", *overrides]
+            cmd = [sys.executable, str(ROOT / "launch/train.py"), "--config", config, *overrides]
+            threads = next((o.split("=", 1)[1] for o in overrides if o.startswith("run.threads=")), "1")
+            env = dict(os.environ, OMP_NUM_THREADS=threads if threads != "0" else str(os.cpu_count()))
+            with open(run_dir.with_suffix(".err"), "w") as err_file:  # a pipe could fill and stall the run
+                proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err_file)
+            active[proc.pid] = (proc, key, run_dir, ["launch/train.py", "--config", config, *overrides])
+        pid, status, usage = os.wait4(-1, 0)  # the peak memory of this child alone
+        if pid not in active:
+            continue
+        proc, key, run_dir, command = active.pop(pid)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        err = run_dir.with_suffix(".err").read_text()
+        if proc.returncode:
+            runs[key] = {"failed": proc.returncode, "stderr": err[-2000:]}
+        else:
+            summary = json.loads((run_dir / "summary.json").read_text())
+            runs[key] = {k: summary[k] for k in SUMMARY_KEYS if k in summary}
+            rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+            runs[key]["evals"] = [{k: r[k] for k in ("step", "seconds", "l2_rel", "grad_l2_rel") if k in r}
+                                  for r in rows if "l2_rel" in r and "step" in r]  # fmt: skip
+            runs[key]["peak_memory_mb"] = usage.ru_maxrss / 1024  # KiB on Linux
+            runs[key]["command"] = " ".join(command)
+            runs[key]["warnings"] = [line for line in err.splitlines() if line.startswith("warning:")]
+        print(f"{key}: {runs[key].get('l2_rel', runs[key].get('failed'))}", file=sys.stderr, flush=True)
+    return runs
 
 
 def suite_accuracy(args: argparse.Namespace) -> dict:
     """Each config of --configs trained to the end with the method it picks and with autograd
     (--methods), for --seeds, through launch/train.py (--parallel runs at a time, one thread
     each); the errors beside the baselines and the gradient floor, HJB's u(0, 0), the time."""
-    tmp = Path(args.tmp)
     jobs = []
     for name in args.configs:
         for method in args.accuracy_methods:
             for seed in args.seeds:
-                run_dir = tmp / f"accuracy-{name}-{method}-{seed}"
-                overrides = [
-                    f"seed={seed}",
-                    f"run.dir={run_dir}",
-                    "run.threads=1",
-                    "eval.plots=false",
-                    "checkpoint.resume=never",
-                ] + ([] if method == "config" else [f"estimator.method={method}"])
-                jobs.append((name, method, seed, run_dir, overrides))  # fmt: skip
-    runs: dict[str, dict] = {}
-    pending = list(jobs)
-    active: list[tuple[subprocess.Popen, tuple]] = []
-    while pending or active:
-        while pending and len(active) < args.parallel:
-            job = pending.pop(0)
-            name, method, seed, run_dir, overrides = job
-            subprocess.run(["rm", "-rf", str(run_dir)], check=True)
-            cmd = [sys.executable, str(ROOT / "launch/train.py"), "--config", f"configs/{name}.yaml", *overrides]
-            env = dict(os.environ, OMP_NUM_THREADS="1")
-            tmp.mkdir(parents=True, exist_ok=True)
-            with open(run_dir.with_suffix(".err"), "w") as err_file:  # a pipe could fill and stall the run
-                proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err_file)
-            active.append((proc, job))
-        time.sleep(2)
-        for proc, job in list(active):
-            if proc.poll() is None:
-                continue
-            active.remove((proc, job))
-            name, method, seed, run_dir, overrides = job
-            err = run_dir.with_suffix(".err").read_text()
-            key = f"{name}/{method}/seed={seed}"
-            if proc.returncode:
-                runs[key] = {"failed": proc.returncode, "stderr": err[-2000:]}
-            else:
-                summary = json.loads((run_dir / "summary.json").read_text())
-                keep = ("l1_rel", "l2_rel", "grad_l2_rel", "gradient_floor", "baselines", "reference", "method",
-                        "train_seconds", "steps", "dim")  # fmt: skip
-                runs[key] = {k: summary[k] for k in keep if k in summary}
-                runs[key]["command"] = " ".join(["launch/train.py", "--config", f"configs/{name}.yaml", *overrides])
-                runs[key]["warnings"] = [line for line in err.splitlines() if line.startswith("warning:")]
-            print(f"{key}: {runs[key].get('l2_rel', runs[key].get('failed'))}", file=sys.stderr, flush=True)
+                overrides = [f"seed={seed}", "run.threads=1"]
+                overrides += [] if method == "config" else [f"estimator.method={method}"]
+                key, run_name = f"{name}/{method}/seed={seed}", f"accuracy-{name}-{method}-{seed}"
+                jobs.append((key, run_name, f"configs/{name}.yaml", overrides))
+    runs = train_runs(jobs, args.parallel, Path(args.tmp))
     return {"suite": "accuracy", "parallel": args.parallel, "threads_per_run": 1, "runs": runs}
+
+
+#: dstein's methods on the peers' two-body problems (--suite peers): the config as it ships,
+#: then the other estimators at equal points and steps; hutchinson's probes are the nearest
+#: thing dstein has to STDE's sampled dimensions (16).
+PEER_METHODS = {
+    "config": [],
+    "stein-subspace-32": ["estimator.method=stein-subspace", "estimator.samples=32"],
+    "stein-antithetic": ["estimator.method=stein-antithetic", "estimator.samples=8"],
+    "hutchinson-16": ["estimator.method=hutchinson", "estimator.samples=16"],
+}
+#: STDE's minimal script on this machine kind (REFERENCE.md): d = 1000, 2000 steps.
+STDE_CPU = {"pde": "sine_gordon", "dim": 1000, "steps": 2000, "wall_seconds": 49.0, "steps_per_second": 48.0,
+            "l2_rel": 9.4e-3}  # fmt: skip
+
+
+def suite_peers(args: argparse.Namespace) -> dict:
+    """The peers' two-body problems (--pdes, at --dims) with each of --peer-methods, through
+    launch/train.py one run at a time with the machine's threads, for a budget of
+    --budget-steps steps (configs/sine_gordon_1k.yaml's settings otherwise): steps per
+    second, peak memory, the errors after the budget beside the baselines, and the training
+    time at which the evaluations first reached --target-l2 (the time to a given error)."""
+    jobs = []
+    for pde in args.pdes:
+        for dim in args.dims or [1000]:
+            for name in args.peer_methods:
+                overrides = [f"pde.name={pde}", f"pde.dim={dim}", f"train.steps={args.budget_steps}",
+                             "run.threads=0", *PEER_METHODS[name], *args.overrides]  # fmt: skip
+                key = f"{pde}/d={dim}/{name}"
+                jobs.append((key, f"peers-{pde}-{dim}-{name}", "configs/sine_gordon_1k.yaml", overrides))
+    runs = train_runs(jobs, 1, Path(args.tmp))
+    for run in runs.values():
+        if "failed" in run:
+            continue
+        run["steps_per_second"] = run["steps"] / run["train_seconds"]
+        reached = [e for e in run["evals"] if e["l2_rel"] <= args.target_l2]
+        run["seconds_to_target"] = reached[0]["seconds"] if reached else None
+        run["below_constrained_constant"] = run["l2_rel"] < run["baselines"]["constrained_constant"]["l2_rel"]
+    return {"suite": "peers", "budget_steps": args.budget_steps, "target_l2": args.target_l2,
+            "stde_on_this_machine_kind": STDE_CPU, "runs": runs}  # fmt: skip
 
 
 SUITES = {
     "acceptance": suite_acceptance, "accuracy": suite_accuracy, "data": suite_data, "gpu": suite_gpu,
     "methods": suite_methods, "samples": suite_samples, "scaling": suite_scaling, "beyond": suite_beyond,
-    "original": suite_original,
+    "original": suite_original, "peers": suite_peers,
 }  # fmt: skip
 
 
@@ -584,6 +638,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="methods suite: methods")
     parser.add_argument("--device", default="cuda", help="gpu suite: the device to check and time (cpu: dry run)")
+    parser.add_argument("--config", default=None, help="beyond suite: the config (default configs/hjb_10k.yaml)")
     parser.add_argument("--configs", nargs="+", default=list(ACCURACY_CONFIGS), help="accuracy suite: configs")
     parser.add_argument("--original", default=None,
                         help="original suite: a checkout of LithiumDA/PINN-without-Stacked-BP")  # fmt: skip
@@ -592,6 +647,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--accuracy-methods", nargs="+", default=["config", "autograd"],
                         help="accuracy suite: config (the method the config picks) and/or method names")  # fmt: skip
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="accuracy suite: seeds")
+    parser.add_argument("--pdes", nargs="+", default=["sine_gordon", "allen_cahn"], help="peers suite: PDEs")
+    parser.add_argument("--peer-methods", nargs="+", choices=sorted(PEER_METHODS), default=list(PEER_METHODS),
+                        help="peers suite: methods (config: configs/sine_gordon_1k.yaml as it ships)")  # fmt: skip
+    parser.add_argument("--budget-steps", type=int, default=2000, help="peers suite: training steps of each run")
+    parser.add_argument("--target-l2", type=float, default=9.4e-3,
+                        help="peers suite: the error whose time to reach is reported (STDE's here)")  # fmt: skip
     parser.add_argument("--parallel", type=int, default=2, help="accuracy suite: runs at a time")
     parser.add_argument("--max-step-seconds", type=float, default=60.0,
                         help="skip a configuration whose first step takes longer (0: never)")  # fmt: skip

@@ -123,3 +123,25 @@ def test_bench_original_names_a_missing_checkout(tmp_path):
                        "--out", str(tmp_path / "x.json")])  # fmt: skip
     assert out.returncode == 2 and "not a checkout of LithiumDA/PINN-without-Stacked-BP" in out.stderr
     assert "Traceback" not in out.stderr and not (tmp_path / "x.json").exists()
+
+
+def test_bench_peers_reports_speed_memory_and_errors_per_method(tmp_path):
+    """--suite peers at a tiny size: one record per method, each with its steps per second,
+    peak memory, final errors beside the baselines and the evaluations the time to the
+    target error is read from."""
+    out_file = tmp_path / "peers.json"
+    out = run_command([sys.executable, "launch/bench.py", "--suite", "peers", "--pdes", "sine_gordon", "--dims", "30",
+                       "--peer-methods", "config", "hutchinson-16", "--budget-steps", "4", "--target-l2", "10",
+                       "--tmp", str(tmp_path / "scratch"), "--out", str(out_file), "--",
+                       "model.width=8", "train.domain_points=6", "eval.every=2", "eval.points=16",
+                       "eval.samples=8"])  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    runs = json.loads(out_file.read_text())["runs"]
+    assert set(runs) == {"sine_gordon/d=30/config", "sine_gordon/d=30/hutchinson-16"}
+    for key, run in runs.items():
+        assert run["method"] == ("hutchinson" if "hutchinson" in key else "stein-subspace")
+        assert run["steps"] == 4 and run["steps_per_second"] > 0 and run["peak_memory_mb"] > 50
+        assert [e["step"] for e in run["evals"]] == [2, 4]
+        assert run["seconds_to_target"] == run["evals"][0]["seconds"]  # target 10: the first evaluation
+        assert run["below_constrained_constant"] == (run["l2_rel"] < run["baselines"]["constrained_constant"]["l2_rel"])
+        assert "pde.dim=30" in run["command"]
