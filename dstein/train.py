@@ -227,6 +227,8 @@ def _train(config: Config, info: DistInfo, notes: list[str]) -> dict[str, Any]:
     }
     if tr.test.u_se is not None:
         summary["truth_max_se"] = float(tr.test.u_se.max())
+    if tr.device.type == "cuda":  # this rank's peak of allocated device memory, this start
+        summary["peak_cuda_memory_mb"] = torch.cuda.max_memory_allocated(tr.device) / 2**20
     if writer:
         summary["reference"] = reference_errors(tr.model, tr.pde, cfg, tr.device, tr.dtype, tr.estimator.transform)
     _on_rank0(tr, checkpoints, lambda: write_json_atomic(tr.run_dir / "summary.json", summary))

@@ -501,7 +501,7 @@ def suite_acceptance(args: argparse.Namespace) -> dict:
 ACCURACY_CONFIGS = ("quickstart", "hjb_100", "hjb_250")
 #: What a training run's summary contributes to a suite's record.
 SUMMARY_KEYS = ("l1_rel", "l2_rel", "grad_l2_rel", "gradient_floor", "baselines", "reference", "method",
-                "train_seconds", "steps", "dim")  # fmt: skip
+                "train_seconds", "steps", "dim", "peak_cuda_memory_mb")  # fmt: skip
 
 
 def train_runs(jobs: list[tuple[str, str, str, list[str]]], parallel: int, tmp: Path) -> dict[str, dict]:
@@ -581,10 +581,12 @@ def suite_peers(args: argparse.Namespace) -> dict:
     launch/train.py one run at a time with the machine's threads, for a budget of
     --budget-steps steps (configs/sine_gordon_1k.yaml's settings otherwise): steps per
     second, peak memory, the errors after the budget beside the baselines, and the training
-    time at which the evaluations first reached --target-l2 (the time to a given error)."""
+    time at which the evaluations first reached --target-l2 (the time to a given error).
+    Memory: the run's peak resident set (``peak_memory_mb``) and, on CUDA, its peak of
+    allocated device memory (``peak_cuda_memory_mb``)."""
     jobs = []
     for pde in args.pdes:
-        for dim in args.dims or [1000]:
+        for dim in args.dims:
             for name in args.peer_methods:
                 overrides = [f"pde.name={pde}", f"pde.dim={dim}", f"train.steps={args.budget_steps}",
                              "run.threads=0", *PEER_METHODS[name], *args.overrides]  # fmt: skip
@@ -634,7 +636,7 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         nargs="+",
         default=None,
-        help="methods suite: d (default 100 1000 10000 100000); gpu suite: 10000 100000 1000000; beyond: 1000 100000",
+        help="methods: d (default 100 1000 10000 100000); gpu: 10000 100000 1000000; beyond: 1000 100000; peers: 1000",
     )
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="methods suite: methods")
     parser.add_argument("--device", default="cuda", help="gpu suite: the device to check and time (cpu: dry run)")
@@ -670,7 +672,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.suite:
         parser.error("--suite is required")
     if args.dims is None:
-        default_dims = {"gpu": [10000, 100000, 1000000], "beyond": [1000, 100000]}
+        default_dims = {"gpu": [10000, 100000, 1000000], "beyond": [1000, 100000], "peers": [1000]}
         args.dims = default_dims.get(args.suite, [100, 1000, 10000, 100000])
     result = {"machine": machine(), **SUITES[args.suite](args)}
     out = Path(args.out or f"bench-{args.suite}.json")

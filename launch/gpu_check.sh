@@ -7,14 +7,7 @@
 # with stein-subspace at d = 10^4, 10^5, 10^6 and the other methods at d = 10^4) and writes
 # bench-gpu.json and the log to $OUT (or the current folder). TF32 stays off: the config's
 # run.matmul_precision is highest (MATH.md, precision).
-set -euo pipefail
-cd "$(dirname "$0")/.."
-if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONUNBUFFERED=1
-OUT=${OUT:-.}
+source "$(dirname "$0")/gpu_env.sh"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu-check.log"
 python3 -c "import torch, deepspeed, hydra, h5py; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
 'deepspeed', deepspeed.__version__)" 2>&1 | grep -v WARNING | tee -a "$OUT/gpu-check.log"
