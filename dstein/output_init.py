@@ -114,10 +114,10 @@ def fit_output_bias(
         with torch.no_grad():
             return float(sum_values(loss(torch.tensor(t, dtype=torch.float64)).reshape(1))[0] / copies)
 
-    t = 0.0
-    before = value_at(t)
+    t, before = 0.0, None
     for _ in range(MAX_ITERATIONS):
         value, slope, curvature = newton_terms(t)
+        before = value if before is None else before
         if slope == 0.0:
             break
         step = -slope / curvature if curvature > 0 else -slope
@@ -132,4 +132,5 @@ def fit_output_bias(
             break
     with torch.no_grad():
         bias.add_(t)
+    assert before is not None
     return t, before, value_at(t)

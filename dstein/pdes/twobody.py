@@ -68,15 +68,21 @@ class TwoBody(ExactPDE):
         daa, dbb = -b * cos_a, -cos_b
         return theta, da, db, daa, dbb, c.to(x)
 
+    def _terms(self, x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """For the terms of coefficients ``c`` (x: their columns and one more): their sums psi
+        and lap psi (B,), and each term's gradient along its a and its b (B, terms)."""
+        theta, da, db, daa, dbb, c = self._parts(x, c)
+        s, cco = torch.sin(theta), c * torch.cos(theta)
+        psi = (c * s).sum(1)
+        lap = (cco * (daa + dbb) - c * s * (da * da + db * db)).sum(1)
+        return psi, lap, cco * da, cco * db
+
     def _psi(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """psi, grad psi (B, d) and lap psi."""
-        theta, da, db, daa, dbb, c = self._parts(x, self.coeffs)
-        s, co = torch.sin(theta), torch.cos(theta)
-        psi = (c * s).sum(1)
+        psi, lap, grad_a, grad_b = self._terms(x, self.coeffs)
         grad = torch.zeros_like(x)
-        grad[:, :-1] += c * co * da
-        grad[:, 1:] += c * co * db
-        lap = (c * (co * (daa + dbb) - s * (da * da + db * db))).sum(1)
+        grad[:, :-1] += grad_a
+        grad[:, 1:] += grad_b
         return psi, grad, lap
 
     def _source_sums(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -88,11 +94,10 @@ class TwoBody(ExactPDE):
         for lo in range(0, self.dim - 1, terms):
             c = self.coeffs[lo : lo + terms]
             xs = x[:, lo : lo + c.shape[0] + 1]
-            theta, da, db, daa, dbb, c = self._parts(xs, c)
-            s, cco = torch.sin(theta), c * torch.cos(theta)
-            psi += (c * s).sum(1)
-            x_grad += (cco * (xs[:, :-1] * da + xs[:, 1:] * db)).sum(1)
-            lap += (cco * (daa + dbb) - c * s * (da * da + db * db)).sum(1)
+            block_psi, block_lap, grad_a, grad_b = self._terms(xs, c)
+            psi += block_psi
+            lap += block_lap
+            x_grad += (xs[:, :-1] * grad_a + xs[:, 1:] * grad_b).sum(1)
         return psi, x_grad, lap
 
     def exact(self, X: torch.Tensor) -> torch.Tensor:
