@@ -31,12 +31,23 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import os
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from dstein.estimators.base import Derivatives, NoiseOfZ, Reducer, Space, SteinSpec, body_at, split_input
+from dstein.estimators.base import (
+    Derivatives,
+    NoiseOfZ,
+    Reducer,
+    Space,
+    SteinSpec,
+    body_at,
+    body_at_pair,
+    split_input,
+)
 from dstein.noise import chunk_generator
 
 #: Unit roundoff of the matrix products under torch.set_float32_matmul_precision on CUDA:
@@ -126,15 +137,19 @@ class FullSpace(NoiseOfZ):
         +-2 x . eps_x + |eps_x|^2``."""
         assert self.h0 is not None
         odd = eps @ self.W.T  # (B, n, k): W eps, shared by the pair
-        plus, minus = odd, -odd if antithetic else None
+        even = None
         if self.feature is not None:
             ex = eps[..., : self.d]
-            x_eps = 2 * (ex @ self.X[:, : self.d].unsqueeze(2))  # (B, n, 1)
-            sq = (ex * ex).sum(-1, keepdim=True)
-            plus = plus + self.feature.change(self.x_sq, sq + x_eps) * self.a
-            if minus is not None:
-                minus = minus + self.feature.change(self.x_sq, sq - x_eps) * self.a
-        return body_at(self.body, self.h0, plus, minus)
+            x_eps = 2 * (ex @ self.X[:, : self.d].unsqueeze(2))  # (B, n, 1), odd in eps
+            sq = (ex * ex).sum(-1, keepdim=True)  # even in eps
+            if self.feature.kind != "square":  # phi's change is not a sum of an odd and an even part
+                plus = odd + self.feature.change(self.x_sq, sq + x_eps) * self.a
+                minus = self.feature.change(self.x_sq, sq - x_eps) * self.a - odd if antithetic else None
+                return body_at(self.body, self.h0, plus, minus)
+            odd, even = odd + x_eps * self.a, sq * self.a
+        if antithetic:
+            return body_at_pair(self.body, self.h0, odd, even)
+        return body_at(self.body, self.h0, odd if even is None else odd + even, None)
 
     def values(
         self, z: torch.Tensor, antithetic: bool, aux: torch.Tensor | None = None
@@ -164,10 +179,9 @@ class FullSpace(NoiseOfZ):
 SUM_KEYS = ("value", "time", "grad", "grad_norms", "lap")
 
 
-def _chunk_terms(
-    space: Space, spec: SteinSpec, c: int, rows: tuple[int, int], g0: torch.Tensor | None
-) -> tuple[torch.Tensor, ...]:
-    """One chunk's sums (SUM_KEYS that the spec needs, in order); its noise from its seed."""
+def _chunk_noise(space: Space, spec: SteinSpec, c: int, rows: tuple[int, int]) -> tuple[torch.Tensor, ...]:
+    """Chunk ``c``'s noise for the points of ``rows``: ``z`` (and the space's other noise),
+    drawn from the chunk's own generator, so that chunks can be drawn in any order or at once."""
     B = space.X.shape[0]
     offset, total = rows
     gen = chunk_generator(spec.seed, spec.step, spec.stream, c, space.X.device)
@@ -177,6 +191,50 @@ def _chunk_terms(
     if total != B:
         z = z[offset : offset + B]
         aux = None if aux is None else aux[offset : offset + B]
+    return (z,) if aux is None else (z, aux)
+
+
+def _noise_in_parallel(space: Space, spec: SteinSpec, chunks: list[int], rows: tuple[int, int]) -> dict | None:
+    """Every chunk's noise at once, drawn by parallel threads (None: draw chunk by chunk).
+
+    PyTorch draws normals on one CPU core; with the chunks' independent generators, the
+    other cores draw other chunks meanwhile (the same numbers). Only where the backward pass
+    keeps every chunk's noise anyway (gradients on, no recomputation), so that peak memory
+    is unchanged, and on CPU with more than one thread."""
+    global _NOISE_POOL
+    threads = torch.get_num_threads()
+    numbers = rows[1] * spec.terms_per_chunk * space.width
+    if (space.X.device.type != "cpu" or threads < 2 or len(chunks) < 2 or numbers < PARALLEL_NOISE_NUMBERS
+            or not torch.is_grad_enabled()):  # fmt: skip
+        return None
+    if _NOISE_POOL is None or _NOISE_POOL._max_workers != threads:
+        _NOISE_POOL = ThreadPoolExecutor(threads, thread_name_prefix="dstein-noise")
+    return dict(zip(chunks, _NOISE_POOL.map(lambda c: _chunk_noise(space, spec, c, rows), chunks), strict=True))
+
+
+def _forget_noise_pool() -> None:
+    global _NOISE_POOL
+    _NOISE_POOL = None  # a forked child has none of its parent's threads
+
+
+#: Chunks of fewer numbers are drawn one by one (a thread's hand-over would cost more).
+PARALLEL_NOISE_NUMBERS = 1 << 18
+_NOISE_POOL: ThreadPoolExecutor | None = None
+os.register_at_fork(after_in_child=_forget_noise_pool)
+
+
+def _chunk_terms(
+    space: Space,
+    spec: SteinSpec,
+    c: int,
+    rows: tuple[int, int],
+    g0: torch.Tensor | None,
+    noise: tuple[torch.Tensor, ...] | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """One chunk's sums (SUM_KEYS that the spec needs, in order); its noise from its seed
+    (``_chunk_noise``), drawn here unless given."""
+    z, *rest = noise if noise is not None else _chunk_noise(space, spec, c, rows)
+    aux = rest[0] if rest else None
     g_plus, g_minus = space.values(z, spec.antithetic, aux)
     if g_minus is None:
         value = odd = g_plus
@@ -267,14 +325,16 @@ def _grouped_sums(
     rows = rows if rows is not None else (0, X.shape[0])
     g0 = space.center() if spec.antithetic and "lap" in spec.needs else None
     keys = _keys(spec.needs)
+    recomputed = recompute and torch.is_grad_enabled()
+    noise = None if recomputed else _noise_in_parallel(space, spec, [c for chunks in groups for c in chunks], rows)
     out = []
     for chunks in groups:
         sums: dict[str, torch.Tensor] = {}
         for c in chunks:
-            if recompute and torch.is_grad_enabled():
+            if recomputed:
                 terms = checkpoint(_chunk_terms, space, spec, c, rows, g0, use_reentrant=False)
             else:
-                terms = _chunk_terms(space, spec, c, rows, g0)
+                terms = _chunk_terms(space, spec, c, rows, g0, None if noise is None else noise.pop(c))
             for key, value in zip(keys, terms, strict=True):
                 sums[key] = sums[key] + value if key in sums else value
         if not chunks:

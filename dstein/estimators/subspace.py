@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dstein.estimators.base import NoiseOfZ, SteinSpec, body_at, split_input
+from dstein.estimators.base import NoiseOfZ, SteinSpec, body_at, body_at_pair, split_input
 from dstein.models import radial_phi
 
 #: Eigenvalues of the Gram matrix below this fraction of the largest are dropped (rank r).
@@ -182,9 +182,9 @@ class InputSubspace(NoiseOfZ):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """g at pre-activations ``h0 + odd + even`` (and ``h0 - odd + even``), (B, n) each:
         ``odd`` changes sign with the noise, ``even`` (or None) does not."""
-        plus = odd if even is None else even + odd
-        minus = None if not antithetic else (-odd if even is None else even - odd)
-        return self._body_of(plus, minus)
+        if antithetic:
+            return body_at_pair(self.body, self.h0, odd, even)
+        return self._body_of(odd if even is None else even + odd, None)
 
     def _body_of(self, plus: torch.Tensor, minus: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """g at pre-activations ``h0 + plus`` (and ``h0 + minus``), (B, n) each."""
