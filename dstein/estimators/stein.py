@@ -137,19 +137,14 @@ class FullSpace(NoiseOfZ):
         +-2 x . eps_x + |eps_x|^2``."""
         assert self.h0 is not None
         odd = eps @ self.W.T  # (B, n, k): W eps, shared by the pair
-        even = None
-        if self.feature is not None:
-            ex = eps[..., : self.d]
-            x_eps = 2 * (ex @ self.X[:, : self.d].unsqueeze(2))  # (B, n, 1), odd in eps
-            sq = (ex * ex).sum(-1, keepdim=True)  # even in eps
-            if self.feature.kind != "square":  # phi's change is not a sum of an odd and an even part
-                plus = odd + self.feature.change(self.x_sq, sq + x_eps) * self.a
-                minus = self.feature.change(self.x_sq, sq - x_eps) * self.a - odd if antithetic else None
-                return body_at(self.body, self.h0, plus, minus)
-            odd, even = odd + x_eps * self.a, sq * self.a
-        if antithetic:
-            return body_at_pair(self.body, self.h0, odd, even)
-        return body_at(self.body, self.h0, odd if even is None else odd + even, None)
+        if self.feature is None:
+            return body_at_pair(self.body, self.h0, odd, None) if antithetic else body_at(self.body, self.h0, odd, None)
+        ex = eps[..., : self.d]
+        x_eps = 2 * (ex @ self.X[:, : self.d].unsqueeze(2))  # (B, n, 1)
+        sq = (ex * ex).sum(-1, keepdim=True)
+        plus = odd + self.feature.change(self.x_sq, sq + x_eps) * self.a
+        minus = -odd + self.feature.change(self.x_sq, sq - x_eps) * self.a if antithetic else None
+        return body_at(self.body, self.h0, plus, minus)
 
     def values(
         self, z: torch.Tensor, antithetic: bool, aux: torch.Tensor | None = None
