@@ -53,7 +53,7 @@ def draw_plots(
     metrics = run_dir / "metrics.jsonl"
     plots.plot_history(read_metrics(metrics) if metrics.exists() else [], out, title, baselines(pde, test))
     X, coord, label = pde.slice(200)
-    exact = pde.truth(X, config.eval.truth_samples, config.eval.seed).u.numpy()
+    exact = pde.truth_values(X, config.eval.truth_samples, config.eval.seed).numpy()
     u, _ = predict(model, X.to(device=device, dtype=dtype), config, transform=output_transform(config, pde))
     plots.plot_slice(coord.numpy(), u.double().cpu().numpy(), exact, label, out, title)
     plots.plot_residuals(test_residuals(model, pde, test, config, device, dtype), out, title)

@@ -316,3 +316,9 @@ def test_exact_truth_in_row_blocks_equals_the_whole(monkeypatch):
     got = pde.truth(X, 2, 0)
     assert torch.equal(got.u, pde.exact(X)) and torch.equal(got.grad, pde.exact_grad(X))
     assert pde.truth(X[:0], 2, 0).u.shape == (0,)
+    # the slice's values alone: the same numbers, without evaluating the gradient
+    monkeypatch.setattr(type(pde), "exact_grad", lambda self, X: pytest.fail("the slice needs no gradient"))
+    assert torch.equal(pde.truth_values(X, 2, 0), pde.exact(X))
+    hjb = build_pde("hjb", 3, {})  # a Monte Carlo truth: its u, as truth() gives it
+    Y = hjb.test_points(0, 4, 0)
+    assert torch.equal(hjb.truth_values(Y, 64, 0), hjb.truth(Y, 64, 0).u)

@@ -139,6 +139,11 @@ class PDE(abc.ABC):
     def truth(self, X: torch.Tensor, samples: int, seed: int) -> TestSet:
         """Ground truth at points X (``samples`` and ``seed`` for Monte Carlo truths)."""
 
+    def truth_values(self, X: torch.Tensor, samples: int, seed: int) -> torch.Tensor:
+        """The solution alone at X (the plot's slice): ``truth(X, ...).u`` unless the PDE can
+        skip the gradient (ExactPDE does: a (200, d) gradient is 1.6 GB at d = 10^6)."""
+        return self.truth(X, samples, seed).u
+
     def test_points(self, start: int, stop: int, seed: int) -> torch.Tensor:
         """Rows ``start:stop`` of the endless sequence of test points of ``seed``.
 
@@ -196,10 +201,17 @@ class ExactPDE(PDE):
         """The closed forms at X, in blocks of rows of at most TRUTH_BLOCK_ELEMENTS numbers
         (a closed form's intermediates are as large as X, a dozen of them for the two-body
         solutions: 200 points at d = 10^6 took 11 GB whole)."""
+        blocks = self._truth_blocks(X)
+        return TestSet(X=X, u=torch.cat([self.exact(B) for B in blocks]),
+                       grad=torch.cat([self.exact_grad(B) for B in blocks]))  # fmt: skip
+
+    def truth_values(self, X: torch.Tensor, samples: int, seed: int) -> torch.Tensor:
+        return torch.cat([self.exact(B) for B in self._truth_blocks(X)])
+
+    @staticmethod
+    def _truth_blocks(X: torch.Tensor) -> list[torch.Tensor]:
         rows = max(1, TRUTH_BLOCK_ELEMENTS // max(1, X.shape[1]))
-        blocks = [X[lo : lo + rows] for lo in range(0, X.shape[0], rows)] or [X]
-        u = torch.cat([self.exact(B) for B in blocks])
-        return TestSet(X=X, u=u, grad=torch.cat([self.exact_grad(B) for B in blocks]))
+        return [X[lo : lo + rows] for lo in range(0, X.shape[0], rows)] or [X]
 
 
 def uniform_ball(
