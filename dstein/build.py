@@ -257,7 +257,7 @@ def deepspeed_config(config: Config, world_size: int) -> dict[str, Any]:
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,
         "train_batch_size": world_size,
-        "zero_optimization": {"stage": ds.zero_stage},
+        "zero_optimization": {"stage": ds.stage_on(world_size)},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
     }

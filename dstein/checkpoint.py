@@ -191,6 +191,23 @@ def check_resumable(saved: Config, config: Config, saved_world: int, world: int,
     return lines
 
 
+def check_stage(marker: dict[str, Any], saved: Config, config: Config, world: int, path: Path) -> None:
+    """Refuse a checkpoint whose optimizer state is laid out for another ZeRO stage than the
+    engine now runs (the stage is the configured one, or 0 on one rank: DeepSpeedConfig.stage_on).
+    Markers without a ``zero_stage`` were written when one rank ran the configured stage."""
+    if int(marker["world_size"]) != world:
+        return  # check_resumable decides
+    saved_stage = int(marker.get("zero_stage", saved.deepspeed.zero_stage))
+    stage = config.deepspeed.stage_on(world)
+    if saved_stage != stage:
+        raise CheckpointError(
+            f"checkpoint {path} holds optimizer state of ZeRO stage {saved_stage}, and this run's engine would "
+            f"run stage {stage} (deepspeed.zero_stage={config.deepspeed.zero_stage} on {world} "
+            f"rank{'s' if world != 1 else ''}; one rank runs stage 0, there being nothing to partition): "
+            f"continue it with +deepspeed.extra.zero_optimization.stage={saved_stage}"
+        )
+
+
 def rng_state() -> dict[str, Any]:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -253,6 +270,7 @@ class Checkpointer:
             **client,
             "step": done,
             "world_size": self.world_size,
+            "zero_stage": self.config.deepspeed.stage_on(self.world_size),
             "config_digest": self.config.digest(),
             "dstein_version": dstein.__version__,
         }
@@ -287,7 +305,8 @@ class Checkpointer:
         def commit() -> None:
             fault("stall-save", done)  # test hook: a job killed before the commit
             _fsync_tree(path)
-            marker = {key: state[key] for key in ("step", "world_size", "config_digest", "dstein_version")}
+            keys = ("step", "world_size", "zero_stage", "config_digest", "dstein_version")
+            marker = {key: state[key] for key in keys}
             marker["time"] = time.time()
             write_text_atomic(path / MARKER, json.dumps(marker, indent=2, sort_keys=True) + "\n")
 
@@ -490,6 +509,7 @@ class Checkpointer:
         except ConfigError as err:
             raise OSError(f"its {CONFIG_FILE} cannot be read ({err})") from err
         changes = check_resumable(saved, self.config, int(marker["world_size"]), self.world_size, path)
+        check_stage(marker, saved, self.config, self.world_size, path)
         load_path, client = engine.load_checkpoint(
             str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=False
         )

@@ -189,6 +189,24 @@ def test_zero_checkpoint_on_another_world_size_is_refused(tmp_path):
     assert "written by 2 ranks with deepspeed.zero_stage=1" in out.stderr and "resume with 2 ranks" in out.stderr
 
 
+def test_one_rank_runs_zero_stage_0_and_a_stage_1_checkpoint_says_how_to_continue(tmp_path):
+    """deepspeed=zero1 on one rank runs stage 0 (nothing to partition): no optimizer shards,
+    the marker says stage 0. A stage-1 checkpoint of one rank (asked for with the override, as
+    every one-rank ZeRO 1 run wrote before) is refused by name without the override and
+    continues with it."""
+    finish(start(tmp_path / "a", 1, "train.steps=10", "deepspeed=zero1"))
+    ckpt = step_dir(tmp_path / "a" / "checkpoints", 10)
+    assert not list(ckpt.glob("**/zero_pp_rank_*")) and json.loads((ckpt / MARKER).read_text())["zero_stage"] == 0
+    forced = "+deepspeed.extra.zero_optimization.stage=1"
+    finish(start(tmp_path / "b", 1, "train.steps=10", "deepspeed=zero1", forced))
+    ckpt = step_dir(tmp_path / "b" / "checkpoints", 10)
+    assert list(ckpt.glob("**/zero_pp_rank_*")) and json.loads((ckpt / MARKER).read_text())["zero_stage"] == 1
+    refused = finish(start(tmp_path / "b", 1, "train.steps=20", "deepspeed=zero1"), status=2)
+    assert "holds optimizer state of ZeRO stage 1" in refused and forced in refused, refused[-2000:]
+    out = finish(start(tmp_path / "b", 1, "train.steps=20", "deepspeed=zero1", forced))
+    assert "resuming from" in out and last_step(tmp_path / "b") == 20
+
+
 def test_zero1_resume_on_the_same_world_size_is_bit_exact(tmp_path, tmp_path_factory):
     ref = tmp_path_factory.mktemp("zero1_straight")
     finish(start(ref, 2, "deepspeed=zero1"))
