@@ -322,3 +322,28 @@ def test_exact_truth_in_row_blocks_equals_the_whole(monkeypatch):
     hjb = build_pde("hjb", 3, {})  # a Monte Carlo truth: its u, as truth() gives it
     Y = hjb.test_points(0, 4, 0)
     assert torch.equal(hjb.truth_values(Y, 64, 0), hjb.truth(Y, 64, 0).u)
+
+
+def test_two_body_source_is_kept_for_the_same_points_only(monkeypatch):
+    """The unbiased loss's two residuals (and output_init's iterations) ask for the source at
+    the same points: it is computed once for them, again when the points change in place or
+    are other points, and never kept for points being differentiated."""
+    from dstein.estimators.base import Derivatives
+
+    pde = build_pde("sine_gordon", 12, {"coeff_seed": 1})
+    calls = []
+    sums = pde._source_sums
+    monkeypatch.setattr(pde, "_source_sums", lambda x: calls.append(1) or sums(x))
+    X = pde.sample_domain(6, torch.Generator().manual_seed(2))
+    first = pde.source(X)
+    assert pde.source(X) is first and len(calls) == 1
+    D = Derivatives(u=torch.zeros(6, dtype=torch.float64), lap=torch.zeros(6, dtype=torch.float64))
+    assert torch.equal(pde.residual(X, D), -first) and len(calls) == 1
+    other = X.clone()
+    assert torch.equal(pde.source(other), first) and len(calls) == 2
+    X.mul_(0.5)  # the same tensor, new values
+    assert not torch.equal(pde.source(X), first) and len(calls) == 3
+    Y = X.clone().requires_grad_(True)
+    pde.source(Y).sum().backward()
+    pde.source(Y).sum().backward()  # computed again: no graph is kept between calls
+    assert len(calls) == 5 and Y.grad is not None
