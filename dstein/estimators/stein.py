@@ -45,7 +45,7 @@ from dstein.estimators.base import (
     Space,
     SteinSpec,
     body_at,
-    body_at_pair,
+    body_at_signs,
     split_input,
 )
 from dstein.noise import chunk_generator
@@ -138,7 +138,7 @@ class FullSpace(NoiseOfZ):
         assert self.h0 is not None
         odd = eps @ self.W.T  # (B, n, k): W eps, shared by the pair
         if self.feature is None:
-            return body_at_pair(self.body, self.h0, odd, None) if antithetic else body_at(self.body, self.h0, odd, None)
+            return body_at_signs(self.body, self.h0, odd, None, antithetic)
         ex = eps[..., : self.d]
         x_eps = 2 * (ex @ self.X[:, : self.d].unsqueeze(2))  # (B, n, 1)
         sq = (ex * ex).sum(-1, keepdim=True)
@@ -174,7 +174,9 @@ class FullSpace(NoiseOfZ):
 SUM_KEYS = ("value", "time", "grad", "grad_norms", "lap")
 
 
-def _chunk_noise(space: Space, spec: SteinSpec, c: int, rows: tuple[int, int]) -> tuple[torch.Tensor, ...]:
+def _chunk_noise(
+    space: Space, spec: SteinSpec, c: int, rows: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Chunk ``c``'s noise for the points of ``rows``: ``z`` (and the space's other noise),
     drawn from the chunk's own generator, so that chunks can be drawn in any order or at once."""
     B = space.X.shape[0]
@@ -186,7 +188,7 @@ def _chunk_noise(space: Space, spec: SteinSpec, c: int, rows: tuple[int, int]) -
     if total != B:
         z = z[offset : offset + B]
         aux = None if aux is None else aux[offset : offset + B]
-    return (z,) if aux is None else (z, aux)
+    return z, aux
 
 
 def _noise_in_parallel(space: Space, spec: SteinSpec, chunks: list[int], rows: tuple[int, int]) -> dict | None:
@@ -202,9 +204,12 @@ def _noise_in_parallel(space: Space, spec: SteinSpec, chunks: list[int], rows: t
     if (space.X.device.type != "cpu" or threads < 2 or len(chunks) < 2 or numbers < PARALLEL_NOISE_NUMBERS
             or not torch.is_grad_enabled()):  # fmt: skip
         return None
-    if _NOISE_POOL is None or _NOISE_POOL._max_workers != threads:
-        _NOISE_POOL = ThreadPoolExecutor(threads, thread_name_prefix="dstein-noise")
-    return dict(zip(chunks, _NOISE_POOL.map(lambda c: _chunk_noise(space, spec, c, rows), chunks), strict=True))
+    if _NOISE_POOL is None or _NOISE_POOL[0] != threads:  # first use, or torch's thread count changed
+        if _NOISE_POOL is not None:
+            _NOISE_POOL[1].shutdown(wait=False)
+        _NOISE_POOL = (threads, ThreadPoolExecutor(threads, thread_name_prefix="dstein-noise"))
+    pool = _NOISE_POOL[1]
+    return dict(zip(chunks, pool.map(lambda c: _chunk_noise(space, spec, c, rows), chunks), strict=True))
 
 
 def _forget_noise_pool() -> None:
@@ -214,7 +219,7 @@ def _forget_noise_pool() -> None:
 
 #: Chunks of fewer numbers are drawn one by one (a thread's hand-over would cost more).
 PARALLEL_NOISE_NUMBERS = 1 << 18
-_NOISE_POOL: ThreadPoolExecutor | None = None
+_NOISE_POOL: tuple[int, ThreadPoolExecutor] | None = None  # (threads, pool)
 os.register_at_fork(after_in_child=_forget_noise_pool)
 
 
@@ -224,12 +229,11 @@ def _chunk_terms(
     c: int,
     rows: tuple[int, int],
     g0: torch.Tensor | None,
-    noise: tuple[torch.Tensor, ...] | None = None,
+    noise: tuple[torch.Tensor, torch.Tensor | None] | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """One chunk's sums (SUM_KEYS that the spec needs, in order); its noise from its seed
     (``_chunk_noise``), drawn here unless given."""
-    z, *rest = noise if noise is not None else _chunk_noise(space, spec, c, rows)
-    aux = rest[0] if rest else None
+    z, aux = noise if noise is not None else _chunk_noise(space, spec, c, rows)
     g_plus, g_minus = space.values(z, spec.antithetic, aux)
     if g_minus is None:
         value = odd = g_plus

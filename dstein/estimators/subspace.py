@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dstein.estimators.base import NoiseOfZ, SteinSpec, body_at, body_at_pair, split_input
+from dstein.estimators.base import NoiseOfZ, SteinSpec, body_at, body_at_signs, split_input
 from dstein.models import radial_phi
 
 #: Eigenvalues of the Gram matrix below this fraction of the largest are dropped (rank r).
@@ -175,16 +175,7 @@ class InputSubspace(NoiseOfZ):
         self, z: torch.Tensor, antithetic: bool, aux: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         shift = z @ self.M.T  # (B, n, k): O(k r) per sample
-        return self._body_at(shift, None, antithetic)
-
-    def _body_at(
-        self, odd: torch.Tensor, even: torch.Tensor | None, antithetic: bool
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """g at pre-activations ``h0 + odd + even`` (and ``h0 - odd + even``), (B, n) each:
-        ``odd`` changes sign with the noise, ``even`` (or None) does not."""
-        if antithetic:
-            return body_at_pair(self.body, self.h0, odd, even)
-        return self._body_of(odd if even is None else even + odd, None)
+        return body_at_signs(self.body, self.h0, shift, None, antithetic)
 
     def _body_of(self, plus: torch.Tensor, minus: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """g at pre-activations ``h0 + plus`` (and ``h0 + minus``), (B, n) each."""
@@ -318,7 +309,7 @@ class RadialSubspace(InputSubspace):
         # |x +- delta|^2 - |x|^2 = +-2 x . delta (odd) + |delta|^2 (even)
         x_delta, sq = (2 * sx) * x_delta, (sx * sx) * sq
         if self.feature.kind == "square":
-            return self._body_at(odd + x_delta * self.a, sq * self.a, antithetic)
+            return body_at_signs(self.body, self.h0, odd + x_delta * self.a, sq * self.a, antithetic)
         plus = odd + self.feature.change(self.x_sq, sq + x_delta) * self.a
         if not antithetic:
             return self._body_of(plus, None)
