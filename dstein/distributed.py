@@ -193,6 +193,23 @@ def clear_stale_build_lock(name: str = SHM_OP, older_than_s: float = STALE_BUILD
     return None
 
 
+def use_own_ninja() -> str | None:
+    """Put the directory of this interpreter (a virtual environment's bin, where pip installed
+    the ``ninja`` dstein depends on) first on PATH before DeepSpeed builds its op, and return it.
+
+    ninja records a hash of each build command, and ninja releases hash differently (1.11 and
+    1.13 do): with another ninja first on PATH in another shell (a system package, a module
+    system), every alternation rebuilds the op from scratch, about 30 s of two cores at each
+    start. One ninja per environment keeps the build done once."""
+    own = Path(sys.executable).parent
+    if not (own / "ninja").is_file():
+        return None
+    path = os.environ.get("PATH", "")
+    if path.split(os.pathsep)[0] != str(own):
+        os.environ["PATH"] = os.pathsep.join([str(own), path]) if path else str(own)
+    return str(own)
+
+
 def init_distributed(
     sample_group_size: int | None = None, expected_world: int = 0, timeout_s: float = 300.0, device: str = "auto"
 ) -> DistInfo:
@@ -228,6 +245,7 @@ def init_distributed(
     note = clear_stale_build_lock() if launch.local_rank == 0 else None
     if note:
         print(f"note: {note}", file=sys.stderr, flush=True)
+    use_own_ninja()
     import deepspeed  # slow to import; only where a process group is built
 
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout, verbose=False)

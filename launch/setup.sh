@@ -14,6 +14,9 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
 fi
 .venv/bin/python -m pip install -q -e ".[dev]"
 # DeepSpeed JIT-builds a small shared-memory op on CPU at its first use (g++ and ninja).
-# Build it here, once: a rank killed during that build leaves a lock that makes every later
-# start wait forever (remove ~/.cache/torch_extensions/*/deepspeed_shm_comm/lock if it does).
-.venv/bin/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" >/dev/null
+# Build it here, once, with the ninja of .venv, as every start does (use_own_ninja): another
+# ninja release first on PATH would rebuild it at the next start (about 30 s). A rank killed
+# during that build leaves a lock (~/.cache/torch_extensions/*/deepspeed_shm_comm/lock) that
+# a start removes once it is older than any build takes.
+.venv/bin/python -c "from dstein.distributed import use_own_ninja; use_own_ninja()
+from deepspeed.comm.torch import build_shm_op; build_shm_op()" >/dev/null
