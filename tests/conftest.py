@@ -1,3 +1,12 @@
+"""Shared fixtures, and how the suite is split and scheduled.
+
+Markers (pyproject.toml): ``slow`` tests are left out of the fast tier (``pytest -m "not
+slow"``); ``ranks`` tests start several ranks or a SLURM cluster. Under pytest-xdist
+(``-n 2 --dist loadgroup``, the README's command) every ``ranks`` test runs in one xdist group,
+so they run one after another on one worker while the other worker takes the single-process
+tests, and each worker runs torch on one thread (two workers, two cores).
+"""
+
 import os
 import sys
 from pathlib import Path
@@ -9,7 +18,28 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # user PDE example module
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+#: Under xdist: how many workers share the cores (each takes its share of threads).
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // WORKERS))
+
+#: The one xdist group of every ``ranks`` test: they never run two at a time.
+RANKS_GROUP = "ranks"
+
+
+def pytest_collection_modifyitems(config, items):
+    """``ranks`` tests into their group; then the order the workers take work in: the ranks
+    group first (the longest unit), then the other slow tests, then the rest (each list in
+    its collection order). Deterministic, as xdist requires every worker to collect alike."""
+    for item in items:
+        if item.get_closest_marker("ranks"):
+            item.add_marker(pytest.mark.xdist_group(RANKS_GROUP))
+
+    def rank(item) -> int:
+        if item.get_closest_marker("ranks"):
+            return 0
+        return 1 if item.get_closest_marker("slow") else 2
+
+    items.sort(key=rank)
 
 
 @pytest.fixture
@@ -31,3 +61,16 @@ def multinode():
     from slurm_cluster import multinode_cluster
 
     yield from multinode_cluster(2)
+
+
+@pytest.fixture(scope="session")
+def straight(tmp_path_factory) -> dict[int, Path]:
+    """Uninterrupted runs of test_checkpoint's tiny config on 1 and 2 ranks (read by the
+    checkpoint and reliability tests: computed once per session)."""
+    from test_checkpoint import finish, start
+
+    dirs = {}
+    for world in (1, 2):
+        dirs[world] = tmp_path_factory.mktemp(f"straight{world}")
+        finish(start(dirs[world], world))
+    return dirs

@@ -87,16 +87,8 @@ def summary(run_dir: Path) -> dict:
     return out
 
 
-@pytest.fixture(scope="module")
-def straight(tmp_path_factory) -> dict[int, Path]:
-    """Uninterrupted runs on 1 and 2 ranks."""
-    dirs = {}
-    for world in (1, 2):
-        dirs[world] = tmp_path_factory.mktemp(f"straight{world}")
-        finish(start(dirs[world], world))
-    return dirs
-
-
+@pytest.mark.ranks
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [1, 2])
 def test_preempted_and_resumed_run_is_bit_exact(tmp_path, straight, world):
     preempt(start(tmp_path, world), tmp_path)
@@ -117,6 +109,8 @@ def test_preempted_and_resumed_run_is_bit_exact(tmp_path, straight, world):
     assert done["train_seconds"] > done["wall_seconds"] and done["train_seconds"] >= clock[-1]
 
 
+@pytest.mark.ranks
+@pytest.mark.slow
 def test_kill_during_a_save_resumes_from_the_previous_checkpoint(tmp_path, straight):
     procs = start(tmp_path, 1, env={"DSTEIN_FAULT": "stall-save@20"})
     ckpt = tmp_path / "checkpoints"
@@ -136,6 +130,8 @@ def test_kill_during_a_save_resumes_from_the_previous_checkpoint(tmp_path, strai
     assert [p.name for p in complete] == ["step-00000070", "step-00000080"] and not incomplete  # keep=2
 
 
+@pytest.mark.ranks
+@pytest.mark.slow
 @pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 2)])
 def test_resume_on_another_world_size(tmp_path, straight, before, after):
     """The losses continued on another world size match the uninterrupted run on that world
@@ -159,6 +155,7 @@ def test_resume_on_another_world_size(tmp_path, straight, before, after):
             assert ra["residual"] == pytest.approx(rb["residual"], rel=2e-4), ra["step"]
 
 
+@pytest.mark.slow
 def test_changed_config_is_refused_or_reported(tmp_path):
     finish(start(tmp_path, 1, "train.steps=20"))
     out = subprocess.run(
@@ -178,6 +175,8 @@ def test_changed_config_is_refused_or_reported(tmp_path):
     assert bad.returncode == 2 and "beyond train.steps=20" in bad.stderr
 
 
+@pytest.mark.ranks
+@pytest.mark.slow
 def test_zero_checkpoint_on_another_world_size_is_refused(tmp_path):
     finish(start(tmp_path, 2, "train.steps=10", "deepspeed=zero1"))
     out = subprocess.run(
@@ -189,6 +188,7 @@ def test_zero_checkpoint_on_another_world_size_is_refused(tmp_path):
     assert "written by 2 ranks with deepspeed.zero_stage=1" in out.stderr and "resume with 2 ranks" in out.stderr
 
 
+@pytest.mark.slow
 def test_one_rank_runs_zero_stage_0_and_a_stage_1_checkpoint_says_how_to_continue(tmp_path):
     """deepspeed=zero1 on one rank runs stage 0 (nothing to partition): no optimizer shards,
     the marker says stage 0. A stage-1 checkpoint of one rank (asked for with the override, as
@@ -207,6 +207,8 @@ def test_one_rank_runs_zero_stage_0_and_a_stage_1_checkpoint_says_how_to_continu
     assert "resuming from" in out and last_step(tmp_path / "b") == 20
 
 
+@pytest.mark.ranks
+@pytest.mark.slow
 def test_zero1_resume_on_the_same_world_size_is_bit_exact(tmp_path, tmp_path_factory):
     ref = tmp_path_factory.mktemp("zero1_straight")
     finish(start(ref, 2, "deepspeed=zero1"))

@@ -105,6 +105,7 @@ def test_training_from_the_file_reproduces_the_online_run(root, datafile, tmp_pa
     assert abs(a["l2_rel"] - b["l2_rel"]) <= 1e-6 * a["l2_rel"]
 
 
+@pytest.mark.ranks
 def test_generation_on_two_ranks_writes_the_same_file(config, datafile, tmp_path, root):
     out = tmp_path / "two.h5"
     args = ["launch/make_dataset.py", "--config", "configs/quickstart.yaml", "--out", str(out), "--steps", "4",

@@ -55,60 +55,64 @@ CASES = {
 }
 
 
-def gradient(tmp_path: Path, case: str, world: int, sample_group_size: int = 0) -> dict:
-    out = tmp_path / f"{case}-{world}-{sample_group_size}.pt"
-    config, *overrides = CASES[case]
-    args = [
-        "tests/scripts/grad_check.py",
-        str(out),
-        config,
-        *overrides,
-        f"parallel.sample_group_size={sample_group_size}",
-    ]
-    for rc, _, err in wait_all(spawn_ranks(args, world)):
+#: Every (world size, sample_group_size) layout tested, with the cases run in it.
+LAYOUTS = [
+    ("heat", 2, 0),
+    ("heat", 3, 0),
+    ("hjb", 2, 0),
+    ("hjb", 3, 0),
+    ("hjb", 2, 1),  # two point groups, no sample sharding
+    ("heat", 3, 1),  # three point groups
+    ("hjb", 4, 2),  # two point groups x two sample ranks
+    ("hjb-adversarial", 3, 0),
+    ("hjb-adversarial", 4, 2),
+    ("hjb-unbiased", 2, 0),
+    ("hjb-unbiased", 3, 0),
+    ("hjb-hard", 2, 0),
+    ("hjb-hard", 4, 2),
+    ("hjb-hard-subspace", 3, 0),
+    ("hjb-radial-subspace", 2, 0),
+    ("hjb-radial-subspace", 4, 2),
+    ("sine-gordon-fit", 2, 0),
+    ("sine-gordon-fit", 4, 2),
+    ("hjb-fit", 3, 1),
+]
+
+
+def gradients(out_dir: Path, cases: list[str], world: int, sample_group_size: int = 0) -> dict[str, dict]:
+    """The gradients of ``cases`` computed by ``world`` ranks of one launch (grad_check.py runs
+    them one after another in the same process group: one start for all of them)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    listed = {case: [*CASES[case], f"parallel.sample_group_size={sample_group_size}"] for case in cases}
+    (out_dir / "cases.json").write_text(json.dumps(listed))
+    for rc, _, err in wait_all(spawn_ranks(["tests/scripts/grad_check.py", str(out_dir / "cases.json"),
+                                            str(out_dir)], world)):  # fmt: skip
         assert rc == 0, err[-3000:]
-    return torch.load(out)
+    return {case: torch.load(out_dir / f"{case}.pt") for case in cases}
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    cache: dict[str, dict] = {}
+def sharded(tmp_path_factory):
+    """``get(world, sample_group_size)``: every case of that layout, from one launch; (1, 0) is
+    the single-process reference of every case."""
+    cache: dict[tuple[int, int], dict[str, dict]] = {}
 
-    def get(case: str) -> dict:
-        if case not in cache:
-            cache[case] = gradient(tmp_path_factory.mktemp("ref"), case, 1)
-        return cache[case]
+    def get(world: int, sample_group_size: int) -> dict[str, dict]:
+        layout = (world, sample_group_size)
+        if layout not in cache:
+            cases = sorted(CASES) if layout == (1, 0) else sorted({c for c, w, g in LAYOUTS if (w, g) == layout})
+            cache[layout] = gradients(tmp_path_factory.mktemp(f"grad-{world}-{sample_group_size}"), cases, *layout)
+        return cache[layout]
 
     return get
 
 
-@pytest.mark.parametrize(
-    "case, world, sample_group_size",
-    [
-        ("heat", 2, 0),
-        ("heat", 3, 0),
-        ("hjb", 2, 0),
-        ("hjb", 3, 0),
-        ("hjb", 2, 1),  # two point groups, no sample sharding
-        ("heat", 3, 1),  # three point groups
-        ("hjb", 4, 2),  # two point groups x two sample ranks
-        ("hjb-adversarial", 3, 0),
-        ("hjb-adversarial", 4, 2),
-        ("hjb-unbiased", 2, 0),
-        ("hjb-unbiased", 3, 0),
-        ("hjb-hard", 2, 0),
-        ("hjb-hard", 4, 2),
-        ("hjb-hard-subspace", 3, 0),
-        ("hjb-radial-subspace", 2, 0),
-        ("hjb-radial-subspace", 4, 2),
-        ("sine-gordon-fit", 2, 0),
-        ("sine-gordon-fit", 4, 2),
-        ("hjb-fit", 3, 1),
-    ],
-)
-def test_gradient_equals_single_process_gradient(reference, tmp_path, case, world, sample_group_size):
-    ref = reference(case)
-    got = gradient(tmp_path, case, world, sample_group_size)
+@pytest.mark.ranks
+@pytest.mark.parametrize("case, world, sample_group_size", LAYOUTS)
+def test_gradient_equals_single_process_gradient(sharded, case, world, sample_group_size):
+    ref = sharded(1, 0)[case]
+    got = sharded(world, sample_group_size)[case]
+    assert got["world"] == world and ref["world"] == 1
     rel = float((got["grad"] - ref["grad"]).norm() / ref["grad"].norm())
     assert rel <= 1e-10, rel
     assert abs(float(got["loss"] - ref["loss"])) <= 1e-10 * abs(float(ref["loss"]))
@@ -181,6 +185,8 @@ def launcher_command(name: str, run_dir: Path, *extra: str) -> list[str]:
     raise ValueError(name)
 
 
+@pytest.mark.ranks
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "launcher, world, extra",
     [
@@ -201,6 +207,8 @@ def test_launchers_reproduce_the_single_process_losses(plain_hjb_10k, tmp_path, 
     assert_same_losses(losses(tmp_path), plain_hjb_10k)
 
 
+@pytest.mark.ranks
+@pytest.mark.slow
 def test_srun_reproduces_the_single_process_losses(slurm, plain_hjb_10k, tmp_path):
     script = ["launch/train.py", "--config", "configs/hjb_10k.yaml", *TINY_10K, f"run.dir={tmp_path}"]
     out = run_command(["srun", "-n", "2", "--cpus-per-task=1", sys.executable, *script])
@@ -209,6 +217,7 @@ def test_srun_reproduces_the_single_process_losses(slurm, plain_hjb_10k, tmp_pat
     assert_same_losses(losses(tmp_path), plain_hjb_10k)
 
 
+@pytest.mark.ranks
 def test_killed_rank_makes_the_others_exit_with_a_message(tmp_path):
     args = [
         "launch/train.py", "--config", "configs/quickstart.yaml", "train.steps=100000", "model.width=16",
@@ -231,6 +240,7 @@ def test_killed_rank_makes_the_others_exit_with_a_message(tmp_path):
     assert "rank 1 is gone" in err and "parallel.timeout_s" in err, err[-2000:]
 
 
+@pytest.mark.ranks
 def test_world_size_disagreement_is_a_clear_error(tmp_path):
     args = ["launch/train.py", "--config", "configs/quickstart.yaml", "parallel.world_size=3", f"run.dir={tmp_path}"]
     for rc, _, err in wait_all(spawn_ranks(args, 2)):
@@ -258,6 +268,7 @@ def test_launcher_detection():
     assert detect_launch({"SLURM_PROCID": "0", "SLURM_NTASKS": "2"}).launcher == "python"
 
 
+@pytest.mark.ranks
 def test_too_many_ranks_for_the_chunks_is_refused(tmp_path):
     args = ["launch/train.py", "--config", "configs/quickstart.yaml", "estimator.samples=16", "estimator.chunk=16",
             "estimator.condition_samples=null", f"run.dir={tmp_path}"]  # fmt: skip

@@ -35,6 +35,9 @@ def hjb5_file(tmp_path_factory) -> Path:
     return out
 
 
+#: One rank, and two (kept serial with the other multi-rank tests).
+WORLDS = [1, pytest.param(2, marks=pytest.mark.ranks)]
+
 # (case, config, overrides, ranks, what the one error line must contain)
 BAD = [
     ("unknown key", CONFIG, ["train.stepz=3"], 1, "train.stepz: Key 'stepz' not in 'TrainConfig'"),
@@ -154,7 +157,10 @@ AT_LOAD = {
 }  # fmt: skip
 
 
-@pytest.mark.parametrize(("case", "config", "overrides", "ranks", "message"), BAD, ids=[b[0] for b in BAD])
+@pytest.mark.parametrize(
+    ("case", "config", "overrides", "ranks", "message"),
+    [pytest.param(*b, id=b[0], marks=[pytest.mark.ranks] if b[3] > 1 else []) for b in BAD],
+)
 def test_bad_input_exits_2_with_one_line(tmp_path, hjb5_file, monkeypatch, capsys, case, config, overrides, ranks,
                                          message):  # fmt: skip
     if case in AT_LOAD:
@@ -203,7 +209,8 @@ def updates_in(path: Path) -> tuple[int, list[int]]:
     return int(state["global_steps"]), adam
 
 
-@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.slow
+@pytest.mark.parametrize("world", WORLDS)
 def test_nonfinite_step_is_skipped_on_every_rank(tmp_path, world):
     """A NaN residual on the last rank only, in step 30 of 40: every rank skips the step alike.
     The skipped step makes no checkpoint, and the model and Adam state skip it (checkpoint 31
@@ -230,7 +237,8 @@ def test_nonfinite_step_is_skipped_on_every_rank(tmp_path, world):
     assert applied(runs["nan-loss"]) == applied(runs["nan-grad"])
 
 
-@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.slow
+@pytest.mark.parametrize("world", WORLDS)
 def test_nonfinite_stop_names_step_term_rank_and_keeps_the_checkpoint(tmp_path, world):
     last = world - 1
     procs = start(tmp_path, world, "train.nonfinite=stop", env={"DSTEIN_FAULT": f"nan-loss@25@{last}"})
@@ -257,6 +265,7 @@ def test_too_many_skips_in_a_row_stop(tmp_path):
 # --- the run-directory lock -----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_second_run_on_a_directory_in_use_refuses_and_a_killed_one_is_taken_over(tmp_path):
     first = start(tmp_path, 1, "train.steps=100000")
     deadline = time.time() + 240
@@ -281,7 +290,8 @@ def test_second_run_on_a_directory_in_use_refuses_and_a_killed_one_is_taken_over
 # --- failed writes --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.slow
+@pytest.mark.parametrize("world", WORLDS)
 def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, world):
     procs = start(tmp_path, world, env={"DSTEIN_FAULT": f"fail-save@30@{world - 1}"})
     results = wait_all(procs, timeout=300)

@@ -21,6 +21,9 @@ from dstein.checkpoint import DAMAGED, MANIFEST, MARKER, files_of, scan, shared_
 
 MODEL = "mp_rank_00_model_states.pt"
 
+# every test reads the runs of the module's 1- and 2-rank fixtures
+pytestmark = [pytest.mark.ranks, pytest.mark.slow]
+
 
 def first_run(root: Path, world: int) -> Path:
     """30 steps, checkpoints after 10, 20 and 30."""

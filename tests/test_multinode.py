@@ -22,6 +22,8 @@ from slurm_cluster import job_field, wait_job
 from test_checkpoint import last_step
 from test_distributed import TINY_10K, assert_same_losses, losses
 
+pytestmark = [pytest.mark.ranks, pytest.mark.slow]
+
 # 4 ranks on 2 nodes x 2 tasks; the tiny hjb_10k run of the launcher tests
 NODES = ["--nodes=2", "--ntasks-per-node=2", "--cpus-per-task=1"]
 LONG = [

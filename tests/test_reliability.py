@@ -13,9 +13,13 @@ from pathlib import Path
 
 import pytest
 from distributed_utils import ROOT, base_env
-from test_checkpoint import CONFIG, STEPS, TINY, finish, last_step, losses, start, straight  # noqa: F401
+from test_checkpoint import CONFIG, STEPS, TINY, finish, last_step, losses, start
 
 from dstein.checkpoint import scan, step_dir
+
+WORLDS = [1, pytest.param(2, marks=pytest.mark.ranks)]
+
+pytestmark = pytest.mark.slow
 
 SLOW = {"DSTEIN_FAULT": "slow-step@25"}  # step 25 takes 120 s longer than the grace period
 
@@ -42,7 +46,8 @@ def finish_within(procs: list[subprocess.Popen], seconds: float, status: int) ->
     return out
 
 
-def test_a_second_sigterm_mid_step_saves_the_state_before_it_and_resumes_bit_exact(tmp_path, straight):  # noqa: F811
+@pytest.mark.ranks
+def test_a_second_sigterm_mid_step_saves_the_state_before_it_and_resumes_bit_exact(tmp_path, straight):
     procs = start(tmp_path, 1, env=SLOW)
     wait_for_step(tmp_path, procs, 24)
     signal_all(procs, times=2)
@@ -61,7 +66,8 @@ def test_the_deadline_after_one_signal_stops_a_long_step(tmp_path):
     assert "stopped at once, mid-step" in out and (step_dir(tmp_path / "checkpoints", 24) / "COMMITTED").exists()
 
 
-def test_on_two_ranks_a_second_sigterm_exits_at_once_and_the_last_checkpoint_resumes(tmp_path, straight):  # noqa: F811
+@pytest.mark.ranks
+def test_on_two_ranks_a_second_sigterm_exits_at_once_and_the_last_checkpoint_resumes(tmp_path, straight):
     procs = start(tmp_path, 2, env=SLOW)
     wait_for_step(tmp_path, procs, 24)
     signal_all(procs, times=2)
@@ -134,7 +140,7 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs need
 
 
 @needs_root
-@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("world", WORLDS)
 def test_a_full_disk_at_a_checkpoint_stops_every_rank_with_one_message(tmp_path, world):
     """torch.save reports ENOSPC as a RuntimeError: every rank stops with status 5, rank 0 says
     why once, the partial folder is removed and nothing else is touched."""
@@ -158,7 +164,7 @@ def test_a_run_directory_on_a_full_disk_is_refused_in_one_line(tmp_path):
 
 
 @needs_root
-@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("world", WORLDS)
 def test_a_disk_that_fills_during_the_run_stops_every_rank_alike(tmp_path, world):
     """metrics.jsonl or the TensorBoard events (whichever fails first) cannot be written: the
     ranks agree at the step's end and stop with status 5, the last complete checkpoint intact."""

@@ -125,6 +125,7 @@ def test_bench_original_names_a_missing_checkout(tmp_path):
     assert "Traceback" not in out.stderr and not (tmp_path / "x.json").exists()
 
 
+@pytest.mark.slow
 def test_bench_peers_reports_speed_memory_and_errors_per_method(tmp_path):
     """--suite peers at a tiny size: one record per method, each with its steps per second,
     peak memory, final errors beside the baselines and the evaluations the time to the

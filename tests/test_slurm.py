@@ -18,6 +18,8 @@ from distributed_utils import ROOT, base_env
 from slurm_cluster import job_field, wait_job
 from test_checkpoint import CONFIG, TINY, last_step, losses
 
+pytestmark = [pytest.mark.ranks, pytest.mark.slow]
+
 OVERRIDES = " ".join([*TINY, "train.steps=300"])
 SCRIPTS = {
     # one node, the DeepSpeed launcher starting NPROC ranks
