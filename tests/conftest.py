@@ -63,14 +63,28 @@ def multinode():
     yield from multinode_cluster(2)
 
 
+class Runs(dict):
+    """world size -> a run (its directory, or what was read of it), each made the first time it
+    is asked for (``make``): a worker whose tests read one world size only runs that one."""
+
+    def __init__(self, make):
+        super().__init__()
+        self.make = make
+
+    def __missing__(self, world: int):
+        self[world] = made = self.make(world)
+        return made
+
+
 @pytest.fixture(scope="session")
-def straight(tmp_path_factory) -> dict[int, Path]:
+def straight(tmp_path_factory) -> Runs:
     """Uninterrupted runs of test_checkpoint's tiny config on 1 and 2 ranks (read by the
-    checkpoint and reliability tests: computed once per session)."""
+    checkpoint and reliability tests: each made once per session and worker)."""
     from test_checkpoint import finish, start
 
-    dirs = {}
-    for world in (1, 2):
-        dirs[world] = tmp_path_factory.mktemp(f"straight{world}")
-        finish(start(dirs[world], world))
-    return dirs
+    def make(world: int) -> Path:
+        path = tmp_path_factory.mktemp(f"straight{world}")
+        finish(start(path, world))
+        return path
+
+    return Runs(make)

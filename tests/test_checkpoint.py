@@ -8,19 +8,24 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from distributed_utils import ROOT, base_env, free_port, spawn_ranks, wait_all
 
+from dstein.build import build_trainer
 from dstein.checkpoint import MARKER, Checkpointer, scan, step_dir
 from dstein.config import load_config
 from dstein.metrics import read_metrics
+from dstein.train import client_state, run
 
 CONFIG = "configs/quickstart.yaml"
 TINY = [
@@ -87,9 +92,8 @@ def summary(run_dir: Path) -> dict:
     return out
 
 
-@pytest.mark.ranks
 @pytest.mark.slow
-@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("world", [1, pytest.param(2, marks=pytest.mark.ranks)])
 def test_preempted_and_resumed_run_is_bit_exact(tmp_path, straight, world):
     preempt(start(tmp_path, world), tmp_path)
     stopped = last_step(tmp_path)
@@ -109,7 +113,6 @@ def test_preempted_and_resumed_run_is_bit_exact(tmp_path, straight, world):
     assert done["train_seconds"] > done["wall_seconds"] and done["train_seconds"] >= clock[-1]
 
 
-@pytest.mark.ranks
 @pytest.mark.slow
 def test_kill_during_a_save_resumes_from_the_previous_checkpoint(tmp_path, straight):
     procs = start(tmp_path, 1, env={"DSTEIN_FAULT": "stall-save@20"})
@@ -262,3 +265,54 @@ def test_choose_by_path_and_never(tmp_path):
     with pytest.raises(CheckpointError, match="holds checkpoints of an earlier run"):
         checkpointer(tmp_path, "checkpoint.resume=never")._choose()
     assert checkpointer(tmp_path / "fresh")._choose() == (None, [])
+
+
+# --- in-process: the fast tier's save and resume ----------------------------------------
+
+
+def test_resume_in_process_continues_bit_for_bit(tmp_path):
+    """One process, ``run`` twice: a copy of a 6-step run cut back to its checkpoint of step 3
+    continues to the very losses and weights of the run itself. A checkpoint that held the
+    state before its step's update (or any other state than the step's) would diverge."""
+    whole = tmp_path / "whole"
+    overrides = [*TINY, "train.steps=6", "checkpoint.every=3", "checkpoint.keep=2", "eval.every=3"]
+    run(load_config(ROOT / CONFIG, [*overrides, f"run.dir={whole}"]))
+    cut = tmp_path / "cut"
+    shutil.copytree(whole, cut)
+    shutil.rmtree(step_dir(cut / "checkpoints", 6))
+    summary = run(load_config(ROOT / CONFIG, [*overrides, f"run.dir={cut}"]))
+    assert [r["step"] for r in losses(cut) if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert losses(cut) == losses(whole)  # steps 4 to 6 again, every term and evaluation
+    a, b = params(cut), params(whole)
+    assert all(torch.equal(a[k], b[k]) for k in b)
+    assert summary["train_seconds"] > summary["wall_seconds"]  # the clock of the first start carried on
+
+
+def draws() -> tuple[float, float, float]:
+    return random.random(), float(np.random.rand()), float(torch.rand(1))
+
+
+def test_a_checkpoint_puts_back_every_rng_and_its_manifest_catches_a_changed_byte(tmp_path):
+    """Saved and resumed in this process: every global generator (Python, NumPy, torch) draws
+    after the resume what it drew after the save (a user's PDE may draw from them); one byte
+    changed in the model states fails the manifest's SHA-256 and the run falls back."""
+    config = load_config(ROOT / CONFIG, [*TINY, "train.steps=5", f"run.dir={tmp_path}"])
+    trainer = build_trainer(config)
+    first = Checkpointer(config, rank=0, world_size=1).save(trainer.engine, 1, client_state(trainer, 1, 0.5))
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    saved = Checkpointer(config, rank=0, world_size=1).save(trainer.engine, 2, client_state(trainer, 2, 0.5))
+    expected = draws()
+    draws()
+    resumed = Checkpointer(config, rank=0, world_size=1).resume(trainer.engine)
+    assert (resumed.step, resumed.path) == (2, saved)
+    assert draws() == expected
+    model = saved / "mp_rank_00_model_states.pt"
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    model.write_bytes(bytes(data))
+    checker = Checkpointer(config, rank=0, world_size=1)
+    assert checker._verify(saved) == "failed verification: mp_rank_00_model_states.pt does not match its SHA-256 " \
+                                     "(changed after it was written)"  # fmt: skip
+    resumed = checker.resume(trainer.engine)
+    assert (resumed.step, resumed.path) == (1, first)
+    assert any("skipping" in line and "does not match its SHA-256" in line for line in resumed.messages)

@@ -131,7 +131,7 @@ def test_gradient_equals_single_process_gradient(sharded, case, world, sample_gr
 TINY_10K = [
     "train.steps=3", "estimator.samples=384", "model.width=32", "model.depth=2", "train.domain_points=8",
     "train.condition_points=8", "train.adversarial.steps=0", "eval.every=3", "eval.points=16",
-    "eval.samples=8", "eval.truth_samples=2000", "train.log_every=1",
+    "eval.samples=8", "eval.truth_samples=2000", "train.log_every=1", "eval.plots=false",
 ]  # fmt: skip
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import Runs
 from distributed_utils import ROOT, base_env
 from test_checkpoint import CONFIG, TINY, finish, losses, start
 
@@ -21,8 +22,9 @@ from dstein.checkpoint import DAMAGED, MANIFEST, MARKER, files_of, scan, shared_
 
 MODEL = "mp_rank_00_model_states.pt"
 
-# every test reads the runs of the module's 1- and 2-rank fixtures
-pytestmark = [pytest.mark.ranks, pytest.mark.slow]
+pytestmark = pytest.mark.slow
+#: The one-rank tests share the module's one-rank runs: one worker takes them all.
+ONE_RANK = pytest.mark.xdist_group("integrity-one-rank")
 
 
 def first_run(root: Path, world: int) -> Path:
@@ -33,8 +35,8 @@ def first_run(root: Path, world: int) -> Path:
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory) -> dict[int, Path]:
-    return {world: first_run(tmp_path_factory.mktemp(f"saved{world}"), world) for world in (1, 2)}
+def saved(tmp_path_factory) -> Runs:
+    return Runs(lambda world: first_run(tmp_path_factory.mktemp(f"saved{world}"), world))
 
 
 def resumed_copy(saved: Path, target: Path) -> Path:
@@ -43,16 +45,17 @@ def resumed_copy(saved: Path, target: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def reference(saved, tmp_path_factory) -> dict[int, list[dict]]:
+def reference(saved, tmp_path_factory) -> Runs:
     """The continuation to 40 steps from step 20 of an undamaged copy (step 30 removed)."""
-    out = {}
-    for world, path in saved.items():
-        run_dir = resumed_copy(path, tmp_path_factory.mktemp(f"ref{world}") / "run")
+
+    def make(world: int) -> list[dict]:
+        run_dir = resumed_copy(saved[world], tmp_path_factory.mktemp(f"ref{world}") / "run")
         shutil.rmtree(step_dir(run_dir / "checkpoints", 30))
         text = finish(start(run_dir, world, "train.steps=40", "checkpoint.keep=3"))
         assert f"resuming from {step_dir(run_dir / 'checkpoints', 20)}" in text
-        out[world] = losses(run_dir)
-    return out
+        return losses(run_dir)
+
+    return Runs(make)
 
 
 def overwrite(path: Path, data: bytes, at: int = 0) -> None:
@@ -88,6 +91,7 @@ DAMAGE = {
 }  # fmt: skip
 
 
+@ONE_RANK
 @pytest.mark.parametrize("case", sorted(DAMAGE))
 def test_a_damaged_checkpoint_is_set_aside_and_the_previous_one_resumes(case, saved, reference, tmp_path):
     run_dir = resumed_copy(saved[1], tmp_path / "run")
@@ -102,6 +106,7 @@ def test_a_damaged_checkpoint_is_set_aside_and_the_previous_one_resumes(case, sa
     assert (ckpt / f"step-00000030{DAMAGED}").is_dir() and (step_dir(ckpt, 40) / MARKER).is_file()
 
 
+@pytest.mark.ranks
 def test_on_two_ranks_a_damaged_file_of_rank_1_makes_both_fall_back(saved, reference, tmp_path):
     run_dir = resumed_copy(saved[2], tmp_path / "run")
     ckpt = run_dir / "checkpoints"
@@ -116,6 +121,7 @@ def train(run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(args, cwd=ROOT, env=base_env(), capture_output=True, text=True, timeout=300)
 
 
+@ONE_RANK
 def test_fallback_false_refuses_and_touches_nothing(saved, tmp_path):
     run_dir = resumed_copy(saved[1], tmp_path / "run")
     ckpt = run_dir / "checkpoints"
@@ -127,6 +133,7 @@ def test_fallback_false_refuses_and_touches_nothing(saved, tmp_path):
     assert "checkpoint.fallback=false" in line and step_dir(ckpt, 30).is_dir()
 
 
+@ONE_RANK
 def test_when_no_checkpoint_passes_the_run_is_refused(saved, tmp_path):
     run_dir = resumed_copy(saved[1], tmp_path / "run")
     ckpt = run_dir / "checkpoints"

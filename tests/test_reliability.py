@@ -46,7 +46,6 @@ def finish_within(procs: list[subprocess.Popen], seconds: float, status: int) ->
     return out
 
 
-@pytest.mark.ranks
 def test_a_second_sigterm_mid_step_saves_the_state_before_it_and_resumes_bit_exact(tmp_path, straight):
     procs = start(tmp_path, 1, env=SLOW)
     wait_for_step(tmp_path, procs, 24)
