@@ -3,11 +3,12 @@ working tree and show that the tests fail on each.
 
     .venv/bin/python tests/scripts/mutate.py [--tier fast|full] [--only NAME ...] [--out FILE.json]
 
-For every mutation the copy's tier (``fast``: ``-m "not slow"``; ``full``: everything) runs with
-``-x`` under the project's interpreter; a mutation is *caught* when pytest fails, and the first
-failing test is named. The unmutated copy runs first (it must pass, or nothing is shown).
-Exit status 0 when every mutation is caught, 1 otherwise, 2 when a mutation no longer applies
-(the code it edits has changed: edit MUTATIONS). docs/testing.md records the last result.
+For every mutation the copy's tier (``fast``: ``-m "not slow"``; ``full``: everything) runs under
+the project's interpreter (to its end, or with ``--first`` to the first failure); a mutation is
+*caught* when pytest fails, and the failing tests are listed. The unmutated copy runs first (it
+must pass, or nothing is shown). Exit status 0 when every mutation is caught, 1 otherwise, 2
+when a mutation no longer applies (the code it edits has changed: edit MUTATIONS).
+docs/testing.md records the last result.
 """
 
 from __future__ import annotations
@@ -88,9 +89,11 @@ def apply(tree: Path, edits: list[tuple[str, str, str]]) -> str | None:
     return None
 
 
-def run_tier(tree: Path, tier: str, workers: int) -> tuple[int, float, str | None, str]:
-    """pytest -x on the copy: exit status, seconds, the first failing test, the output's tail."""
-    args = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-n", str(workers), "tests"]
+def run_tier(tree: Path, tier: str, workers: int, first: bool) -> tuple[int, float, list[str], str]:
+    """pytest on the copy: exit status, seconds, the failing tests, the output's tail."""
+    args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", str(workers), "tests"]
+    if first:
+        args.append("-x")
     if tier == "fast":
         args += ["-m", "not slow"]
     env = {k: v for k, v in os.environ.items() if k != "PYTEST_ADDOPTS"}
@@ -98,7 +101,7 @@ def run_tier(tree: Path, tier: str, workers: int) -> tuple[int, float, str | Non
     done = subprocess.run(args, cwd=tree, env=env, capture_output=True, text=True)
     seconds = time.time() - begin
     failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", done.stdout, re.M)
-    return done.returncode, seconds, (failed[0] if failed else None), (done.stdout + done.stderr)[-3000:]
+    return done.returncode, seconds, failed, (done.stdout + done.stderr)[-3000:]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tier", choices=["fast", "full"], default="fast", help="the tests to run (default fast)")
     parser.add_argument("--only", nargs="+", choices=sorted(MUTATIONS), help="these mutations only")
     parser.add_argument("--workers", type=int, default=2, help="xdist workers (default 2)")
+    parser.add_argument("--first", action="store_true", help="stop each run at its first failure (-x)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args(argv)
     names = args.only or list(MUTATIONS)
@@ -113,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="dstein-mutate-") as scratch:
         clean = Path(scratch) / "clean"
         copy_tree(clean)
-        status, seconds, failed, tail = run_tier(clean, args.tier, args.workers)
+        status, seconds, failed, tail = run_tier(clean, args.tier, args.workers, args.first)
         print(f"unmutated: exit {status} in {seconds:.0f} s", flush=True)
         if status != 0:
             print(tail, file=sys.stderr)
@@ -128,13 +132,13 @@ def main(argv: list[str] | None = None) -> int:
             if problem:
                 print(f"error: mutation {name} no longer applies ({problem})", file=sys.stderr)
                 return 2
-            status, seconds, failed, tail = run_tier(tree, args.tier, args.workers)
+            status, seconds, failed, tail = run_tier(tree, args.tier, args.workers, args.first)
             caught = status != 0
-            results[name] = {"bug": what, "caught": caught, "exit": status, "first_failure": failed,
+            results[name] = {"bug": what, "caught": caught, "exit": status, "failed": failed,
                              "seconds": round(seconds, 1)}  # fmt: skip
-            verdict = f"caught by {failed}" if caught else "NOT CAUGHT"
+            verdict = f"caught by {len(failed)} tests: {', '.join(failed)}" if caught else "NOT CAUGHT"
             print(f"{name}: {verdict} (exit {status}, {seconds:.0f} s)", flush=True)
-            if caught and failed is None:
+            if caught and not failed:
                 print(tail, file=sys.stderr)
             shutil.rmtree(tree)
     if args.out:
