@@ -25,6 +25,7 @@ for what they compute, no-ops in one process, and a failure of any of them is a
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import socket
@@ -193,21 +194,24 @@ def clear_stale_build_lock(name: str = SHM_OP, older_than_s: float = STALE_BUILD
     return None
 
 
-def use_own_ninja() -> str | None:
-    """Put the directory of this interpreter (a virtual environment's bin, where pip installed
-    the ``ninja`` dstein depends on) first on PATH before DeepSpeed builds its op, and return it.
+def own_op_build() -> Path:
+    """Before DeepSpeed builds its op: this environment's ninja first on PATH and a build
+    directory of this environment's own (unless TORCH_EXTENSIONS_DIR is set); returns it.
 
-    ninja records a hash of each build command, and ninja releases hash differently (1.11 and
-    1.13 do): with another ninja first on PATH in another shell (a system package, a module
-    system), every alternation rebuilds the op from scratch, about 30 s of two cores at each
-    start. One ninja per environment keeps the build done once."""
+    ninja records a hash of each build command and rebuilds when it changes. Two ninja
+    releases hash differently (1.11 and 1.13 do), and two environments compile with their own
+    include paths: with the op's build directory shared by every environment of the user
+    (torch's default, ~/.cache/torch_extensions/py311_cpu), each start under another PATH or
+    from another virtual environment rebuilt the op from scratch, about 30 s of two cores."""
     own = Path(sys.executable).parent
-    if not (own / "ninja").is_file():
-        return None
     path = os.environ.get("PATH", "")
-    if path.split(os.pathsep)[0] != str(own):
+    if (own / "ninja").is_file() and path.split(os.pathsep)[0] != str(own):
         os.environ["PATH"] = os.pathsep.join([str(own), path]) if path else str(own)
-    return str(own)
+    if "TORCH_EXTENSIONS_DIR" not in os.environ:
+        tag = hashlib.sha256(sys.prefix.encode()).hexdigest()[:12]
+        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        os.environ["TORCH_EXTENSIONS_DIR"] = str(cache / "torch_extensions" / f"dstein-{Path(sys.prefix).name}-{tag}")
+    return Path(os.environ["TORCH_EXTENSIONS_DIR"])
 
 
 def init_distributed(
@@ -242,10 +246,10 @@ def init_distributed(
         raise DistributedError(
             f"a process group of {dist.get_world_size()} ranks exists but the launcher says {launch.world_size}"
         )
+    own_op_build()
     note = clear_stale_build_lock() if launch.local_rank == 0 else None
     if note:
         print(f"note: {note}", file=sys.stderr, flush=True)
-    use_own_ninja()
     import deepspeed  # slow to import; only where a process group is built
 
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout, verbose=False)

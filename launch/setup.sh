@@ -14,9 +14,10 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
 fi
 .venv/bin/python -m pip install -q -e ".[dev]"
 # DeepSpeed JIT-builds a small shared-memory op on CPU at its first use (g++ and ninja).
-# Build it here, once, with the ninja of .venv, as every start does (use_own_ninja): another
-# ninja release first on PATH would rebuild it at the next start (about 30 s). A rank killed
-# during that build leaves a lock (~/.cache/torch_extensions/*/deepspeed_shm_comm/lock) that
-# a start removes once it is older than any build takes.
-.venv/bin/python -c "from dstein.distributed import use_own_ninja; use_own_ninja()
+# Build it here, once, with the ninja of .venv and into this environment's own build
+# directory, as every start does (own_op_build): another ninja release first on PATH, or
+# another environment's build in the same directory, would rebuild it (about 30 s). A rank
+# killed during that build leaves a lock there (deepspeed_shm_comm/lock) that a start
+# removes once it is older than any build takes.
+.venv/bin/python -c "from dstein.distributed import own_op_build; own_op_build()
 from deepspeed.comm.torch import build_shm_op; build_shm_op()" >/dev/null

@@ -13,7 +13,7 @@ import pytest
 import torch
 from distributed_utils import VENV_BIN, free_port, run_command, spawn_ranks, train_command, wait_all
 
-from dstein.distributed import Launch, check_layout, detect_launch
+from dstein.distributed import Launch, check_layout, detect_launch, own_op_build
 from dstein.metrics import read_metrics
 
 SMALL_64 = [
@@ -305,3 +305,22 @@ def test_a_lost_peer_on_another_host_is_named_by_the_address_in_the_error():
     cause = "[../pair.cc:553] Connection closed by peer [127.0.0.1]:24481. This is typically caused by..."
     assert ranks_at(info, cause) == ("localhost", [2, 3])
     assert ranks_at(info, "Connection reset by peer") is None  # no address: nothing to name
+
+
+def test_the_op_is_built_by_this_environments_ninja_in_a_directory_of_its_own(monkeypatch, tmp_path):
+    """Another ninja first on PATH, or another environment's build in the same directory, would
+    rebuild DeepSpeed's CPU op at every alternation (about 30 s): each start puts the ninja
+    beside its interpreter first and builds under a directory named for its environment,
+    unless TORCH_EXTENSIONS_DIR says where."""
+    import os
+
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    where = own_op_build()
+    assert os.environ["PATH"].split(os.pathsep) == [str(VENV_BIN), "/usr/bin", "/bin"]
+    assert where.parent == tmp_path / "torch_extensions" and where.name.startswith(f"dstein-{Path(sys.prefix).name}-")
+    assert os.environ["TORCH_EXTENSIONS_DIR"] == str(where) and own_op_build() == where  # the same on every start
+    assert os.environ["PATH"].split(os.pathsep)[0] == str(VENV_BIN) and os.environ["PATH"].count(str(VENV_BIN)) == 1
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "chosen"))
+    assert own_op_build() == tmp_path / "chosen"
