@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from dstein.checkpoint.state import make_loading_safe
 from dstein.config import Config, ConfigError
 from dstein.data import H5Collocation, read_test_set, validate
 from dstein.data.points import PointStream, point_counts
@@ -369,6 +370,7 @@ def build_trainer(config: Config, info: DistInfo | None = None) -> Trainer:
         model=model, optimizer=optimizer, model_parameters=model.parameters(),
         config=deepspeed_config(config, info.world_size), dist_init_required=False,
     )  # fmt: skip
+    make_loading_safe(engine)  # DeepSpeed would unpickle its checkpoint files with weights_only=False
     watch = GradientWatch(engine.module)
     return Trainer(
         config, info, pde, engine, estimator, points, test, dtype, Path(config.run.dir), watch, baselines(pde, test),

@@ -391,6 +391,10 @@ class CheckpointConfig:
     """When the newest checkpoint fails verification (its manifest of file sizes and hashes)
     or loading: true says so in one line, sets it aside (step-NNNNNNNN.damaged) and resumes
     from the newest one that passes; false refuses (exit status 2)."""
+    require_manifest: bool = True
+    """A checkpoint folder without its MANIFEST.json (sizes and SHA-256 of its files) counts as
+    damaged (set aside, or refused with fallback=false); false resumes such a folder unverified
+    (folders written before manifests existed, or edited by hand on purpose)."""
     signal: str = "SIGUSR1"
     """Preemption signal besides SIGTERM: a SIG* name (SIGUSR1, SIGUSR2, ...) or none. Either
     only sets a flag; the ranks agree on it once per step, save, and exit with status 4."""

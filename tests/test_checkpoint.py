@@ -22,8 +22,19 @@ import torch
 from distributed_utils import ROOT, base_env, free_port, spawn_ranks, wait_all
 
 from dstein.build import build_trainer
-from dstein.checkpoint import MARKER, Checkpointer, scan, step_dir
-from dstein.config import load_config
+from dstein.checkpoint import (
+    DAMAGED,
+    MANIFEST,
+    MARKER,
+    Checkpointer,
+    CheckpointError,
+    files_of,
+    is_step_dir,
+    scan,
+    shared_digests,
+    step_dir,
+)
+from dstein.config import ConfigError, load_config, to_yaml
 from dstein.metrics import read_metrics
 from dstein.train import client_state, run
 
@@ -243,7 +254,7 @@ def test_choose_skips_incomplete_and_prune_keeps_the_newest(tmp_path):
         fake_checkpoint(root, step)
     fake_checkpoint(root, 25, complete=False)
     fake_checkpoint(root, 40, complete=False)
-    path, notes = checkpointer(tmp_path)._choose()
+    path, notes = checkpointer(tmp_path).resumer.choose()
     assert path == step_dir(root, 30)
     assert notes == [f"skipping {step_dir(root, 40)}: incomplete (no COMMITTED marker; its save was interrupted)"]
     checkpointer(tmp_path, "checkpoint.keep=2").prune()
@@ -251,20 +262,18 @@ def test_choose_skips_incomplete_and_prune_keeps_the_newest(tmp_path):
 
 
 def test_choose_by_path_and_never(tmp_path):
-    from dstein.checkpoint import CheckpointError
-
     root = tmp_path / "checkpoints"
     fake_checkpoint(root, 10)
     partial = fake_checkpoint(root, 20, complete=False)
-    assert checkpointer(tmp_path, f"checkpoint.resume={step_dir(root, 10)}")._choose()[0] == step_dir(root, 10)
-    assert checkpointer(tmp_path, f"checkpoint.resume={root}")._choose()[0] == step_dir(root, 10)
+    assert checkpointer(tmp_path, f"checkpoint.resume={step_dir(root, 10)}").resumer.choose()[0] == step_dir(root, 10)
+    assert checkpointer(tmp_path, f"checkpoint.resume={root}").resumer.choose()[0] == step_dir(root, 10)
     with pytest.raises(CheckpointError, match="incomplete checkpoint"):
-        checkpointer(tmp_path, f"checkpoint.resume={partial}")._choose()
+        checkpointer(tmp_path, f"checkpoint.resume={partial}").resumer.choose()
     with pytest.raises(CheckpointError, match="no such directory"):
-        checkpointer(tmp_path, f"checkpoint.resume={tmp_path / 'nowhere'}")._choose()
+        checkpointer(tmp_path, f"checkpoint.resume={tmp_path / 'nowhere'}").resumer.choose()
     with pytest.raises(CheckpointError, match="holds checkpoints of an earlier run"):
-        checkpointer(tmp_path, "checkpoint.resume=never")._choose()
-    assert checkpointer(tmp_path / "fresh")._choose() == (None, [])
+        checkpointer(tmp_path, "checkpoint.resume=never").resumer.choose()
+    assert checkpointer(tmp_path / "fresh").resumer.choose() == (None, [])
 
 
 # --- in-process: the fast tier's save and resume ----------------------------------------
@@ -288,6 +297,9 @@ def test_resume_in_process_continues_bit_for_bit(tmp_path):
     assert summary["train_seconds"] > summary["wall_seconds"]  # the clock of the first start carried on
 
 
+MODEL_STATES = "mp_rank_00_model_states.pt"
+
+
 def draws() -> tuple[float, float, float]:
     return random.random(), float(np.random.rand()), float(torch.rand(1))
 
@@ -306,13 +318,82 @@ def test_a_checkpoint_puts_back_every_rng_and_its_manifest_catches_a_changed_byt
     resumed = Checkpointer(config, rank=0, world_size=1).resume(trainer.engine)
     assert (resumed.step, resumed.path) == (2, saved)
     assert draws() == expected
-    model = saved / "mp_rank_00_model_states.pt"
+    model = saved / MODEL_STATES
     data = bytearray(model.read_bytes())
     data[len(data) // 2] ^= 0xFF
     model.write_bytes(bytes(data))
     checker = Checkpointer(config, rank=0, world_size=1)
-    assert checker._verify(saved) == "failed verification: mp_rank_00_model_states.pt does not match its SHA-256 " \
-                                     "(changed after it was written)"  # fmt: skip
+    problem = f"failed verification: {MODEL_STATES} does not match its SHA-256 (changed after it was written)"
+    assert checker.resumer.verify(saved) == problem
     resumed = checker.resume(trainer.engine)
     assert (resumed.step, resumed.path) == (1, first)
     assert any("skipping" in line and "does not match its SHA-256" in line for line in resumed.messages)
+
+
+# --- nothing dstein reads runs code -------------------------------------------------------
+
+
+class Payload:
+    """Pickles to a call of ``os.system``: loading it with weights_only=False would touch ``marker``."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def plant(file: Path, marker: Path) -> None:
+    """Re-pickle ``file`` (one of ours) with a Payload inside, and update its folder's manifest to
+    match, as an attacker with write access to the checkpoint directory would."""
+    state = torch.load(file, weights_only=False)  # our own file: trusted here
+    state["payload"] = Payload(marker)
+    torch.save(state, file)
+    folder = next(p for p in file.parents if is_step_dir(p))
+    (folder / MANIFEST).write_text(json.dumps(shared_digests(folder, files_of(folder), 0, 1)))
+
+
+def test_a_crafted_pickle_in_any_file_of_a_checkpoint_or_in_model_pt_runs_nothing(tmp_path):
+    """Model states, a ZeRO optimizer shard (stage 1 forced on one rank) and the RNG file, each
+    re-pickled with an os.system payload and its manifest updated: the checkpoint is refused as
+    damaged (nothing else to resume from: a CheckpointError, exit 2) and the payload never ran;
+    the same for model.pt under launch/evaluate.py's loading."""
+    base = [*TINY, "deepspeed=zero1", "+deepspeed.extra.zero_optimization.stage=1", "train.steps=5"]
+    config = load_config(ROOT / CONFIG, [*base, f"run.dir={tmp_path / 'clean'}"])
+    trainer = build_trainer(config)
+    clean = Checkpointer(config, rank=0, world_size=1).save(trainer.engine, 1, client_state(trainer, 1, 0.5))
+    names = ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt", "rng/rank-00000.pt"]
+    assert sorted(names) == sorted(n for n in files_of(clean) if n.endswith(".pt"))
+    for k, name in enumerate(names):
+        run_dir, marker = tmp_path / f"crafted{k}", tmp_path / f"ran{k}"
+        shutil.copytree(clean, step_dir(run_dir / "checkpoints", 1))
+        plant(step_dir(run_dir / "checkpoints", 1) / name, marker)
+        crafted = load_config(ROOT / CONFIG, [*base, f"run.dir={run_dir}"])
+        with pytest.raises(CheckpointError, match=r"step-00000001 cannot be loaded \(UnpicklingError"):
+            Checkpointer(crafted, rank=0, world_size=1).resume(trainer.engine)
+        assert not marker.exists(), name
+    from dstein.report import evaluate_run, save_model
+
+    finished, marker = tmp_path / "finished", tmp_path / "ran-model"
+    finished.mkdir()
+    (finished / "config.yaml").write_text(to_yaml(config))
+    save_model(trainer.model, finished)
+    state = torch.load(finished / "model.pt", weights_only=True)
+    torch.save({**state, "payload": Payload(marker)}, finished / "model.pt")
+    with pytest.raises(ConfigError, match=r"model.pt cannot be loaded \(UnpicklingError"):
+        evaluate_run(finished)
+    assert not marker.exists()
+
+
+def test_a_checkpoint_without_its_manifest_is_refused_unless_allowed(tmp_path):
+    config = load_config(ROOT / CONFIG, [*TINY, "train.steps=5", f"run.dir={tmp_path}"])
+    trainer = build_trainer(config)
+    saved = Checkpointer(config, rank=0, world_size=1).save(trainer.engine, 1, client_state(trainer, 1, 0.5))
+    (saved / MANIFEST).unlink()
+    with pytest.raises(CheckpointError, match=r"has no MANIFEST\.json, so its files cannot be verified"):
+        Checkpointer(config, rank=0, world_size=1).resume(trainer.engine)
+    assert (tmp_path / "checkpoints" / f"{saved.name}{DAMAGED}").is_dir()  # set aside, as any damaged one
+    (tmp_path / "checkpoints" / f"{saved.name}{DAMAGED}").rename(saved)
+    allowed = load_config(ROOT / CONFIG, [*TINY, "train.steps=5", f"run.dir={tmp_path}",
+                                          "checkpoint.require_manifest=false"])  # fmt: skip
+    assert Checkpointer(allowed, rank=0, world_size=1).resume(trainer.engine).step == 1

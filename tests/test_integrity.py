@@ -16,7 +16,7 @@ import pytest
 import torch
 from conftest import Runs
 from distributed_utils import ROOT, base_env
-from test_checkpoint import CONFIG, TINY, finish, losses, start
+from test_checkpoint import CONFIG, TINY, finish, losses, plant, start
 
 from dstein.checkpoint import DAMAGED, MANIFEST, MARKER, files_of, scan, shared_digests, step_dir
 
@@ -86,7 +86,9 @@ DAMAGE = {
     "RNG file deleted": (lambda f: (f / "rng/rank-00000.pt").unlink(), "rng/rank-00000.pt is missing"),
     "config emptied": (lambda f: (f / "config.yaml").write_text(""), "config.yaml has 0 bytes"),
     "no manifest, random bytes": (lambda f: ((f / MANIFEST).unlink(), overwrite(f / MODEL, os.urandom(4096), 0)),
-                                  "cannot be loaded ("),
+                                  "has no MANIFEST.json, so its files cannot be verified"),
+    "os.system pickled into the model states": (lambda f: plant(f / MODEL, f.parent.parent / "payload-ran"),
+                                                "cannot be loaded (UnpicklingError"),
     "non-finite weights": (damage_with_nan_weights, "holds non-finite weights"),
 }  # fmt: skip
 
@@ -104,6 +106,7 @@ def test_a_damaged_checkpoint_is_set_aside_and_the_previous_one_resumes(case, sa
     assert f"resuming from {step_dir(ckpt, 20)} (step 20 of 40" in text and "Traceback" not in text
     assert losses(run_dir) == reference[1]  # as if the damaged checkpoint had never been written
     assert (ckpt / f"step-00000030{DAMAGED}").is_dir() and (step_dir(ckpt, 40) / MARKER).is_file()
+    assert not (run_dir / "payload-ran").exists()  # a crafted pickle is refused before it runs
 
 
 @pytest.mark.ranks

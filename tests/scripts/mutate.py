@@ -50,14 +50,14 @@ MUTATIONS: dict[str, tuple[str, list[tuple[str, str, str]]]] = {
     ),
     "unverified-manifest": (
         "a checkpoint's files not checked against its manifest (sizes and SHA-256)",
-        [("dstein/checkpoint.py",
+        [("dstein/checkpoint/resume.py",
           "        bad = manifest_problem(path, digests, expected) if self.rank == 0 else None\n",
           "        bad = None\n")],
     ),
     "lost-rng-state": (
         "the RNG state of a checkpoint read but not put back on resume",
-        [("dstein/checkpoint.py", "            set_rng_state(torch.load(rng_file, weights_only=False))\n",
-          "            torch.load(rng_file, weights_only=False)\n")],
+        [("dstein/checkpoint/resume.py", "            set_rng_state(safe_load(rng_file))\n",
+          "            safe_load(rng_file)\n")],
     ),
     "hard-constraint-derivative": (
         "the hard constraint's Laplacian without the factor 2 of the product rule (2 grad B . grad f)",
