@@ -26,6 +26,7 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // WORKERS))
 RANKS_GROUP = "ranks"
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which turns xdist_group marks into the groups
 def pytest_collection_modifyitems(config, items):
     """``ranks`` tests into their group; then the order the workers take work in: the ranks
     group first (the longest unit), then the other slow tests, then the rest (each list in
@@ -40,6 +41,23 @@ def pytest_collection_modifyitems(config, items):
         return 1 if item.get_closest_marker("slow") else 2
 
     items.sort(key=rank)
+
+
+def pytest_collection_finish(session):
+    """On an xdist worker under --dist loadgroup: refuse to run if the ranks group did not
+    take. xdist 3.8 names a group by rewriting ``item._nodeid``, which pytest 9 no longer reads
+    (pyproject pins pytest < 9): the ranks tests were then dealt out to both workers, and the
+    two-node cluster, a session fixture, was started by each and torn down by one while the
+    other's jobs ran."""
+    if not session.config.getoption("loadgroup", default=False):
+        return
+    lost = [item.nodeid for item in session.items if item.get_closest_marker("ranks")
+            and not item.nodeid.endswith(f"@{RANKS_GROUP}")]  # fmt: skip
+    if lost:
+        raise pytest.UsageError(
+            f"xdist did not put {lost[0]} (and {len(lost) - 1} more) in the {RANKS_GROUP} "
+            "group: is pytest >= 9 installed beside pytest-xdist 3.8? (pyproject: pytest < 9)"
+        )
 
 
 @pytest.fixture
