@@ -397,3 +397,16 @@ def test_a_checkpoint_without_its_manifest_is_refused_unless_allowed(tmp_path):
     allowed = load_config(ROOT / CONFIG, [*TINY, "train.steps=5", f"run.dir={tmp_path}",
                                           "checkpoint.require_manifest=false"])  # fmt: skip
     assert Checkpointer(allowed, rank=0, world_size=1).resume(trainer.engine).step == 1
+
+
+def test_another_deepspeed_checkpoint_engine_is_refused_by_name():
+    """Any other checkpoint engine of DeepSpeed's would unpickle with weights_only=False."""
+    from types import SimpleNamespace
+
+    from dstein.checkpoint.state import make_loading_safe
+
+    class NebulaLike:
+        pass
+
+    with pytest.raises(ConfigError, match=r"deepspeed.extra selects DeepSpeed's NebulaLike: dstein reads checkpoints"):
+        make_loading_safe(SimpleNamespace(checkpoint_engine=NebulaLike()))

@@ -56,7 +56,7 @@ from dstein.checkpoint.layout import (
     scan,
     step_dir,
     step_of,
-)  # fmt: skip
+)
 from dstein.checkpoint.manifest import manifest_problem, shared_digests
 from dstein.checkpoint.preemption import Interrupted, Preemption
 from dstein.checkpoint.resume import Resume, Resumer

@@ -28,6 +28,8 @@ from deepspeed.runtime.fp16.loss_scaler import LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
 
+from dstein.config import ConfigError
+
 try:  # numpy 2 (numpy.core is a deprecated alias there)
     from numpy._core.multiarray import _reconstruct
 except ImportError:  # numpy 1
@@ -59,8 +61,11 @@ def make_loading_safe(engine: Any) -> None:
     """Make a DeepSpeed engine read its checkpoints through ``safe_load`` (every load of
     ``engine.load_checkpoint`` goes through ``engine.checkpoint_engine``)."""
     current = engine.checkpoint_engine
-    if type(current) is not TorchCheckpointEngine:  # another engine: it would have to be made safe too
-        raise TypeError(f"DeepSpeed's checkpoint engine is {type(current).__name__}, not TorchCheckpointEngine")
+    if type(current) is not TorchCheckpointEngine:  # another engine would unpickle with weights_only=False
+        raise ConfigError(
+            f"deepspeed.extra selects DeepSpeed's {type(current).__name__}: dstein reads checkpoints only through "
+            "its safe torch engine (weights_only=True); remove the checkpoint-engine setting from deepspeed.extra"
+        )
     engine.checkpoint_engine = SafeCheckpointEngine(engine._config)
 
 
