@@ -41,6 +41,9 @@ from dstein.pdes import PDE, TestSet
 
 #: Test points are evaluated in blocks of this size; a block's noise is keyed by its index.
 EVAL_BLOCK = 64
+#: At most this many noise numbers go through the network at once (256 MB in float64): a
+#: block of higher-dimensional points is evaluated in parts (``predict``).
+EVAL_NOISE_ELEMENTS = 2**25
 #: Degree of the polynomial in t of the t-only baseline.
 T_ONLY_DEGREE = 8
 
@@ -64,33 +67,45 @@ def predict(
     first_block: int = 0,
     progress: bool = False,
     transform: Transform | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    gradient: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The trained solution and its spatial gradient at test points (blocks of EVAL_BLOCK;
     block ``b``'s noise keyed by ``first_block + b``); ``transform``: the hard constraint.
-    ``progress`` shows a bar over the blocks (on standard error)."""
+    ``progress`` shows a bar over the blocks (on standard error). ``gradient=False``: the
+    solution alone (None for the gradient), without autograd: the same values for a third of
+    the work, what a plot's slice needs.
+
+    A block whose noise would exceed EVAL_NOISE_ELEMENTS numbers (64 points x 32 pairs at
+    d = 10^6 would be 8 GB) goes through the network in parts of fewer points, their noise
+    drawn one after another from the block's generator."""
     d = config.pde.dim
     us, grads = [], []
     stein = config.estimator.method in STEIN_METHODS
     spec = _smoothing(config, X)
+    rows = max(1, EVAL_NOISE_ELEMENTS // (spec.terms * X.shape[1])) if stein else EVAL_BLOCK
     starts = range(0, X.shape[0], EVAL_BLOCK)
     for b, lo in enumerate(tqdm(starts, desc="evaluating", unit="block", disable=not progress, leave=False)):
-        Xb = X[lo : lo + EVAL_BLOCK].detach().requires_grad_(True)
-        if stein:
-            key = counter_seed(config.seed, Streams.EVAL, first_block + b)
-            gen = torch.Generator(device=X.device).manual_seed(key)
-            z = torch.randn((Xb.shape[0], spec.terms, Xb.shape[1]), generator=gen, dtype=X.dtype, device=X.device)
-            g_plus, g_minus = FullSpace(model, Xb, spec).values(z, antithetic=True)
-            assert g_minus is not None
-            u = 0.5 * (g_plus + g_minus).mean(1)
-        else:
-            u = model(Xb).reshape(-1)
-        constraint = transform(Xb) if transform is not None else None
-        if constraint is not None:
-            u = constraint.value(u)
-        (g,) = torch.autograd.grad(u.sum(), Xb)
-        us.append(u.detach())
-        grads.append(g[:, :d].detach())
-    return torch.cat(us), torch.cat(grads)
+        gen = torch.Generator(device=X.device).manual_seed(counter_seed(config.seed, Streams.EVAL, first_block + b))
+        for part in range(lo, min(lo + EVAL_BLOCK, X.shape[0]), rows):
+            with torch.set_grad_enabled(gradient):
+                Xb = X[part : min(part + rows, lo + EVAL_BLOCK)].detach().requires_grad_(gradient)
+                u = _smoothed_value(model, Xb, spec, gen) if stein else model(Xb).reshape(-1)
+                constraint = transform(Xb) if transform is not None else None
+                if constraint is not None:
+                    u = constraint.value(u)
+                if gradient:
+                    (g,) = torch.autograd.grad(u.sum(), Xb)
+                    grads.append(g[:, :d].detach())
+            us.append(u.detach())
+    return torch.cat(us), (torch.cat(grads) if gradient else None)
+
+
+def _smoothed_value(model: torch.nn.Module, X: torch.Tensor, spec: SteinSpec, gen: torch.Generator) -> torch.Tensor:
+    """The antithetic average of g over ``spec.terms`` pairs of perturbations of each point."""
+    z = torch.randn((X.shape[0], spec.terms, X.shape[1]), generator=gen, dtype=X.dtype, device=X.device)
+    g_plus, g_minus = FullSpace(model, X, spec).values(z, antithetic=True)
+    assert g_minus is not None
+    return 0.5 * (g_plus + g_minus).mean(1)
 
 
 def floor_sums(
@@ -155,6 +170,7 @@ def evaluate(
     if hi > lo:
         X = test.X[lo:hi].to(device=device, dtype=dtype)
         u, grad = predict(model, X, config, first_block=first, transform=transform)
+        assert grad is not None
         sums[:6] = error_sums(u, grad, test.u[lo:hi], test.grad[lo:hi]).to(device)
         floor = floor_sums(model, X, u, test.grad[lo:hi], transform)
         if floor is not None:
@@ -173,7 +189,7 @@ def reference_errors(
     """The model beside the PDE's reference values (e.g. HJB's u(0, 0)), one process."""
     out: dict[str, dict[str, float | str]] = {}
     for name, (X, value, source) in pde.reference_values().items():
-        u, _ = predict(model, X.to(device=device, dtype=dtype), config, transform=transform)
+        u, _ = predict(model, X.to(device=device, dtype=dtype), config, transform=transform, gradient=False)
         got = float(u[0])
         out[name] = {"model": got, "reference": value, "rel_error": abs(got - value) / abs(value), "source": source}
     return out

@@ -110,3 +110,47 @@ def test_the_smoothed_value_of_a_linear_network_is_exact(root):
     u, grad = predict(model, X, config)
     assert torch.allclose(u, model(X).reshape(-1), rtol=0, atol=1e-12)
     assert torch.allclose(grad, model.weight[:, :10].expand(70, 10), rtol=0, atol=1e-12)
+
+
+def test_the_value_alone_is_the_value_of_the_full_prediction(root):
+    """``gradient=False`` (the plot's slice, the reference values) draws the same noise per
+    block and keeps no graph: the same values, bit for bit, with and without the constraint."""
+    from dstein.build import output_transform
+    from dstein.evaluation import predict
+
+    config = load_config(root / "configs/quickstart.yaml", ["eval.samples=6"])
+    pde = build_pde("hjb", 10, {"mu": 1.0, "T": 1.0})
+    torch.manual_seed(0)
+    model = MLP(11, 8, 2).double()
+    X = torch.randn(150, 11, dtype=torch.float64)  # three blocks, the last one short
+    for transform in (None, output_transform(config, pde)):
+        u, grad = predict(model, X, config, first_block=3, transform=transform)
+        alone, none = predict(model, X, config, first_block=3, transform=transform, gradient=False)
+        assert none is None and grad is not None and not alone.requires_grad
+        assert torch.equal(alone, u)
+
+
+def test_a_block_too_large_for_the_noise_budget_goes_in_parts_with_the_same_noise(root, monkeypatch):
+    """At d = 10^6 a block of 64 points with 32 pairs would be 8 GB of noise: ``predict`` draws
+    it in parts of fewer points from the block's generator. On the CPU, draws of a multiple of
+    16 numbers one after another are the numbers of one draw, so the parts give the values and
+    gradients of the whole block bit for bit, and no part exceeds the budget."""
+    import dstein.evaluation as evaluation
+
+    config = load_config(root / "configs/quickstart.yaml", ["eval.samples=8"])  # 4 pairs of 11 numbers
+    torch.manual_seed(0)
+    model = MLP(11, 8, 2).double()
+    X = torch.randn(128, 11, dtype=torch.float64)
+    whole = evaluation.predict(model, X, config)
+    sizes = []
+
+    def recorded(model, X, spec, gen):
+        sizes.append(X.shape[0] * spec.terms * X.shape[1])
+        return smoothed(model, X, spec, gen)
+
+    smoothed = evaluation._smoothed_value
+    monkeypatch.setattr(evaluation, "EVAL_NOISE_ELEMENTS", 8 * 4 * 11)
+    monkeypatch.setattr(evaluation, "_smoothed_value", recorded)
+    parts = evaluation.predict(model, X, config)
+    assert len(sizes) == 16 and max(sizes) <= 8 * 4 * 11
+    assert torch.equal(parts[0], whole[0]) and torch.equal(parts[1], whole[1])

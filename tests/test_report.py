@@ -71,6 +71,13 @@ def test_every_evaluation_stands_beside_its_baselines(finished_run):
     assert len(warnings) == (0 if beaten else 1), out.stderr[-2000:]
 
 
+def test_the_slice_has_fewer_points_only_where_each_costs_a_huge_input():
+    from dstein.report import slice_points
+
+    assert [slice_points(d) for d in (1, 250, 10_000, 100_000)] == [200] * 4
+    assert slice_points(400_000) == 50 and slice_points(1_000_000) == 50 and slice_points(10**8) == 50
+
+
 def test_a_first_layer_narrower_than_d_is_warned_of_once(tmp_path):
     out = run_command(train_command("configs/quickstart.yaml", *SMALL, "train.steps=2", "pde.dim=40",
                                     "eval.plots=false", f"run.dir={tmp_path}"))  # fmt: skip
