@@ -89,7 +89,7 @@ def test_a_preempted_two_node_job_requeues_and_ends_as_an_uninterrupted_one(mult
     the ranks on both nodes, they save into the shared run directory and the job requeues;
     the resumed job loads what ranks on two hosts wrote and ends bit for bit like a job that
     was never stopped."""
-    overrides = [*LONG, "train.steps=120"]
+    overrides = [*LONG, "train.steps=60"]
     job = submit(multinode, tmp_path, overrides)
     run_dir = tmp_path / f"slurm-{job}"
     wait_for_step(multinode, tmp_path, job, run_dir, 15)

@@ -3,7 +3,10 @@ itself, resumes and ends exactly where an uninterrupted job ends.
 
 The signal is sent as ``--signal=B:USR1@N`` would send it near the time limit (to the batch
 shell only), but by hand (``scancel -b``) once the run is under way, because SLURM checks
-the time-limit signal only about every 30 s.
+the time-limit signal only about every 30 s. Both scripts start two ranks of test_checkpoint's
+tiny run, so the uninterrupted run they must end like is the session's two-rank run of that
+config (conftest's ``straight``, started without SLURM): the same world size, the same
+losses and summary bit for bit whatever started the ranks.
 """
 
 from __future__ import annotations
@@ -16,11 +19,13 @@ from pathlib import Path
 import pytest
 from distributed_utils import ROOT, base_env
 from slurm_cluster import job_field, wait_job
-from test_checkpoint import CONFIG, TINY, last_step, losses
+from test_checkpoint import CONFIG, STEPS, TINY, last_step, losses
 
 pytestmark = [pytest.mark.ranks, pytest.mark.slow]
 
-OVERRIDES = " ".join([*TINY, "train.steps=300"])
+OVERRIDES = " ".join([*TINY, f"train.steps={STEPS}"])
+#: the run is preempted once this step is logged (the signal lands a few steps later)
+PREEMPT_AFTER = 10
 SCRIPTS = {
     # one node, the DeepSpeed launcher starting NPROC ranks
     "train.sbatch": (["--cpus-per-task=2"], {"NPROC": "2"}),
@@ -48,11 +53,11 @@ def summary(run_dir: Path) -> dict:
 
 
 @pytest.mark.parametrize("script", list(SCRIPTS))
-def test_preempted_job_requeues_resumes_and_matches_an_uninterrupted_job(slurm, tmp_path, script):
+def test_preempted_job_requeues_resumes_and_matches_an_uninterrupted_job(slurm, straight, tmp_path, script):
     job = submit(script, tmp_path)
     run_dir = tmp_path / f"slurm-{job}"  # the run directory is tied to the job id
     deadline = time.time() + 300
-    while last_step(run_dir) < 20:
+    while last_step(run_dir) < PREEMPT_AFTER:
         assert time.time() < deadline and job_field(job, "JobState") in ("PENDING", "RUNNING"), (
             (tmp_path / f"job-{job}.out").read_text() if (tmp_path / f"job-{job}.out").exists() else "no output"
         )
@@ -65,10 +70,8 @@ def test_preempted_job_requeues_resumes_and_matches_an_uninterrupted_job(slurm, 
     assert "preempted by SIGUSR1 after step" in log and f"requeueing job {job}" in log
     assert f"resuming from {run_dir}/checkpoints/step-" in log
     stopped = int(log.split("preempted by SIGUSR1 after step ")[1].split(":")[0])
-    assert 20 <= stopped < 300
+    assert PREEMPT_AFTER <= stopped < STEPS
 
-    straight = submit(script, tmp_path)
-    assert wait_job(straight) == "COMPLETED"
-    reference = tmp_path / f"slurm-{straight}"
+    reference = straight[2]
     assert summary(run_dir) == summary(reference)
     assert losses(run_dir) == losses(reference)
