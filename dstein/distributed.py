@@ -24,14 +24,12 @@ for what they compute, no-ops in one process, and a failure of any of them is a
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import os
 import re
+import secrets
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -43,6 +41,8 @@ import torch
 import torch.distributed as dist
 
 from dstein.errors import DistributedError, PeerLost
+from dstein.op_build import prepare_op
+from dstein.watchdog import posted_verdict, start_watchdog, stop_watchdog
 
 
 @dataclass(frozen=True)
@@ -170,50 +170,6 @@ def check_layout(launch: Launch, expected_world: int, sample_group_size: int | N
     return size
 
 
-#: DeepSpeed JIT-builds this op on CPUs; torch's build lock is a plain file that a process
-#: killed during the build leaves behind, after which every start waits for it forever.
-SHM_OP = "deepspeed_shm_comm"
-STALE_BUILD_LOCK_S = 600.0  # the build takes well under a minute
-
-
-def clear_stale_build_lock(name: str = SHM_OP, older_than_s: float = STALE_BUILD_LOCK_S) -> str | None:
-    """Remove the op's build lock when it is older than any build takes (say so), so that a
-    start after a killed build does not hang; a fresh lock (a build under way) is left."""
-    from torch.utils.cpp_extension import _get_build_directory  # loads the C++ toolchain helpers: only here
-
-    try:
-        lock = Path(_get_build_directory(name, verbose=False)) / "lock"
-        age = time.time() - lock.stat().st_mtime
-    except (OSError, RuntimeError):
-        return None
-    if age < older_than_s:
-        return None
-    with contextlib.suppress(OSError):
-        lock.unlink()
-        return f"removed the stale build lock {lock} ({age / 60:.0f} min old: a build was killed)"
-    return None
-
-
-def own_op_build() -> Path:
-    """Before DeepSpeed builds its op: this environment's ninja first on PATH and a build
-    directory of this environment's own (unless TORCH_EXTENSIONS_DIR is set); returns it.
-
-    ninja records a hash of each build command and rebuilds when it changes. Two ninja
-    releases hash differently (1.11 and 1.13 do), and two environments compile with their own
-    include paths: with the op's build directory shared by every environment of the user
-    (torch's default, ~/.cache/torch_extensions/py311_cpu), each start under another PATH or
-    from another virtual environment rebuilt the op from scratch, about 30 s of two cores."""
-    own = Path(sys.executable).parent
-    path = os.environ.get("PATH", "")
-    if (own / "ninja").is_file() and path.split(os.pathsep)[0] != str(own):
-        os.environ["PATH"] = os.pathsep.join([str(own), path]) if path else str(own)
-    if "TORCH_EXTENSIONS_DIR" not in os.environ:
-        tag = hashlib.sha256(sys.prefix.encode()).hexdigest()[:12]
-        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-        os.environ["TORCH_EXTENSIONS_DIR"] = str(cache / "torch_extensions" / f"dstein-{Path(sys.prefix).name}-{tag}")
-    return Path(os.environ["TORCH_EXTENSIONS_DIR"])
-
-
 def init_distributed(
     sample_group_size: int | None = None, expected_world: int = 0, timeout_s: float = 300.0, device: str = "auto"
 ) -> DistInfo:
@@ -246,10 +202,7 @@ def init_distributed(
         raise DistributedError(
             f"a process group of {dist.get_world_size()} ranks exists but the launcher says {launch.world_size}"
         )
-    own_op_build()
-    note = clear_stale_build_lock() if launch.local_rank == 0 else None
-    if note:
-        print(f"note: {note}", file=sys.stderr, flush=True)
+    prepare_op()  # DeepSpeed's CPU op: built once per environment, a killed build's lock cleared
     import deepspeed  # slow to import; only where a process group is built
 
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout, verbose=False)
@@ -261,6 +214,9 @@ def init_distributed(
             group = g
     peers: list[tuple[str, int]] = [("", 0)] * launch.world_size
     dist.all_gather_object(peers, (socket.gethostname(), os.getpid()))
+    if launch.world_size > 1:  # a stopped peer ends every rank within timeout_s (dstein/watchdog.py)
+        token = from_rank0(secrets.token_hex(8))  # this start's keys in a store that may outlive it
+        start_watchdog(launch.rank, peers, str(launch.master_addr), int(launch.master_port or 0), timeout_s, token)
     return DistInfo(launch, backend, dev, size, group, peers)
 
 
@@ -335,6 +291,9 @@ def peer_lost(info: DistInfo, err: BaseException, timeout_s: float) -> PeerLost:
     """The error to stop with after a failed collective, naming what can be known of the
     peer: the ranks on this host whose process is gone, else the host (and its ranks) that
     the communication error names."""
+    verdict = posted_verdict()
+    if verdict is not None:  # a watchdog found a stopped rank; the collective failed as its finder exited
+        return PeerLost(f"rank {info.rank}: {verdict}; stopping")
     gone = lost_ranks(info)
     who = f"rank {', '.join(map(str, gone))} is gone" if gone else "a peer rank died or stopped answering"
     at = None if gone else ranks_at(info, str(err))
@@ -432,6 +391,9 @@ def exit_process(status: int, barrier: bool = True) -> None:
     """
     if barrier and _spread():
         dist.barrier()
+        stop_watchdog()  # after the last collective: a peer stopped during it is still found;
+        dist.barrier()  # and no rank's watchdog asks the store (in rank 0) once rank 0 is gone
+    stop_watchdog()
     sys.stdout.flush()
     sys.stderr.flush()
     mpi = sys.modules.get("mpi4py.MPI")

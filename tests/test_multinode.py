@@ -154,3 +154,27 @@ def test_a_rank_lost_on_the_second_node_stops_every_rank_and_the_run_resumes(mul
     assert wait_job(resumed, env=multinode) == "COMPLETED", log_of(tmp_path, resumed)[-4000:]
     assert f"resuming from {run_dir}/checkpoints/step-{done:08d}" in log_of(tmp_path, resumed)
     assert last_step(run_dir) == done + 5
+
+
+def test_a_rank_stopped_on_the_second_node_ends_every_rank_within_the_timeout(multinode, tmp_path):
+    """SIGSTOP keeps the stopped rank's connections open, so no collective fails: the
+    watchdog of its neighbour (rank 2, on the same node) finds it, the ranks on the first
+    node read the verdict from the store, every rank exits 3 naming it, and srun ends the
+    step (the stopped task included) instead of waiting for it."""
+    timeout = 10
+    job = submit(multinode, tmp_path, [*LONG, "train.steps=100000", f"parallel.timeout_s={timeout}"])
+    run_dir = tmp_path / f"slurm-{job}"
+    wait_for_step(multinode, tmp_path, job, run_dir, 15)
+    second = train_processes("dnode2")
+    assert sorted(second) == [2, 3], second
+    subprocess.run(["kill", "-STOP", str(second[3])], check=True)
+    stopped = time.time()
+    state = wait_job(job, timeout=timeout + 120, env=multinode)
+    ended = time.time() - stopped
+    log = log_of(tmp_path, job)
+    assert state == "FAILED" and ended < timeout + 30, (state, ended, log[-4000:])
+    verdicts = dict(re.findall(r"error: rank (\d+): (rank 3 \(host dnode2, pid \d+\) stopped answering.*)", log))
+    verdicts.pop("3", None)  # continued by srun to be killed, the stopped rank may say it too
+    assert sorted(verdicts) == ["0", "1", "2"], log[-4000:]  # every other rank, on both nodes, says why
+    assert f"pid {second[3]}" in verdicts["0"] and "found by rank 2" in verdicts["0"]
+    assert "Traceback" not in log
