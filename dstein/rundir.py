@@ -4,9 +4,10 @@ Rank 0 creates ``RUN_DIR`` (which shows that it is writable) and holds an exclus
 ``flock`` on ``RUN_DIR/.lock``, whose text names the holder (host, pid, SLURM job, start
 time). The kernel drops the lock when the process ends however it ends, so a lock file left
 by a killed job is recognised as stale: the next start takes it over and says so. A second
-run on a directory in use stops before any work with a message naming the holder. A
-``checkpoint.dir`` outside the run directory is locked the same way, so that two runs with
-different run directories cannot share it. (flock works across nodes on NFSv4 and on Lustre
+run on a directory in use stops before any work with a message naming the holder. The
+checkpoint folder (``checkpoint.dir``, by default ``RUN_DIR/checkpoints``) is locked the same
+way, wherever it is, so that no other run can write or prune it: not one with its own run
+directory and ``checkpoint.dir`` pointing into this one's. (flock works across nodes on NFSv4 and on Lustre
 mounted with ``flock``; elsewhere it only guards one node.)
 
 A run that fails before it wrote anything leaves no trace: a directory this run created and

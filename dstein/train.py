@@ -181,15 +181,15 @@ def run(config: Config, info: DistInfo | None = None) -> dict[str, Any]:
     run_dir = Path(config.run.dir)
     locks = [lock_on_rank0(run_dir, info.rank)]
     failed = True
-    try:
-        ckpt = Path(config.checkpoint.dir) if config.checkpoint.dir else None
-        if ckpt is not None and not ckpt.resolve().is_relative_to(run_dir.resolve()):
-            locks.append(lock_on_rank0(ckpt, info.rank, "checkpoint.dir"))
+    try:  # the checkpoint folder is locked too, inside the run directory or not: another run
+        # pointing its checkpoint.dir at this run's checkpoints is refused instead of pruning them
+        ckpt = Path(config.checkpoint.dir) if config.checkpoint.dir else run_dir / "checkpoints"
+        locks.append(lock_on_rank0(ckpt, info.rank, "checkpoint.dir"))
         summary = _train(config, info, [held.note for held in locks if held and held.note])
         failed = False
         return summary
     finally:
-        for held in locks:
+        for held in reversed(locks):  # the checkpoint folder first: then an empty run directory goes too
             if held is not None:
                 release(held, clean=failed)
 

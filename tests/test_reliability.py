@@ -78,9 +78,12 @@ def test_on_two_ranks_a_second_sigterm_exits_at_once_and_the_last_checkpoint_res
     assert losses(tmp_path) == losses(straight[2])
 
 
-def test_two_runs_cannot_share_a_checkpoint_folder(tmp_path):
-    shared = tmp_path / "shared"
-    first = start(tmp_path / "a", 1, "train.steps=100000", f"checkpoint.dir={shared}")
+@pytest.mark.parametrize("inside", [False, True], ids=["a-shared-checkpoint-dir", "the-first-runs-own-checkpoints"])
+def test_two_runs_cannot_share_a_checkpoint_folder(tmp_path, inside):
+    """Both runs name one checkpoint.dir, or the second names the first's default
+    RUN_DIR/checkpoints (it pruned the first's folders, which then stopped with exit 5)."""
+    shared = tmp_path / "a" / "checkpoints" if inside else tmp_path / "shared"
+    first = start(tmp_path / "a", 1, "train.steps=100000", *([] if inside else [f"checkpoint.dir={shared}"]))
     try:
         deadline = time.time() + 240
         while last_step(tmp_path / "a") < 3:
@@ -93,6 +96,7 @@ def test_two_runs_cannot_share_a_checkpoint_folder(tmp_path):
         assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr[-2000:]
         assert f"error: checkpoint.dir={shared} is in use by pid {first[0].pid} on " in second.stderr
         assert not (tmp_path / "b").exists()  # refused before it wrote anything
+        assert first[0].poll() is None  # and the first run goes on
     finally:
         first[0].kill()
         first[0].communicate()
