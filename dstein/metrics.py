@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 import threading
 import time
@@ -49,17 +50,32 @@ class MetricsLog:
     """Appends one JSON object per line to ``metrics.jsonl`` (only the writing rank opens it;
     a non-finite number is written as null, which JSON can read).
 
-    ``after``: the step the run starts from. Rows of later steps (written by a run that went
-    on past its last checkpoint before it was stopped) are dropped, so a resumed run's file
-    reads as one uninterrupted run; a fresh start (0) empties the file.
+    ``after``: the step the run starts from. Nothing an earlier start wrote is lost: rows of
+    later steps (written by a run that went on past its last checkpoint before it was stopped)
+    move to ``metrics.discarded.jsonl``, so that a resumed run's file reads as one
+    uninterrupted run; a fresh start (0) over an earlier run's rows keeps them as
+    ``metrics.before-TIME.jsonl``. ``note`` says what was moved (rank 0 prints it).
     """
 
     def __init__(self, path: Path, enabled: bool = True, after: int = 0):
         self.path = path
         self._fh = None
         self.error: str | None = None  # the first write that failed (the loop stops all ranks on it)
+        self.note: str | None = None
         if enabled:
-            keep = [row for row in read_metrics(path) if row.get("step", 0) <= after] if after and path.exists() else []
+            rows = read_metrics(path) if path.exists() else []
+            keep = [row for row in rows if row.get("step", 0) <= after] if after else []
+            moved = [row for row in rows if row.get("step", 0) > after] if after else rows
+            if moved and after:
+                aside = path.with_name("metrics.discarded.jsonl")
+                with open(aside, "a") as fh:
+                    fh.write("".join(json.dumps(row, sort_keys=True) + "\n" for row in moved))
+                self.note = (f"note: {len(moved)} rows of {path.name} after step {after} (steps the stopped run made "
+                             f"past its last checkpoint) moved to {aside.name}")  # fmt: skip
+            elif moved:
+                aside = path.with_name(f"metrics.before-{time.strftime('%Y%m%dT%H%M%S')}.jsonl")
+                os.replace(path, aside)
+                self.note = f"note: starting over: the earlier {path.name} ({len(moved)} rows) is kept as {aside.name}"
             write_text_atomic(path, "".join(json.dumps(row, sort_keys=True) + "\n" for row in keep))
             self._fh = open(path, "a")  # noqa: SIM115 - held open for the run
 

@@ -272,6 +272,8 @@ def _steps(tr: Trainer, checkpoints: Checkpointer, resumed: Resume, start: float
         return resumed.seconds + time.perf_counter() - start
 
     metrics = MetricsLog(tr.run_dir / "metrics.jsonl", enabled=writer, after=first)
+    if metrics.note:
+        print(metrics.note, flush=True)
     scalars = Scalars(tr.run_dir, enabled=writer, after=first)
     progress = Progress(cfg.train.steps, enabled=writer, every=cfg.train.print_every, initial=first)
     preemption = Preemption(cfg.checkpoint.signal, cfg.checkpoint.deadline_s)

@@ -136,10 +136,14 @@ def test_kill_during_a_save_resumes_from_the_previous_checkpoint(tmp_path, strai
     procs[0].kill()  # SIGKILL in the middle of the save of step 20
     procs[0].communicate()
     assert not (step_dir(ckpt, 20) / MARKER).exists() and (step_dir(ckpt, 10) / MARKER).exists()
+    beyond = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["step"] > 10]  # steps 11 to 20, lost
     out = finish(start(tmp_path, 1))
     assert f"skipping {step_dir(ckpt, 20)}: incomplete" in out
     assert f"resuming from {step_dir(ckpt, 10)} (step 10 of {STEPS}" in out
     assert losses(tmp_path) == losses(straight[1])
+    # what the killed run wrote past its last checkpoint is kept beside, not thrown away
+    assert beyond and read_metrics(tmp_path / "metrics.discarded.jsonl") == beyond
+    assert f"note: {len(beyond)} rows of metrics.jsonl after step 10" in out
     complete, incomplete = scan(ckpt)
     assert [p.name for p in complete] == ["step-00000070", "step-00000080"] and not incomplete  # keep=2
 

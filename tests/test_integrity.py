@@ -19,6 +19,7 @@ from distributed_utils import ROOT, base_env
 from test_checkpoint import CONFIG, TINY, finish, losses, plant, start
 
 from dstein.checkpoint import DAMAGED, MANIFEST, MARKER, files_of, scan, shared_digests, step_dir
+from dstein.metrics import read_metrics
 
 MODEL = "mp_rank_00_model_states.pt"
 
@@ -148,6 +149,21 @@ def test_when_no_checkpoint_passes_the_run_is_refused(saved, tmp_path):
     assert line.startswith(f"error: no checkpoint in {ckpt} can be resumed from (step-00000030 failed verification")
     assert all(f"step-000000{s} failed verification: config.yaml has 0 bytes" in line for s in (10, 20, 30))
     assert not scan(ckpt)[0] and all((ckpt / f"step-000000{s}{DAMAGED}").is_dir() for s in (10, 20, 30))
+    # the same command again (a requeue after a transient read error) does not start over
+    rows = (run_dir / "metrics.jsonl").read_bytes()
+    again = train(run_dir, "train.steps=40")
+    assert again.returncode == 2 and "Traceback" not in again.stderr, again.stderr[-2000:]
+    (line,) = [line for line in again.stderr.splitlines() if line.startswith("error: ")]
+    assert line.startswith(f"error: {ckpt} holds no checkpoint to resume from, only 3 set aside as damaged")
+    assert all(f"step-000000{s}{DAMAGED}" in line for s in (10, 20, 30)) and "checkpoint.resume=never" in line
+    assert (run_dir / "metrics.jsonl").read_bytes() == rows and not scan(ckpt)[0]
+    # starting over, as the message says, keeps the earlier run's rows beside the new ones
+    fresh = train(run_dir, "train.steps=40", "checkpoint.resume=never")
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    (kept,) = run_dir.glob("metrics.before-*.jsonl")
+    count = len(rows.splitlines())
+    assert kept.read_bytes() == rows and f"the earlier metrics.jsonl ({count} rows) is kept as" in fresh.stdout
+    assert next(r["step"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r) == 1
 
 
 def test_a_step_that_was_not_applied_makes_no_checkpoint(tmp_path):

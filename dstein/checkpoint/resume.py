@@ -80,6 +80,14 @@ class Resumer:
             return [], notes, False
         if not complete and mode != "auto":
             raise CheckpointError(f"checkpoint.resume={mode}: no complete checkpoint in it")
+        damaged = sorted(root.glob(f"step-*{DAMAGED}")) if root.is_dir() and mode == "auto" else []
+        if not complete and damaged:  # never start over silently in place of a run that had checkpoints
+            raise CheckpointError(
+                f"{root} holds no checkpoint to resume from, only {len(damaged)} set aside as damaged "
+                f"({', '.join(p.name for p in damaged[-3:])}{', ...' if len(damaged) > 3 else ''}): after a "
+                f"transient read error rename one back (without {DAMAGED}) to resume from it, or start over in "
+                "this run directory with checkpoint.resume=never (the earlier metrics.jsonl is kept beside it)"
+            )
         return complete[::-1], notes, False
 
     def choose(self) -> tuple[Path | None, list[str]]:
