@@ -281,6 +281,10 @@ def _steps(tr: Trainer, checkpoints: Checkpointer, resumed: Resume, start: float
     skips, step, applied, updates = 0, first, True, tr.engine.global_steps
     before = applied  # whether the step before this one was applied
     try:
+        (stop,) = preemption.agreed(None)  # a signal while the ranks started: stop before any step
+        if stop:
+            who = preemption.received or "a signal on another rank"
+            raise Preempted(first, checkpoints.latest() if first else None, who, " (received while starting)")
         for step in range(first, cfg.train.steps):
             updates, before = tr.engine.global_steps, applied
             result = train_step(tr, step, preemption.critical)

@@ -16,15 +16,20 @@ checkpoint untouched.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dstein.config import load_config, to_yaml
-from dstein.distributed import exit_process, this_rank
-from dstein.errors import ConfigError, DistributedError, DsteinError, Preempted, RunStopped
+from dstein import early
+
+early.install()  # before anything slow: a signal while the rank starts is caught (exit 4)
+
+import argparse  # noqa: E402
+
+from dstein.config import load_config, to_yaml  # noqa: E402
+from dstein.distributed import exit_process, this_rank  # noqa: E402
+from dstein.errors import ConfigError, DistributedError, DsteinError, Preempted, RunStopped  # noqa: E402
 
 #: Whether every rank ended at the same point (then they wait for each other before exiting).
 SYNCED = True

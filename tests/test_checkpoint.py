@@ -75,15 +75,17 @@ def last_step(run_dir: Path) -> int:
         return 0
 
 
-def preempt(procs: list[subprocess.Popen], run_dir: Path, after: int = 15, target: int = -1) -> str:
-    """Send SIGUSR1 to one rank (the last) once step ``after`` is logged; the run must stop
+def preempt(
+    procs: list[subprocess.Popen], run_dir: Path, after: int = 15, target: int = -1, sig: int = signal.SIGUSR1
+) -> str:
+    """Send ``sig`` to one rank (the last) once step ``after`` is logged; the run must stop
     before its end with status 4 on every rank."""
     deadline = time.time() + 240
     while last_step(run_dir) < after:
         assert all(p.poll() is None for p in procs), "a rank ended before it could be preempted"
         assert time.time() < deadline, "run never reached the step to preempt at"
         time.sleep(0.02)
-    procs[target].send_signal(signal.SIGUSR1)
+    procs[target].send_signal(sig)
     out = finish(procs, status=4)
     assert "preempted by" in out and "run the same command to continue" in out
     return out
@@ -414,3 +416,29 @@ def test_another_deepspeed_checkpoint_engine_is_refused_by_name():
 
     with pytest.raises(ConfigError, match=r"deepspeed.extra selects DeepSpeed's NebulaLike: dstein reads checkpoints"):
         make_loading_safe(SimpleNamespace(checkpoint_engine=NebulaLike()))
+
+
+def test_a_signal_caught_while_starting_is_taken_over_by_the_preemption_handler():
+    """dstein.early records a signal from an entry point's first line; Preemption takes it as
+    received (the run stops before its first step), gives the early signals it does not take
+    back to their defaults, and after the run SIGINT is Ctrl-C again (not the recorder)."""
+    from dstein import early
+    from dstein.checkpoint.preemption import Preemption
+
+    names = (*early.EARLY_SIGNALS, "SIGALRM")
+    before = {name: signal.getsignal(getattr(signal, name)) for name in names}
+    try:
+        early.install()
+        os.kill(os.getpid(), signal.SIGUSR1)
+        os.kill(os.getpid(), signal.SIGTERM)  # only the first counts
+        assert early.received() == "SIGUSR1"
+        preemption = Preemption("SIGUSR1")
+        assert preemption.received == "SIGUSR1" and early.received() is None
+        assert signal.getsignal(signal.SIGUSR2) == signal.SIG_DFL  # an early signal it does not take
+        preemption.restore()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL == signal.getsignal(signal.SIGUSR1)
+        assert Preemption("SIGUSR2").received is None  # nothing recorded: nothing received
+    finally:
+        for name, handler in before.items():
+            signal.signal(getattr(signal, name), handler)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from distributed_utils import ROOT, base_env
-from test_checkpoint import CONFIG, STEPS, TINY, finish, last_step, losses, start
+from test_checkpoint import CONFIG, STEPS, TINY, finish, last_step, losses, preempt, start
 
 from dstein.checkpoint import scan, step_dir
 
@@ -190,3 +190,37 @@ def test_a_disk_that_fills_during_the_run_stops_every_rank_alike(tmp_path, world
 
 def test_steps_constant_is_what_the_runs_use():
     assert STEPS == 80  # the slow step (25) and the checkpoints (every 10) above assume it
+
+
+def handles(pid: int, name: str) -> bool:
+    """Whether process ``pid`` has a handler for signal ``name`` (SigCgt in /proc)."""
+    status = Path(f"/proc/{pid}/status").read_text().splitlines()
+    mask = int(next(line for line in status if line.startswith("SigCgt:")).split()[1], 16)
+    return bool(mask >> (getattr(signal, name) - 1) & 1)
+
+
+def test_a_signal_while_the_run_starts_ends_it_with_exit_4_before_any_step(tmp_path, straight):
+    """SLURM's --signal=USR1 on a job that starts late: before, the default action killed the
+    rank (exit 138, no requeue). Sent once the handler exists, while torch is still loading."""
+    procs = start(tmp_path, 1)
+    deadline = time.time() + 30
+    while not handles(procs[0].pid, "SIGUSR1"):
+        assert procs[0].poll() is None and time.time() < deadline
+        time.sleep(0.005)
+    assert not (tmp_path / "metrics.jsonl").exists()  # still starting
+    procs[0].send_signal(signal.SIGUSR1)
+    out = finish(procs, status=4)
+    assert "preempted by SIGUSR1 after step 0: no checkpoint yet (received while starting); exit 4" in out
+    assert "Traceback" not in out and not scan(tmp_path / "checkpoints")[0]
+    finish(start(tmp_path, 1))  # the requeued job: a whole run, as if never stopped
+    assert losses(tmp_path) == losses(straight[1])
+
+
+def test_ctrl_c_saves_a_checkpoint_like_sigterm_and_the_run_resumes_bit_exact(tmp_path, straight):
+    out = preempt(start(tmp_path, 1), tmp_path, sig=signal.SIGINT)
+    assert "preempted by SIGINT after step " in out and "KeyboardInterrupt" not in out and "Traceback" not in out
+    stopped = int(out.split("preempted by SIGINT after step ")[1].split(":")[0])
+    assert (step_dir(tmp_path / "checkpoints", stopped) / "COMMITTED").exists()
+    out = finish(start(tmp_path, 1))
+    assert f"resuming from {step_dir(tmp_path / 'checkpoints', stopped)}" in out
+    assert losses(tmp_path) == losses(straight[1])

@@ -1,5 +1,6 @@
-"""Preemption: SIGTERM and ``checkpoint.signal`` set a flag that the ranks agree on once per
-step; a second signal (or ``checkpoint.deadline_s``) stops a long step at once."""
+"""Preemption: SIGTERM, SIGINT (Ctrl-C) and ``checkpoint.signal`` set a flag that the ranks
+agree on once per step; a second signal (or ``checkpoint.deadline_s``) stops a long step at
+once. One that arrived while the rank was starting (``dstein.early``) counts as received."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 
 import torch
 
+from dstein import early
 from dstein.distributed import max_values
 
 
@@ -19,7 +21,8 @@ class Interrupted(Exception):
 
 
 class Preemption:
-    """SIGTERM and ``checkpoint.signal`` set a flag; ``agreed`` all-reduces it once per step.
+    """SIGTERM, SIGINT and ``checkpoint.signal`` set a flag; ``agreed`` all-reduces it once per
+    step (and once before the first: a signal caught during start-up stops the run there).
 
     A step longer than the scheduler's grace period (SLURM's KillWait, 30 s by default) would
     be killed before the step boundary: a second signal, or ``deadline_s`` seconds after the
@@ -32,12 +35,18 @@ class Preemption:
         self._critical = 0
         self._pending = False
         self._previous: dict[int, Any] = {}
-        names = ["SIGTERM"] + ([signal_name] if signal_name not in ("none", "SIGTERM") else [])
+        names = ["SIGTERM", "SIGINT"] + ([signal_name] if signal_name not in ("none", "SIGTERM") else [])
         for name in names:
             sig = getattr(signal, name)
-            self._previous[sig] = signal.signal(sig, self._handle)
+            previous = signal.signal(sig, self._handle)
+            # after training a signal acts as it would without dstein, not as start-up's recorder
+            default = signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL
+            self._previous[sig] = default if early.is_recorder(previous) else previous
         if deadline_s:
             self._previous[signal.SIGALRM] = signal.signal(signal.SIGALRM, self._urgent)
+        caught = early.release(tuple(names))  # one that came while starting, now ours
+        if caught is not None:
+            self._handle(getattr(signal, caught), None)
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.received is None:
