@@ -17,7 +17,6 @@ fi
 # Build it here, once, with the ninja of .venv and into this environment's own build
 # directory, as every start does (own_op_build): another ninja release first on PATH, or
 # another environment's build in the same directory, would rebuild it (about 30 s). A rank
-# killed during that build leaves a lock there (deepspeed_shm_comm/lock) that a start
-# removes once it is older than any build takes.
-.venv/bin/python -c "from dstein.distributed import own_op_build; own_op_build()
-from deepspeed.comm.torch import build_shm_op; build_shm_op()" >/dev/null
+# killed during that build leaves torch's lock there (deepspeed_shm_comm/lock), which the
+# next start removes at once (dstein/op_build.py).
+.venv/bin/python -c "from dstein.op_build import prepare_op; prepare_op()" >/dev/null

@@ -13,8 +13,9 @@ import pytest
 import torch
 from distributed_utils import VENV_BIN, free_port, run_command, spawn_ranks, train_command, wait_all
 
-from dstein.distributed import Launch, check_layout, detect_launch, own_op_build
+from dstein.distributed import Launch, check_layout, detect_launch
 from dstein.metrics import read_metrics
+from dstein.op_build import own_op_build
 
 SMALL_64 = [
     "pde.dim=5", "model.width=16", "model.depth=2", "estimator.samples=48", "estimator.chunk=8",
