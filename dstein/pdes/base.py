@@ -26,6 +26,8 @@ TEST_BLOCK = 1024
 TEST_BLOCK_ELEMENTS = 1 << 27
 #: Rows of an exact solution evaluated at once hold at most this many numbers each (128 MB).
 TRUTH_BLOCK_ELEMENTS = 1 << 24
+#: The default slice's range comes from test points of at most this many numbers (``slice``).
+SLICE_SAMPLE_ELEMENTS = 1 << 25
 
 
 @dataclass
@@ -127,9 +129,11 @@ class PDE(abc.ABC):
         """Points along a 1-D line through the domain, their coordinate on it, and its name.
 
         Default: the first coordinate varied over the test points' range through the first
-        test point.
+        test point (the range of 256 test points; fewer at very large d, where 256 rows are
+        2 GB at d = 10^6: at least 16).
         """
-        sample = self.sample_test(256, torch.Generator().manual_seed(0))
+        rows = min(256, max(16, SLICE_SAMPLE_ELEMENTS // self.in_dim))
+        sample = self.sample_test(rows, torch.Generator().manual_seed(0))
         coord = torch.linspace(float(sample[:, 0].min()), float(sample[:, 0].max()), n, dtype=torch.float64)
         X = sample[:1].repeat(n, 1)
         X[:, 0] = coord
