@@ -52,10 +52,16 @@ def check_pde(pde: PDE, config: Config) -> None:
         method = "sample_domain" if kind == "domain" else f"sample_condition({kind!r})"
         points[kind] = _checked(pde, method, (n, pde.in_dim), pde.training_points, kind, n, gen, torch.float32)
     X = points["domain"]
-    D = Derivatives(**{k: torch.zeros(n) for k in pde.needs - {"grad"}})
+    D = Derivatives(**{k: torch.zeros(n, requires_grad=True) for k in pde.needs - {"grad"}})
     if "grad" in pde.needs:
-        D.grad = torch.zeros(n, pde.dim)
-    _checked(pde, "residual", (n,), pde.residual, X, D)
+        D.grad = torch.zeros(n, pde.dim, requires_grad=True)
+    residual = _checked(pde, "residual", (n,), pde.residual, X, D)
+    if not residual.requires_grad:  # e.g. torch.zeros(B), or a detached value: the PDE term would be ignored
+        raise ConfigError(
+            f"pde {pde.name}: {type(pde).__name__}.residual does not depend on the derivatives it is given "
+            f"({', '.join(sorted(pde.needs))}): its loss term would train nothing; compute it from them "
+            "(D.require('lap'), ...) without detaching"
+        )
     for kind in counts:
         if kind != "domain":
             _checked(pde, f"condition_target({kind!r})", (n,), pde.condition_target, kind, points[kind])
@@ -104,6 +110,10 @@ def _checked(pde: PDE, method: str, shape: tuple[int, ...], fn: Callable[..., An
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != shape:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ConfigError(f"pde {pde.name}: {cls}.{method} returned {got}, expected a tensor of shape {shape}")
+    if not out.is_floating_point():
+        raise ConfigError(
+            f"pde {pde.name}: {cls}.{method} returned a tensor of dtype {out.dtype}, expected floating point"
+        )
     return out
 
 

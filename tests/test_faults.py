@@ -76,7 +76,16 @@ BAD = [
     ("unknown PDE", CONFIG, ["pde.name=wave"], 1,
      "pde.name='wave' is not one of ['allen_cahn', 'heat', 'hjb', 'poisson', 'sine_gordon']"),
     ("PDE class not importable", CONFIG, ["pde.target=nomodule:Foo"], 1,
-     "pde.target='nomodule:Foo' cannot be imported"),
+     "pde.target='nomodule:Foo' cannot be imported: no module named 'nomodule' on the Python path"),
+    ("PDE module raising at import", CONFIG, ["pde.target=user_pde_import_fails:Foo"], 1,
+     "pde.target='user_pde_import_fails:Foo': importing user_pde_import_fails failed: KeyError: "
+     "'DSTEIN_TEST_PDE_SCALE' ("),
+    ("PDE constructor raising", "configs/poisson_2d.yaml", ["pde.target=user_pde:RaisingInit"], 1,
+     "pde.target='user_pde:RaisingInit': RaisingInit(5, **{}) raised KeyError: 'scale' ("),
+    ("residual not using the derivatives", "configs/poisson_2d.yaml", ["pde.target=user_pde:Unconnected"], 1,
+     "pde unconnected: Unconnected.residual does not depend on the derivatives it is given"),
+    ("residual of integers", "configs/poisson_2d.yaml", ["pde.target=user_pde:IntegerResidual"], 1,
+     "pde integer: IntegerResidual.residual returned a tensor of dtype torch.int32, expected floating point"),
     ("derivative no method gives", "configs/poisson_2d.yaml", ["pde.target=user_pde:NeedsHessian"], 1,
      "pde needs-hessian needs ['hess'], which estimator.method=stein-antithetic cannot give"),
     ("gradient along a direction with the subspace estimator", "configs/poisson_2d.yaml",
@@ -191,6 +200,17 @@ def test_bad_input_exits_2_with_one_line(tmp_path, hjb5_file, monkeypatch, capsy
         assert len(errors) <= 1 and all(message in line for line in errors), err[-3000:]
     assert any(message in line for _, _, err in results for line in err.splitlines() if line.startswith("error:"))
     assert not (tmp_path / "run").exists()  # refused before anything was written: no trace left
+
+
+def test_a_user_pde_module_with_a_syntax_error_is_named_with_its_line(tmp_path, monkeypatch):
+    from dstein.pdes import build_pde
+
+    (tmp_path / "broken_pde.py").write_text("import torch\n\ndef residual(X, D:\n    return X\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ValueError) as caught:
+        build_pde("x", 3, {}, "broken_pde:Broken")
+    assert str(caught.value).startswith("pde.target='broken_pde:Broken': importing broken_pde failed: SyntaxError: ")
+    assert str(caught.value).endswith(f"({tmp_path / 'broken_pde.py'}:3)") and "\n" not in str(caught.value)
 
 
 def test_debug_shows_the_traceback(tmp_path):

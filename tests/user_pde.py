@@ -86,3 +86,31 @@ class NonRadialTransform(Reaction):
     def output_transform(self, X: torch.Tensor) -> OutputTransform:
         return OutputTransform(A=self.exact(X), B=torch.ones_like(X[:, 0]), A_grad=self.exact_grad(X),
                                A_lap=self.exact(X))  # fmt: skip
+
+
+class RaisingInit(Reaction):
+    """A constructor with a bug."""
+
+    name = "raising-init"
+
+    def __init__(self, dim: int, **params) -> None:
+        super().__init__(dim, **params)
+        raise KeyError("scale")
+
+
+class Unconnected(Reaction):
+    """A residual that does not use the derivatives it is given: its loss term trains nothing."""
+
+    name = "unconnected"
+
+    def residual(self, X: torch.Tensor, D: Derivatives) -> torch.Tensor:
+        return torch.zeros(X.shape[0], dtype=X.dtype)
+
+
+class IntegerResidual(Reaction):
+    """A residual of integers (rounded): no gradient flows through it."""
+
+    name = "integer"
+
+    def residual(self, X: torch.Tensor, D: Derivatives) -> torch.Tensor:
+        return (D.require("lap") - D.require("u")).round().to(torch.int32)

@@ -23,9 +23,18 @@ def resolve_pde_class(name: str, target: str | None = None) -> type[PDE]:
         if not module_name or not attr:
             raise ValueError(f"pde.target={target!r} must look like 'package.module:ClassName'")
         try:
-            cls = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as err:
-            raise ValueError(f"pde.target={target!r} cannot be imported: {err}") from err
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            if err.name is None or not module_name.startswith(err.name):
+                raise ValueError(f"pde.target={target!r}: importing {module_name} failed: {user_error(err)}") from err
+            raise ValueError(f"pde.target={target!r} cannot be imported: no module named {err.name!r} on the "
+                             "Python path (PYTHONPATH, or the directory the command runs in)") from err  # fmt: skip
+        except Exception as err:  # the user's module: a SyntaxError or anything it raises at import
+            raise ValueError(f"pde.target={target!r}: importing {module_name} failed: {user_error(err)}") from err
+        try:
+            cls = getattr(module, attr)
+        except AttributeError as err:
+            raise ValueError(f"pde.target={target!r}: module {module_name} has no {attr}") from err
         if not (isinstance(cls, type) and issubclass(cls, PDE)):
             raise ValueError(f"pde.target={target!r} is not a subclass of dstein.pdes.PDE")
         return cls
@@ -40,3 +49,25 @@ def build_pde(name: str, dim: int, params: dict[str, Any] | None = None, target:
         return cls(dim, **(params or {}))
     except TypeError as err:
         raise ValueError(f"pde.params={dict(params or {})} do not fit {cls.__name__}: {err}") from err
+    except ValueError as err:  # a built-in PDE's own check of its parameters
+        if not target:
+            raise
+        raise ValueError(f"pde.target={target!r}: {cls.__name__}({dim}, **{dict(params or {})}) raised "
+                         f"{user_error(err)}") from err  # fmt: skip
+    except Exception as err:  # the user's constructor
+        raise ValueError(f"pde.target={target or name!r}: {cls.__name__}({dim}, **{dict(params or {})}) raised "
+                         f"{user_error(err)}") from err  # fmt: skip
+
+
+def user_error(err: BaseException) -> str:
+    """One line for an exception raised in a user's code: its type, first line, and where
+    (file:line of the innermost frame; a SyntaxError's own file and line)."""
+    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    if isinstance(err, SyntaxError) and err.filename:
+        return f"SyntaxError: {err.msg} ({err.filename}:{err.lineno})"
+    tb, where = err.__traceback__, ""
+    while tb is not None:  # the innermost frame of real code (importlib's own frames are frozen)
+        if not tb.tb_frame.f_code.co_filename.startswith("<"):
+            where = f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}"
+        tb = tb.tb_next
+    return f"{type(err).__name__}{': ' + first if first else ''}{f' ({where})' if where else ''}"
