@@ -161,15 +161,39 @@ BAD_FILES = [
     ("Inf in test", lambda fh: fh["test/u"].__setitem__(7, np.inf), {}, "/test/u: row 7 holds NaN or Inf"),
     ("wrong shape", lambda fh: _replace(fh, "test/grad", np.zeros((10, 3))), {},
      "/test/grad: has shape (10, 3), expected (rows, 10)"),
+    # the reliability round: each of these was a traceback, or accepted
+    ("integer training points", lambda fh: _replace(fh, "train/domain", fh["train/domain"][:].astype(np.int32)), {},
+     "/train/domain: holds int32 values, expected float64 numbers (the schema's)"),
+    ("single-precision test points", lambda fh: _replace(fh, "test/X", fh["test/X"][:].astype(np.float32)), {},
+     "/test/X: holds float32 values, expected float64"),
+    ("strings for the solution", lambda fh: _replace(fh, "test/u", np.array([b"1.5"] * fh["test/u"].shape[0])), {},
+     "/test/u: holds strings, expected float64 numbers"),
+    ("fewer values than points", lambda fh: _replace(fh, "test/u", fh["test/u"][:-3]), {},
+     "/test/u: has {n} rows, /test/X has {N}: each row belongs to the point in the same row"),
+    ("fewer standard errors than points", lambda fh: _replace(fh, "test/u_se", fh["test/u_se"][:5]), {},
+     "/test/u_se: has 5 rows, /test/X has {N}"),
+    ("external link to a missing file",
+     lambda fh: (fh["test"].__delitem__("grad"), fh["test"].__setitem__("grad", h5py.ExternalLink("gone.h5", "/g"))),
+     {}, "/test/grad: cannot be opened (an external link to gone.h5:/g): "),
+    ("a group in place of a dataset",
+     lambda fh: (fh["train"].__delitem__("domain"), fh["train"].create_group("domain")),
+     {}, "/train/domain: is a group, expected a dataset"),
+    ("parameters that are not JSON", lambda fh: fh.attrs.__setitem__("pde_params", "{mu: 1.0, T"), {},
+     "/: attribute 'pde_params' is not a JSON object of the PDE's parameters ("),
+    ("dimension that is not a number", lambda fh: fh.attrs.__setitem__("dim", "ten"), {},
+     "/: attribute 'dim' is not an integer ("),
 ]  # fmt: skip
 
 
 @pytest.mark.parametrize("name, edit, kw, message", BAD_FILES, ids=[b[0] for b in BAD_FILES])
 def test_bad_files_give_one_clear_error(datafile, tmp_path, name, edit, kw, message):
     bad = _copy(datafile, tmp_path / "bad.h5", edit)
+    with h5py.File(datafile, "r") as fh:
+        points = fh["test/X"].shape[0]
+    message = message.replace("{N}", str(points)).replace("{n}", str(points - 3))
     with pytest.raises(DataFileError) as err:
         _validate(bad, **kw)
-    assert message in str(err.value) and str(bad) in str(err.value)
+    assert message in str(err.value) and str(bad) in str(err.value) and "\n" not in str(err.value), str(err.value)
 
 
 def test_truncated_and_missing_files(datafile, tmp_path):

@@ -20,11 +20,17 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from dstein.errors import ConfigError
 
 SCHEMA_VERSION = 1
 SUPPORTED_SCHEMAS = (1,)
 ROOT_ATTRS = ("schema_version", "dstein_version", "created", "pde", "dim", "in_dim", "pde_params", "seed")
+
+
+#: Datasets read when present, and then checked like the required ones.
+OPTIONAL = {"test": ("u_se",)}
 
 
 class DataFileError(ConfigError):
@@ -58,18 +64,50 @@ def expected_columns(name: str, in_dim: int, dim: int) -> tuple[int, ...]:
     return (in_dim,)
 
 
+def _attr(path, attrs, name: str, kind: type, what: str) -> Any:
+    """Root attribute ``name`` as ``kind`` (int, str, or dict from JSON), or one DataFileError."""
+    value = attrs[name]
+    try:
+        if kind is dict:
+            text = value.decode() if isinstance(value, bytes) else value
+            if not isinstance(text, str):
+                raise TypeError(f"a {type(value).__name__}")
+            out = json.loads(text)
+            if not isinstance(out, dict):
+                raise TypeError(f"JSON of a {type(out).__name__}")
+            return out
+        if kind is str:
+            out = value.decode() if isinstance(value, bytes) else value
+            if not isinstance(out, str):
+                raise TypeError(f"a {type(value).__name__}")
+            return out
+        if isinstance(value, (str, bytes, float)) and not float(value).is_integer():
+            raise TypeError(f"{value!r}")
+        return int(value)
+    except (TypeError, ValueError, UnicodeDecodeError) as err:
+        raise _fail(path, "/", f"attribute {name!r} is not {what} ({_first_line(err)})") from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def _check_attrs(path, attrs, pde_name: str, dim: int, pde_params: dict[str, Any]) -> None:
     for name in ROOT_ATTRS:
         if name not in attrs:
             raise _fail(path, "/", f"missing attribute {name!r} (not a dstein data file?)")
-    version = int(attrs["schema_version"])
+    version = _attr(path, attrs, "schema_version", int, "an integer")
     if version not in SUPPORTED_SCHEMAS:
         raise _fail(path, "/", f"schema_version {version} is not supported (this dstein reads {SUPPORTED_SCHEMAS})")
-    if attrs["pde"] != pde_name:
-        raise _fail(path, "/", f"written for PDE {attrs['pde']!r}, the config has pde.name={pde_name!r}")
-    if int(attrs["dim"]) != dim:
-        raise _fail(path, "/", f"written for dim {int(attrs['dim'])}, the config has pde.dim={dim}")
-    stored = json.loads(attrs["pde_params"])
+    pde = _attr(path, attrs, "pde", str, "a PDE name")
+    if pde != pde_name:
+        raise _fail(path, "/", f"written for PDE {pde!r}, the config has pde.name={pde_name!r}")
+    stored_dim = _attr(path, attrs, "dim", int, "an integer")
+    if stored_dim != dim:
+        raise _fail(path, "/", f"written for dim {stored_dim}, the config has pde.dim={dim}")
+    _attr(path, attrs, "in_dim", int, "an integer")
+    stored = _attr(path, attrs, "pde_params", dict, "a JSON object of the PDE's parameters")
     if stored != pde_params:
         raise _fail(path, "/", f"written for PDE parameters {stored}, the config has {pde_params}")
 
@@ -111,16 +149,53 @@ def validate(
         for group, names in groups.items():
             if group not in fh:
                 raise _fail(path, f"/{group}", "missing group")
-            for name in names:
+            rows: dict[str, int] = {}
+            optional = [n for n in OPTIONAL.get(group, ()) if n in fh[group] and n not in names]
+            for name in [*names, *optional]:
                 where = f"/{group}/{name}"
-                if name not in fh[group]:
-                    raise _fail(path, where, "missing dataset")
-                dset = fh[group][name]
+                dset = _dataset(path, fh, group, name)
                 want = expected_columns(name, in_dim, dim)
-                if dset.shape[0] < 1:
+                if dset.dtype != np.float64:
+                    raise _fail(path, where, f"holds {_kind(dset.dtype)}, expected float64 numbers (the schema's)")
+                if dset.ndim < 1 or dset.shape[0] < 1:
                     raise _fail(path, where, "has no rows")
                 if tuple(dset.shape[1:]) != want:
                     expected = ", ".join(["rows", *map(str, want)])
                     raise _fail(path, where, f"has shape {dset.shape}, expected ({expected})")
+                rows[name] = dset.shape[0]
                 if check_values:
                     _check_values(path, where, dset, block_rows)
+            for name, n in rows.items():  # values and gradients belong to the points row by row
+                owner = "X" if group == "test" else name.removesuffix("_target")
+                if owner != name and owner in rows and n != rows[owner]:
+                    raise _fail(path, f"/{group}/{name}", f"has {n} rows, /{group}/{owner} has {rows[owner]}: "
+                                "each row belongs to the point in the same row")  # fmt: skip
+
+
+def _dataset(path, fh, group: str, name: str):
+    """``/group/name`` as a dataset, or one DataFileError (missing, not a dataset, or a link
+    that cannot be followed: an external link to a missing file, a dangling soft link)."""
+    import h5py
+
+    where = f"/{group}/{name}"
+    link = fh[group].get(name, getlink=True)
+    if link is None:
+        raise _fail(path, where, "missing dataset")
+    try:
+        dset = fh[group][name]
+    except (KeyError, OSError) as err:
+        target = ""
+        if isinstance(link, h5py.ExternalLink):
+            target = f" (an external link to {link.filename}:{link.path})"
+        elif isinstance(link, h5py.SoftLink):
+            target = f" (a soft link to {link.path})"
+        raise _fail(path, where, f"cannot be opened{target}: {_first_line(err)}") from None
+    if not isinstance(dset, h5py.Dataset):
+        raise _fail(path, where, f"is a {type(dset).__name__.lower()}, expected a dataset")
+    return dset
+
+
+def _kind(dtype) -> str:
+    if dtype.kind in "SUO":
+        return "strings"
+    return f"{dtype} values"
