@@ -547,10 +547,33 @@ def _check_appended_key(override: str, path: Path) -> None:
             return
 
 
+#: The first and last lines of every config.yaml dstein writes (run directories, checkpoints):
+#: a file that begins with the first but lacks the last was cut short, and is refused instead
+#: of read with defaults for whatever was cut. Files without the first line (written before
+#: it existed, or by hand) are read as they are.
+CONFIG_HEADER = "# dstein: the resolved config of a run, every setting; its last line marks its end\n"
+CONFIG_END = "# end of config\n"
+
+
+def config_file_text(config: Config) -> str:
+    """What a run's ``config.yaml`` holds: the resolved config between its two marker lines."""
+    return CONFIG_HEADER + to_yaml(config) + CONFIG_END
+
+
 def load_resolved(path: str | Path) -> Config:
     """A run directory's resolved ``config.yaml`` (no defaults list), checked against the schema."""
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(path))
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config {path} cannot be read ({_one_line(err)})") from err
+    if text.startswith(CONFIG_HEADER) and not text.endswith(CONFIG_END):
+        raise ConfigError(
+            f"config {path} is cut short: it lacks its last line {CONFIG_END.strip()!r} (truncated by a full disk or "
+            "an interrupted copy?), and what was cut would be read as defaults; restore it (each checkpoint holds "
+            "a copy: RUN_DIR/checkpoints/step-*/config.yaml)"
+        )
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(text))
         config = OmegaConf.to_object(merged)
     except ConfigError:
         raise

@@ -7,6 +7,7 @@ exactly as training did, writes ``eval.json`` and redraws the figures.
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -53,10 +54,11 @@ def slice_points(dim: int) -> int:
 
 
 def draw_plots(
-    run_dir: Path, model: torch.nn.Module, pde: PDE, test: TestSet, config: Config, device, dtype
-) -> list[Path]:
-    """All four figures of ``plots/`` from the run's metrics and its model."""
-    out = run_dir / "plots"
+    run_dir: Path, model: torch.nn.Module, pde: PDE, test: TestSet, config: Config, device, dtype,
+    out: Path | None = None,
+) -> list[Path]:  # fmt: skip
+    """All four figures (in ``out``, by default ``RUN_DIR/plots``) from the run's metrics and model."""
+    out = out or run_dir / "plots"
     out.mkdir(parents=True, exist_ok=True)
     title = f"{pde.name} d={pde.dim}, {config.estimator.method}"
     metrics = run_dir / "metrics.jsonl"
@@ -76,13 +78,32 @@ def finish_run(run_dir: Path, model: torch.nn.Module, pde: PDE, test: TestSet, c
         draw_plots(run_dir, model, pde, test, config, device, dtype)
 
 
-def evaluate_run(run_dir: str | Path, test_file: str | None = None, samples: int | None = None) -> dict[str, Any]:
-    """Re-evaluate a finished run's final model; write ``eval.json`` and redraw the plots."""
+def writable(folder: Path, option: str) -> None:
+    """Refuse, before any work, a folder this process cannot write in (read-only, full, not a
+    folder); root passes permission bits, so this tries a file rather than asking."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".dstein-probe-"):
+            pass
+    except OSError as err:
+        raise ConfigError(
+            f"{option} {folder}: cannot write there ({err.strerror or err}): pass --out DIR to write eval.json and "
+            "the plots elsewhere"
+        ) from err
+
+
+def evaluate_run(
+    run_dir: str | Path, test_file: str | None = None, samples: int | None = None, out: str | Path | None = None
+) -> dict[str, Any]:
+    """Re-evaluate a finished run's final model; write ``eval.json`` and the plots into ``out``
+    (by default the run directory: ``RUN_DIR/eval.json``, ``RUN_DIR/plots``)."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"--run {run_dir}: no config.yaml there (not a dstein run directory)")
     if not (run_dir / MODEL_FILE).is_file():
         raise ConfigError(f"--run {run_dir}: no {MODEL_FILE} there (the run has not finished)")
+    target = Path(out) if out is not None else run_dir
+    writable(target, "--out" if out is not None else "--run")
     config = load_resolved(run_dir / "config.yaml")
     if samples is not None:
         config.eval.samples = samples
@@ -102,6 +123,6 @@ def evaluate_run(run_dir: str | Path, test_file: str | None = None, samples: int
     errors = evaluate(model, test, config, device, dtype, output_transform(config, pde))
     result = {**errors, "baselines": baselines(pde, test), "model": MODEL_FILE, "test_points": int(test.X.shape[0]),
               "eval_samples": config.eval.samples, "test_file": test_file}  # fmt: skip
-    write_json_atomic(run_dir / "eval.json", result)
-    draw_plots(run_dir, model, pde, test, config, device, dtype)
+    write_json_atomic(target / "eval.json", result)
+    draw_plots(run_dir, model, pde, test, config, device, dtype, out=target / "plots")
     return result

@@ -27,14 +27,14 @@ import torch
 import dstein
 from dstein.build import Trainer, build_trainer
 from dstein.checkpoint import Checkpointer, Interrupted, Preemption, Resume, step_of
-from dstein.config import Config, to_yaml
+from dstein.config import Config, config_file_text
 from dstein.data.points import Batch
 from dstein.distributed import DistInfo, gather_objects, init_distributed, stop_on_lost_peer, sum_values
 from dstein.errors import Preempted, RunStopped
 from dstein.estimators.sharded import Estimator
 from dstein.evaluation import evaluate, not_beaten, reference_errors
 from dstein.faults import fault_loss
-from dstein.files import write_json_atomic
+from dstein.files import write_json_atomic, write_text_atomic
 from dstein.metrics import MetricsLog, Progress, Scalars
 from dstein.noise import Streams
 from dstein.nonfinite import StepResult, first_nonfinite, ranks_with, skip_or_stop
@@ -205,7 +205,7 @@ def _train(config: Config, info: DistInfo, notes: list[str]) -> dict[str, Any]:
             print(line, flush=True)
         if cfg.pde.dim > cfg.model.width and cfg.model.family == "mlp":
             print(width_warning(cfg.pde.dim, cfg.model.width), file=sys.stderr, flush=True)
-    _on_rank0(tr, checkpoints, lambda: (tr.run_dir / "config.yaml").write_text(to_yaml(cfg)))
+    _on_rank0(tr, checkpoints, lambda: write_text_atomic(tr.run_dir / "config.yaml", config_file_text(cfg)))
     start = time.perf_counter()
     with stop_on_lost_peer(tr.info, cfg.parallel.timeout_s):
         errors = _steps(tr, checkpoints, resumed, start)

@@ -1,11 +1,14 @@
-"""Re-evaluate a finished run: ``python launch/evaluate.py --run RUN_DIR [--test-file FILE.h5] [--samples N]``.
+"""Re-evaluate a finished run: ``python launch/evaluate.py --run RUN_DIR [--test-file F.h5] [--samples N] [--out DIR]``.
 
 Loads the run's resolved config.yaml and final model (model.pt), computes the test errors
 exactly as training did (same test set and noise unless --test-file / --samples change
 them), prints a table beside the baselines (best constant, best function of t alone,
 condition value everywhere, the best constant under a hard constraint) and the gradient
-floor, writes RUN_DIR/eval.json and redraws RUN_DIR/plots.
-Exit status: 0 done, 2 a user error (missing run directory, model or file).
+floor, writes RUN_DIR/eval.json and redraws RUN_DIR/plots (or eval.json and plots/ in --out DIR:
+a run directory that cannot be written, read-only or shared, is refused before any work
+unless --out says where).
+Exit status: 0 done, 2 a user error (missing run directory, model or file; a config.yaml cut
+short; nowhere to write).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run", required=True, help="run directory (run.dir of the training run)")
     parser.add_argument("--test-file", default=None, help="HDF5 file with a test set (default: the run's own)")
     parser.add_argument("--samples", type=int, default=None, help="samples per test point for the smoothed model")
+    parser.add_argument("--out", default=None, help="folder for eval.json and plots/ (default: the run directory)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.samples is not None and args.samples < 1:
@@ -32,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from dstein.report import evaluate_run
 
-        result = evaluate_run(args.run, args.test_file, args.samples)
+        result = evaluate_run(args.run, args.test_file, args.samples, args.out)
     except (ConfigError, DataFileError) as err:
         if args.debug:
             raise
@@ -47,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     if "gradient_floor" in result:
         print(f"{'gradient_floor':<14}{result['gradient_floor']:>12.6f}  (the gradient error no training of this "
               "first layer can go below)")  # fmt: skip
-    where = Path(args.run) / "eval.json"
+    where = Path(args.out or args.run) / "eval.json"
     print(f"test points {result['test_points']}, eval samples {result['eval_samples']}; wrote {where}")
     return 0
 

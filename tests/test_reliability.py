@@ -4,6 +4,7 @@ checkpoint folder, a full disk (a real tmpfs, as root), a damaged final model.""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -224,3 +225,39 @@ def test_ctrl_c_saves_a_checkpoint_like_sigterm_and_the_run_resumes_bit_exact(tm
     out = finish(start(tmp_path, 1))
     assert f"resuming from {step_dir(tmp_path / 'checkpoints', stopped)}" in out
     assert losses(tmp_path) == losses(straight[1])
+
+
+def evaluate(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "launch/evaluate.py", *args], cwd=ROOT, env=base_env(),
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+
+
+@needs_root
+def test_evaluate_on_a_read_only_run_or_a_config_cut_short_ends_in_one_line(tmp_path):
+    """A shared, read-only results folder: refused before any work unless --out says where to
+    write (before: a PermissionError traceback after the evaluation); a config.yaml cut short:
+    refused (before: evaluated silently with defaults for what was cut)."""
+    run = tmp_path / "run"
+    finish(start(run, 1, "train.steps=3"))
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    bound = subprocess.run(["mount", "--bind", str(run), str(ro)], capture_output=True, text=True)
+    if bound.returncode:
+        pytest.skip(f"cannot bind-mount here ({bound.stderr.strip()})")
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(ro)], check=True)
+        out = evaluate("--run", str(ro))
+        assert out.returncode == 2 and "Traceback" not in out.stderr and out.stderr.count("\n") == 1, out.stderr
+        assert out.stderr.startswith(f"error: --run {ro}: cannot write there (Read-only file system): pass --out DIR")
+        out = evaluate("--run", str(ro), "--out", str(tmp_path / "elsewhere"))
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert json.loads((tmp_path / "elsewhere" / "eval.json").read_text())["l2_rel"] > 0
+        assert (tmp_path / "elsewhere" / "plots" / "slice.png").is_file() and not (run / "eval.json").exists()
+    finally:
+        subprocess.run(["umount", "-l", str(ro)], check=False)
+    config = run / "config.yaml"
+    text = config.read_text()
+    config.write_text(text[: len(text) * 2 // 3])  # cut inside a section: the rest would be defaults
+    out = evaluate("--run", str(run))
+    assert out.returncode == 2 and "Traceback" not in out.stderr and out.stderr.count("\n") == 1, out.stderr
+    assert out.stderr.startswith(f"error: config {config} is cut short: it lacks its last line '# end of config'")

@@ -18,7 +18,7 @@ from dstein.checkpoint.layout import CONFIG_FILE, MANIFEST, MARKER, RNG_DIR, fil
 from dstein.checkpoint.manifest import shared_digests
 from dstein.checkpoint.resume import Resume, Resumer
 from dstein.checkpoint.state import rng_state
-from dstein.config import Config, to_yaml
+from dstein.config import Config, config_file_text
 from dstein.distributed import barrier, from_rank0, gather_objects
 from dstein.errors import RunStopped
 from dstein.faults import fault
@@ -84,7 +84,7 @@ class Checkpointer:
             (path / RNG_DIR).mkdir(parents=True, exist_ok=True)
             torch.save(rng_state(), path / RNG_DIR / f"rank-{self.rank:05d}.pt")
             if self.rank == 0:
-                (path / CONFIG_FILE).write_text(to_yaml(self.config))
+                (path / CONFIG_FILE).write_text(config_file_text(self.config))
             fault("fail-save", done, self.rank)
 
         def manifest() -> None:
