@@ -30,7 +30,7 @@ from dstein.models import MLP, RadialMLP, radial_phi
 from dstein.noise import Streams, counter_seed, default_chunk
 from dstein.nonfinite import GradientWatch
 from dstein.output_init import fit_output_bias
-from dstein.pdes import PDE, TestSet
+from dstein.pdes import PDE, TestSet, user_error
 from dstein.pdes import build_pde as _build_pde
 
 
@@ -66,9 +66,14 @@ def check_pde(pde: PDE, config: Config) -> None:
         if kind != "domain":
             _checked(pde, f"condition_target({kind!r})", (n,), pde.condition_target, kind, points[kind])
     _checked(pde, "project", (n, pde.in_dim), pde.project, X)
-    transform = output_transform(config, pde)
+    try:
+        transform = output_transform(config, pde)
+        T = transform(X) if transform is not None else None
+    except ConfigError:
+        raise
+    except Exception as err:  # the user's code: reported, not a traceback
+        raise ConfigError(f"pde {pde.name}: {type(pde).__name__}.output_transform raised {user_error(err)}") from err
     if transform is not None:
-        T = transform(X)
         if T is None:
             raise ConfigError(f"pde {pde.name}: {type(pde).__name__}.output_transform returned None at training points")
         for name in ("A", "B", "A_t", "A_lap", "B_t", "B_lap", "A_grad", "B_grad"):
@@ -289,6 +294,7 @@ def open_data(config: Config, pde: PDE, info: DistInfo) -> tuple[H5Collocation |
             dim=pde.dim,
             pde_params=pde.params(),
             groups={"train": list(kinds)},
+            in_dim=pde.in_dim,
         )
         reader = H5Collocation(
             config.data.train_file, kinds, config.seed, config.data.shuffle, info.point_group, info.num_point_groups
@@ -299,8 +305,16 @@ def open_data(config: Config, pde: PDE, info: DistInfo) -> tuple[H5Collocation |
 def load_test_set(config: Config, pde: PDE, test_file: str | None) -> TestSet:
     """The test set from ``test_file`` (validated; its first eval.points rows) or drawn from eval.seed."""
     if not test_file:
-        return pde.test_set(config.eval.points, config.eval.seed, config.eval.truth_samples)
-    validate(test_file, pde_name=pde.name, dim=pde.dim, pde_params=pde.params(), groups={"test": ["X", "u", "grad"]})
+        if not config.pde.target:
+            return pde.test_set(config.eval.points, config.eval.seed, config.eval.truth_samples)
+        try:  # a user's sampler and truth: any error is reported, not a traceback
+            return pde.test_set(config.eval.points, config.eval.seed, config.eval.truth_samples)
+        except Exception as err:
+            raise ConfigError(
+                f"pde {pde.name}: {type(pde).__name__}.test_set (sample_test, then truth) raised {user_error(err)}"
+            ) from err
+    validate(test_file, pde_name=pde.name, dim=pde.dim, pde_params=pde.params(), groups={"test": ["X", "u", "grad"]},
+             in_dim=pde.in_dim)  # fmt: skip
     return read_test_set(test_file, config.eval.points)
 
 

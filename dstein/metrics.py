@@ -76,7 +76,8 @@ class MetricsLog:
                 aside = path.with_name(f"metrics.before-{time.strftime('%Y%m%dT%H%M%S')}.jsonl")
                 os.replace(path, aside)
                 self.note = f"note: starting over: the earlier {path.name} ({len(moved)} rows) is kept as {aside.name}"
-            write_text_atomic(path, "".join(json.dumps(row, sort_keys=True) + "\n" for row in keep))
+            if moved or not path.exists():  # else the rows are those of the resumed steps: appended to
+                write_text_atomic(path, "".join(json.dumps(row, sort_keys=True) + "\n" for row in keep))
             self._fh = open(path, "a")  # noqa: SIM115 - held open for the run
 
     def write(self, row: dict[str, Any]) -> None:

@@ -182,6 +182,8 @@ BAD_FILES = [
      "/: attribute 'pde_params' is not a JSON object of the PDE's parameters ("),
     ("dimension that is not a number", lambda fh: fh.attrs.__setitem__("dim", "ten"), {},
      "/: attribute 'dim' is not an integer ("),
+    ("points of another width", lambda fh: fh.attrs.__setitem__("in_dim", 10), dict(in_dim=11),
+     "/: attribute 'in_dim' is 10, the PDE's points have 11 columns"),
 ]  # fmt: skip
 
 

@@ -84,6 +84,12 @@ BAD = [
      "pde.target='user_pde:RaisingInit': RaisingInit(5, **{}) raised KeyError: 'scale' ("),
     ("residual not using the derivatives", "configs/poisson_2d.yaml", ["pde.target=user_pde:Unconnected"], 1,
      "pde unconnected: Unconnected.residual does not depend on the derivatives it is given"),
+    ("truth that raises", "configs/poisson_2d.yaml", ["pde.target=user_pde:RaisingTruth"], 1,
+     "pde raising-truth: RaisingTruth.test_set (sample_test, then truth) raised FloatingPointError: overflow in the "
+     "user's closed form ("),
+    ("output transform that raises", "configs/poisson_2d.yaml",
+     ["pde.target=user_pde:RaisingTransform", "model.hard_constraint=true"], 1,
+     "pde raising-transform: RaisingTransform.output_transform raised IndexError: column 7 ("),
     ("residual of integers", "configs/poisson_2d.yaml", ["pde.target=user_pde:IntegerResidual"], 1,
      "pde integer: IntegerResidual.residual returned a tensor of dtype torch.int32, expected floating point"),
     ("derivative no method gives", "configs/poisson_2d.yaml", ["pde.target=user_pde:NeedsHessian"], 1,

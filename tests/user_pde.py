@@ -114,3 +114,21 @@ class IntegerResidual(Reaction):
 
     def residual(self, X: torch.Tensor, D: Derivatives) -> torch.Tensor:
         return (D.require("lap") - D.require("u")).round().to(torch.int32)
+
+
+class RaisingTruth(Reaction):
+    """A truth with a bug: found when the test set is made, before training."""
+
+    name = "raising-truth"
+
+    def truth(self, X: torch.Tensor, samples: int, seed: int):
+        raise FloatingPointError("overflow in the user's closed form")
+
+
+class RaisingTransform(Reaction):
+    """An output transform with a bug."""
+
+    name = "raising-transform"
+
+    def output_transform(self, X: torch.Tensor) -> OutputTransform | None:
+        raise IndexError("column 7")

@@ -133,6 +133,7 @@ def validate(
     dim: int,
     pde_params: dict[str, Any],
     groups: dict[str, list[str]],
+    in_dim: int | None = None,
     check_values: bool = True,
     block_rows: int = 65536,
 ) -> None:
@@ -145,7 +146,10 @@ def validate(
         raise error
     with fh:
         _check_attrs(path, fh.attrs, pde_name, dim, pde_params)
-        in_dim = int(fh.attrs["in_dim"])
+        stored_in_dim = int(fh.attrs["in_dim"])
+        if in_dim is not None and stored_in_dim != in_dim:
+            raise _fail(path, "/", f"attribute 'in_dim' is {stored_in_dim}, the PDE's points have {in_dim} columns")
+        in_dim = stored_in_dim
         for group, names in groups.items():
             if group not in fh:
                 raise _fail(path, f"/{group}", "missing group")

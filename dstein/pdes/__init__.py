@@ -13,7 +13,7 @@ from dstein.pdes.twobody import AllenCahn, SineGordon
 
 REGISTRY: dict[str, type[PDE]] = {cls.name: cls for cls in (Poisson, Heat, HJB, SineGordon, AllenCahn)}
 
-__all__ = ["PDE", "REGISTRY", "ExactPDE", "TestSet", "build_pde", "resolve_pde_class"]
+__all__ = ["PDE", "REGISTRY", "ExactPDE", "TestSet", "build_pde", "resolve_pde_class", "user_error"]
 
 
 def resolve_pde_class(name: str, target: str | None = None) -> type[PDE]:
