@@ -63,7 +63,7 @@ class MetricsLog:
         self.error: str | None = None  # the first write that failed (the loop stops all ranks on it)
         self.note: str | None = None
         if enabled:
-            rows = read_metrics(path) if path.exists() else []
+            rows, damaged = read_metrics_kept(path) if path.exists() else ([], [])
             keep = [row for row in rows if row.get("step", 0) <= after] if after else []
             moved = [row for row in rows if row.get("step", 0) > after] if after else rows
             if moved and after:
@@ -76,7 +76,15 @@ class MetricsLog:
                 aside = path.with_name(f"metrics.before-{time.strftime('%Y%m%dT%H%M%S')}.jsonl")
                 os.replace(path, aside)
                 self.note = f"note: starting over: the earlier {path.name} ({len(moved)} rows) is kept as {aside.name}"
-            if moved or not path.exists():  # else the rows are those of the resumed steps: appended to
+            if damaged:  # a line cut by a kill mid-write: kept, raw, beside the file
+                aside = path.with_name("metrics.discarded.jsonl")
+                with open(aside, "a") as fh:
+                    fh.write("".join(line + "\n" for line in damaged))
+                self.note = (self.note + "; " if self.note else "note: ") + (
+                    f"{len(damaged)} unreadable line{'s' if len(damaged) > 1 else ''} of {path.name} (cut by a stop "
+                    f"mid-write) moved to {aside.name}"
+                )
+            if moved or damaged or not path.exists():  # else the rows are the resumed steps': appended to
                 write_text_atomic(path, "".join(json.dumps(row, sort_keys=True) + "\n" for row in keep))
             self._fh = open(path, "a")  # noqa: SIM115 - held open for the run
 
@@ -99,6 +107,25 @@ class MetricsLog:
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     with open(path) as fh:
         return [json.loads(line) for line in fh if line.strip()]
+
+
+def read_metrics_kept(path: str | Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """The rows of a metrics file, and the lines that are not JSON objects (a row cut short
+    when its writer was killed, bytes of a damaged disk), which ``read_metrics`` refuses."""
+    rows, damaged = [], []
+    with open(path, errors="replace") as fh:
+        for line in fh:
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError:
+                row = None
+            if isinstance(row, dict):
+                rows.append(row)
+            else:
+                damaged.append(line.rstrip("\n"))
+    return rows, damaged
 
 
 class Progress:

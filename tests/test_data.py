@@ -182,6 +182,8 @@ BAD_FILES = [
      "/: attribute 'pde_params' is not a JSON object of the PDE's parameters ("),
     ("dimension that is not a number", lambda fh: fh.attrs.__setitem__("dim", "ten"), {},
      "/: attribute 'dim' is not an integer ("),
+    ("a dataset in place of a group", lambda fh: (fh.__delitem__("test"), fh.__setitem__("test", np.zeros(3))), {},
+     "/test: is a dataset, expected a group"),
     ("points of another width", lambda fh: fh.attrs.__setitem__("in_dim", 10), dict(in_dim=11),
      "/: attribute 'in_dim' is 10, the PDE's points have 11 columns"),
 ]  # fmt: skip

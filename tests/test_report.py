@@ -153,3 +153,34 @@ def test_bench_peers_reports_speed_memory_and_errors_per_method(tmp_path):
         assert run["seconds_to_target"] == run["evals"][0]["seconds"]  # target 10: the first evaluation
         assert run["below_constrained_constant"] == (run["l2_rel"] < run["baselines"]["constrained_constant"]["l2_rel"])
         assert "pde.dim=30" in run["command"]
+
+
+def test_metrics_of_an_earlier_start_are_moved_aside_never_lost(tmp_path):
+    """A resumed run's file reads as one uninterrupted run, but nothing an earlier start wrote
+    is thrown away: rows past the checkpoint and a line cut by a kill mid-write go to
+    metrics.discarded.jsonl; a fresh start over an earlier run keeps that file whole; a resume
+    with nothing to move appends to the same file."""
+    import json
+
+    from dstein.metrics import MetricsLog, read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"step": s, "loss": float(s)} for s in range(1, 6)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 6, "loss": 0.')  # killed mid-write
+    log = MetricsLog(path, after=3)
+    log.write({"step": 4, "loss": 40.0})
+    log.close()
+    assert read_metrics(path) == [*rows[:3], {"step": 4, "loss": 40.0}]
+    aside = (tmp_path / "metrics.discarded.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in aside[:2]] == rows[3:] and aside[2] == '{"step": 6, "loss": 0.'
+    assert log.note == ("note: 2 rows of metrics.jsonl after step 3 (steps the stopped run made past its last "
+                        "checkpoint) moved to metrics.discarded.jsonl; 1 unreadable line of metrics.jsonl (cut by a "
+                        "stop mid-write) moved to metrics.discarded.jsonl")  # fmt: skip
+    inode = path.stat().st_ino
+    MetricsLog(path, after=4).close()  # nothing past step 4: the same file, appended to
+    assert path.stat().st_ino == inode and read_metrics(path)[-1] == {"step": 4, "loss": 40.0}
+    before = path.read_bytes()
+    fresh = MetricsLog(path, after=0)
+    fresh.close()
+    (kept,) = tmp_path.glob("metrics.before-*.jsonl")
+    assert kept.read_bytes() == before and path.read_text() == "" and "is kept as metrics.before-" in fresh.note

@@ -141,6 +141,8 @@ def validate(
 
     ``groups`` maps an HDF5 group to the datasets the run will read from it.
     """
+    import h5py
+
     fh, error = open_checked(path)
     if error is not None:
         raise error
@@ -153,6 +155,8 @@ def validate(
         for group, names in groups.items():
             if group not in fh:
                 raise _fail(path, f"/{group}", "missing group")
+            if not isinstance(fh[group], h5py.Group):
+                raise _fail(path, f"/{group}", f"is a {type(fh[group]).__name__.lower()}, expected a group")
             rows: dict[str, int] = {}
             optional = [n for n in OPTIONAL.get(group, ()) if n in fh[group] and n not in names]
             for name in [*names, *optional]:
