@@ -42,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: eval.json and the plots are written whole or not at all
+        print("interrupted: eval.json and the plots are each written whole or not at all", file=sys.stderr)
+        return 130
     names = list(result["baselines"])
     widths = [max(17, len(name) + 2) for name in names]
     print(f"{'metric':<14}{'model':>12}" + "".join(f"{name:>{w}}" for name, w in zip(names, widths, strict=True)))

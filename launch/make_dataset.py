@@ -72,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
         kept = "is unchanged" if Path(args.out).exists() else "was not created"
         print(f"error: could not write {args.out} ({err}); {args.out} {kept}", file=sys.stderr)
         return 5
+    except KeyboardInterrupt:  # Ctrl-C: the parts are removed, the file is written whole or not at all
+        kept = "is unchanged" if Path(args.out).exists() else "was not created"
+        print(f"interrupted: {args.out} {kept}", file=sys.stderr)
+        return 130
     if info.rank == 0:
         seconds = time.perf_counter() - start
         print(f"wrote {out} ({steps} steps of training points, {test_points} test points) in {seconds:.1f}s")

@@ -342,3 +342,21 @@ def test_failed_dataset_write_keeps_the_previous_file(tmp_path, hjb5_file):
     assert done.returncode == 5 and f"error: could not write {out} (" in done.stderr
     assert f"{out} is unchanged" in done.stderr
     assert out.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["data.h5"]  # no temporary left
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_a_dataset_is_written_leaves_the_file_as_it_was(tmp_path, hjb5_file):
+    out = tmp_path / "data.h5"
+    out.write_bytes(hjb5_file.read_bytes())
+    before = out.read_bytes()
+    cmd = [sys.executable, "launch/make_dataset.py", "--config", CONFIG, "--out", str(out), "--steps", "100000",
+           "--test-points", "8", "--truth-samples", "100", *SMALL]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=base_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob(".data.h5.part*")):  # its part is being written
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and err.strip() == f"interrupted: {out} is unchanged", err[-2000:]
+    assert out.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["data.h5"]  # no part left
