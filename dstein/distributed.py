@@ -30,6 +30,7 @@ import secrets
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -220,11 +221,18 @@ def init_distributed(
     return DistInfo(launch, backend, dev, size, group, peers)
 
 
+#: The kernel's flag of a process that is exiting (``PF_EXITING``, field 9 of /proc/PID/stat):
+#: a killed process closes its sockets (its peers' collectives fail) before it is a zombie.
+PF_EXITING = 0x4
+
+
 def _process_alive(pid: int) -> bool:
-    """Whether a local process runs (a zombie, dead but not yet reaped, counts as gone)."""
+    """Whether a local process runs (one exiting, or a zombie, dead but not yet reaped, counts
+    as gone)."""
     try:
         with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+            fields = fh.read().rsplit(")", 1)[1].split()
+        return fields[0] not in ("Z", "X") and not int(fields[6]) & PF_EXITING
     except FileNotFoundError:
         return False
     except OSError:
@@ -237,14 +245,19 @@ def _process_alive(pid: int) -> bool:
         return True
 
 
-def lost_ranks(info: DistInfo) -> list[int]:
-    """Ranks on this host whose process is gone (what can be known after a failed collective)."""
+def lost_ranks(info: DistInfo, wait_s: float = 1.0) -> list[int]:
+    """Ranks on this host whose process is gone (what can be known after a failed collective),
+    looked for during up to ``wait_s`` (a peer's connection can fail a moment before the
+    kernel shows its process exiting)."""
     host = socket.gethostname()
-    return [
-        rank
-        for rank, (peer_host, pid) in enumerate(info.peers)
-        if rank != info.rank and peer_host == host and pid and not _process_alive(pid)
-    ]
+    local = [(rank, pid) for rank, (peer_host, pid) in enumerate(info.peers)
+             if rank != info.rank and peer_host == host and pid]  # fmt: skip
+    deadline = time.monotonic() + wait_s
+    while True:
+        gone = [rank for rank, pid in local if not _process_alive(pid)]
+        if gone or not local or time.monotonic() >= deadline:
+            return gone
+        time.sleep(0.05)
 
 
 #: Where a collective's failure surfaces: torch.distributed and DeepSpeed's communication
