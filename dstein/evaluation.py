@@ -195,6 +195,22 @@ def reference_errors(
     return out
 
 
+def start_errors(
+    model: torch.nn.Module, pde: PDE, config: Config, device: torch.device, dtype: torch.dtype,
+    transform: Transform | None = None,
+) -> dict[str, float]:  # fmt: skip
+    """The model at the PDE's start state beside its reference (``PDE.start``): what a control
+    or pricing user asks first, and what a test set of x ~ N(0, I) does not show at high d.
+    Every rank computes the same (one point, its noise keyed by block 0); {} without a start."""
+    start = pde.start()
+    if start is None:
+        return {}
+    _, X, value, _ = start
+    u, _ = predict(model, X.to(device=device, dtype=dtype), config, transform=transform, gradient=False)
+    got = float(u[0])
+    return {"start_value": got, "start_reference": value, "start_rel_error": abs(got - value) / abs(value)}
+
+
 def baselines(pde: PDE, test: TestSet) -> dict[str, dict[str, float]]:
     """The errors of predictors that ignore how u depends on x, on the test set itself:
     ``constant`` (the test mean), ``t_only`` (time-dependent PDEs: the least-squares

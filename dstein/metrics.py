@@ -149,6 +149,8 @@ class Progress:
             return
         if errors:
             self.last_error = f"L2 {errors['l2_rel']:.4f} grad {errors['grad_l2_rel']:.3f}"
+            if "start_rel_error" in errors:  # the value at the start state (PDE.start)
+                self.last_error += f" start {errors['start_rel_error']:.2%}"
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
             self.bar.set_postfix_str(f"loss {terms['loss']:.3e} {self.last_error}", refresh=False)

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -52,19 +53,47 @@ def plot_history(rows: list[dict], out: Path, title: str, baselines: dict[str, d
     _save(fig, out / "losses.png")
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    labels = {"l1_rel": "solution L1 rel.", "l2_rel": "solution L2 rel.", "grad_l2_rel": "gradient L2 rel."}
+    labels = {"l1_rel": "solution L1 rel.", "l2_rel": "solution L2 rel.", "grad_l2_rel": "gradient L2 rel.",
+              "start_rel_error": "solution at the start state, rel."}  # fmt: skip
+    drawn: list[float] = []
     for key, label in labels.items():
-        ax.plot([r["step"] for r in evals], [r[key] for r in evals], marker="o", ms=3, label=label)
+        points = [(r["step"], r[key]) for r in evals if r.get(key) is not None]
+        if points:
+            marker = "s" if key == "start_rel_error" else "o"
+            ax.plot(*zip(*points, strict=True), marker=marker, ms=3, label=label)
+            drawn += [v for _, v in points if v > 0]
+    lines = []
     for name, errors in (baselines or {}).items():
         label, style = BASELINE_STYLES.get(name, (name, ":"))
-        ax.axhline(errors["l2_rel"], color="0.35", ls=style, lw=1, label=f"L2 of {label}")
+        lines.append((f"L2 of {label}", errors["l2_rel"], style, "0.35"))
     floors = [r["gradient_floor"] for r in evals if "gradient_floor" in r]
     if floors and floors[-1] > 0:
-        ax.axhline(floors[-1], color="C2", ls=":", lw=1, label="gradient floor (last)")
+        lines.append(("gradient floor (last)", floors[-1], ":", "C2"))
+    _reference_lines(ax, lines, drawn)
     ax.set(yscale="log", xlabel="step", ylabel="relative error", title=f"{title}: test errors")
-    ax.legend(), ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize="small"), ax.grid(alpha=0.3, which="both")
     _save(fig, out / "errors.png")
     plt.close(fig)
+
+
+#: A reference line further than this factor from the curves' range is named in the legend
+#: but not drawn: a gradient floor of 1e-15 would pull the log axis down and squeeze every
+#: curve into the top of the figure.
+OFF_AXIS = 30.0
+
+
+def _reference_lines(ax, lines: list[tuple[str, float, Any, str]], drawn: list[float]) -> None:
+    """Horizontal reference lines near the curves; the others in the legend only, with their
+    value; the axis spans the curves and the lines drawn."""
+    shown = list(drawn)
+    for label, value, style, color in lines:
+        if value > 0 and (not drawn or min(drawn) / OFF_AXIS <= value <= max(drawn) * OFF_AXIS):
+            ax.axhline(value, color=color, ls=style, lw=1, label=label)
+            shown.append(value)
+        else:
+            ax.plot([], [], color=color, ls=style, lw=1, label=f"{label}: {value:.2g}, off the axis")
+    if shown:
+        ax.set_ylim(min(shown) / 2, max(shown) * 2)
 
 
 def plot_slice(coord: np.ndarray, predicted: np.ndarray, exact: np.ndarray, label: str, out: Path, title: str) -> None:

@@ -17,7 +17,7 @@ import torch
 from dstein import plots
 from dstein.build import build_estimator, build_model, build_pde, load_test_set, output_transform
 from dstein.config import Config, ConfigError, load_resolved
-from dstein.evaluation import baselines, evaluate, predict
+from dstein.evaluation import baselines, evaluate, predict, start_errors
 from dstein.files import atomic_path, write_json_atomic
 from dstein.metrics import read_metrics
 from dstein.noise import Streams
@@ -120,7 +120,12 @@ def evaluate_run(
             f"--run {run_dir}: {MODEL_FILE} cannot be loaded ({type(err).__name__}{': ' + first if first else ''}): "
             "it is damaged or belongs to another config; train again, or evaluate another run"
         ) from err
-    errors = evaluate(model, test, config, device, dtype, output_transform(config, pde))
+    transform = output_transform(config, pde)
+    errors = {**evaluate(model, test, config, device, dtype, transform),
+              **start_errors(model, pde, config, device, dtype, transform)}  # fmt: skip
+    declared = pde.start()
+    if declared is not None:
+        errors["start_name"], errors["start_source"] = declared[0], declared[3]  # type: ignore[assignment]
     result = {**errors, "baselines": baselines(pde, test), "model": MODEL_FILE, "test_points": int(test.X.shape[0]),
               "eval_samples": config.eval.samples, "test_file": test_file}  # fmt: skip
     write_json_atomic(target / "eval.json", result)

@@ -32,7 +32,7 @@ from dstein.data.points import Batch
 from dstein.distributed import DistInfo, gather_objects, init_distributed, stop_on_lost_peer, sum_values
 from dstein.errors import Preempted, RunStopped
 from dstein.estimators.sharded import Estimator
-from dstein.evaluation import evaluate, not_beaten, reference_errors
+from dstein.evaluation import evaluate, not_beaten, reference_errors, start_errors
 from dstein.faults import fault_loss
 from dstein.files import write_json_atomic, write_text_atomic
 from dstein.metrics import MetricsLog, Progress, Scalars
@@ -229,6 +229,9 @@ def _train(config: Config, info: DistInfo, notes: list[str]) -> dict[str, Any]:
         summary["truth_max_se"] = float(tr.test.u_se.max())
     if tr.device.type == "cuda":  # this rank's peak of allocated device memory, this start
         summary["peak_cuda_memory_mb"] = torch.cuda.max_memory_allocated(tr.device) / 2**20
+    declared = tr.pde.start()
+    if declared is not None:
+        summary["start_name"], summary["start_source"] = declared[0], declared[3]
     if writer:
         summary["reference"] = reference_errors(tr.model, tr.pde, cfg, tr.device, tr.dtype, tr.estimator.transform)
     _on_rank0(tr, checkpoints, lambda: write_json_atomic(tr.run_dir / "summary.json", summary))
@@ -358,9 +361,11 @@ def _write_failure(error: str | None, latest: Any) -> str:
 
 
 def _evaluate(tr: Trainer) -> dict[str, float]:
+    """The test-set errors and the value at the PDE's start state (every rank alike)."""
     info = tr.info
-    return evaluate(tr.model, tr.test, tr.config, tr.device, tr.dtype, tr.estimator.transform, info.rank,
-                    info.world_size)  # fmt: skip
+    errors = evaluate(tr.model, tr.test, tr.config, tr.device, tr.dtype, tr.estimator.transform, info.rank,
+                      info.world_size)  # fmt: skip
+    return {**errors, **start_errors(tr.model, tr.pde, tr.config, tr.device, tr.dtype, tr.estimator.transform)}
 
 
 def flat_baselines(baselines: dict[str, dict[str, float]]) -> dict[str, float]:

@@ -51,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     for key in ("l1_rel", "l2_rel", "grad_l2_rel"):
         row = "".join(f"{result['baselines'][name][key]:>{w}.6f}" for name, w in zip(names, widths, strict=True))
         print(f"{key:<14}{result[key]:>12.6f}{row}")
+    if "start_value" in result:  # the value at the PDE's start state, beside its reference
+        print(f"{result['start_name']}: model {result['start_value']:.6f}, reference {result['start_reference']:.6f} "
+              f"({result['start_source']}): {result['start_rel_error']:.3%} off")  # fmt: skip
     if "gradient_floor" in result:
         print(f"{'gradient_floor':<14}{result['gradient_floor']:>12.6f}  (the gradient error no training of this "
               "first layer can go below)")  # fmt: skip

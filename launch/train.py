@@ -81,9 +81,13 @@ def main(argv: list[str] | None = None) -> int:
         return status
     if this_rank() != 0:
         return 0
+    start = ""
+    if "start_value" in summary:  # the value at the PDE's start state, what a control user asks first
+        start = (f"{summary['start_name']} {summary['start_value']:.4f} (reference {summary['start_reference']:.4f}, "
+                 f"{summary['start_rel_error']:.2%} off)  ")  # fmt: skip
     print(
         f"done: L1 rel {summary['l1_rel']:.4f}  L2 rel {summary['l2_rel']:.4f}  "
-        f"grad L2 rel {summary['grad_l2_rel']:.4f}  in {summary['wall_seconds']:.1f}s; "
+        f"grad L2 rel {summary['grad_l2_rel']:.4f}  {start}in {summary['wall_seconds']:.1f}s; "
         f"run directory: {Path(config.run.dir).resolve()}"
     )
     return 0

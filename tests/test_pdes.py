@@ -347,3 +347,29 @@ def test_two_body_source_is_kept_for_the_same_points_only(monkeypatch):
     pde.source(Y).sum().backward()
     pde.source(Y).sum().backward()  # computed again: no graph is kept between calls
     assert len(calls) == 5 and Y.grad is not None
+
+
+def test_hjb_start_state_and_its_reference():
+    """u(0, x0) at the default x0 = 0 (Deep BSDE's published value at d = 100, else Cole-Hopf),
+    and at x0 set by pde.params.x0: the same Monte Carlo at that point; x0 joins the stored
+    parameters only when set (files written before it stay valid)."""
+    name, X, value, source = build_pde("hjb", 100).start()
+    assert name == "u(0,0)" and torch.equal(X, torch.zeros(1, 101)) and value == 4.5901617 and "Deep BSDE" in source
+    hjb = build_pde("hjb", 8, {"x0": 0.5})
+    name, X, value, source = hjb.start()
+    assert name == "u(0,x0=0.5)" and torch.equal(X[0, :-1], torch.full((8,), 0.5)) and X[0, -1] == 0
+    expected = cole_hopf_radial(np.full((1, 8), 0.5), np.zeros(1), 1.0, 1.0, 10**6, 0)[0][0]
+    assert value == expected and source.startswith("Cole-Hopf Monte Carlo, 10^6 samples (standard error")
+    assert hjb.params() == {"mu": 1.0, "T": 1.0, "x0": 0.5} and build_pde("hjb", 8).params() == {"mu": 1.0, "T": 1.0}
+    with pytest.raises(ValueError, match=r"pde\.params\.x0=inf must be a finite number"):
+        build_pde("hjb", 8, {"x0": float("inf")})
+    assert build_pde("poisson", 2).start() is None
+
+
+def test_hjb_training_points_along_the_process_start_at_x0():
+    """``origin`` draws along the diffusion from the start state: x0 + sqrt(2 t) Z."""
+    hjb = build_pde("hjb", 400, {"origin": 1.0, "x0": 2.0})
+    X = hjb.sample_domain(64, torch.Generator().manual_seed(0))
+    x, t = X[:, :-1], X[:, -1:]
+    z = (x - 2.0) / torch.sqrt(2 * t)
+    assert abs(float(z.mean())) < 4 / (64 * 400) ** 0.5 and abs(float(z.var()) - 1) < 0.035

@@ -71,6 +71,47 @@ def test_every_evaluation_stands_beside_its_baselines(finished_run):
     assert len(warnings) == (0 if beaten else 1), out.stderr[-2000:]
 
 
+def test_every_evaluation_reports_the_value_at_the_start_state(finished_run):
+    """u(0, x0), the value at the state HJB's process starts from, beside its Cole-Hopf
+    reference: in every eval row of metrics.jsonl, TensorBoard, summary.json and the last line."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir, out = finished_run
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["start_name"] == "u(0,0)" and summary["start_source"].startswith("Cole-Hopf Monte Carlo")
+    reference = summary["reference"]["u(0,0)"]
+    assert summary["start_value"] == reference["model"] and summary["start_reference"] == reference["reference"]
+    assert summary["start_rel_error"] == pytest.approx(abs(reference["model"] / reference["reference"] - 1))
+    evals = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "l2_rel" in r]
+    assert [r["step"] for r in evals] == [15, 30] and all(r["start_reference"] == reference["reference"] for r in evals)
+    assert evals[-1]["start_value"] == summary["start_value"]
+    events = EventAccumulator(str(run_dir / "tensorboard")).Reload()
+    assert [e.step for e in events.Scalars("eval/start_rel_error")] == [15, 30]
+    last = out.stdout.strip().splitlines()[-1]
+    assert f"u(0,0) {summary['start_value']:.4f} (reference {summary['start_reference']:.4f}, " in last, last
+
+
+def test_a_reference_line_far_from_the_curves_does_not_stretch_the_axis(tmp_path):
+    """A gradient floor of 1e-15 (d <= width) pulled errors.png's log axis down to 1e-15 and
+    squeezed every curve into the top of the figure: such a line is named in the legend only."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dstein.plots import _reference_lines
+
+    fig, ax = plt.subplots()
+    ax.plot([1, 2], [0.01, 0.2])
+    _reference_lines(ax, [("floor", 1e-15, ":", "C2"), ("t only", 0.1, "--", "0.35")], [0.01, 0.2])
+    low, high = ax.get_ylim()
+    assert low == pytest.approx(0.005) and high == pytest.approx(0.4)
+    labels = ax.get_legend_handles_labels()[1]
+    assert labels == ["floor: 1e-15, off the axis", "t only"]
+    assert len(ax.get_lines()) == 3  # the curve, the line drawn, the legend entry of the other
+    plt.close(fig)
+
+
 def test_the_slice_has_fewer_points_only_where_each_costs_a_huge_input():
     from dstein.report import slice_points
 
@@ -107,6 +148,8 @@ def test_evaluate_reproduces_the_final_errors(finished_run):
         assert result[key] == pytest.approx(summary[key], rel=1e-12, abs=1e-15)
         assert f"{result[key]:.6f}" in out.stdout
     assert result["baselines"] == summary["baselines"]
+    assert result["start_value"] == pytest.approx(summary["start_value"], rel=1e-12)
+    assert f"u(0,0): model {summary['start_value']:.6f}, reference {summary['start_reference']:.6f}" in out.stdout
     header = next(line for line in out.stdout.splitlines() if line.startswith("metric"))
     assert header.split() == ["metric", "model", "constant", "t_only", "condition_value", "constrained_constant"]
     t_only = f"{summary['baselines']['t_only']['l2_rel']:.6f}"

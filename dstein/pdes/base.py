@@ -116,6 +116,13 @@ class PDE(abc.ABC):
         None where the PDE has no such value (a boundary target that is the solution itself)."""
         return None
 
+    def start(self) -> tuple[str, torch.Tensor, float, str] | None:
+        """The state a terminal-value problem's process starts from, and the solution's
+        reference value there: (its name, e.g. "u(0,0)"; the point, shape (1, in_dim); the
+        value; where it comes from). Every evaluation reports the model's value there and its
+        error (``start_value``, ``start_rel_error``). None: the PDE declares none."""
+        return None
+
     def reference_values(self) -> dict[str, tuple[torch.Tensor, float, str]]:
         """Published or independently computed values of the solution at single points, by
         name: (the point, shape (1, in_dim), the value, where it comes from). Reported in

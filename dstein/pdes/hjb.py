@@ -87,7 +87,9 @@ class HJB(PDE):
     conditions = ("terminal",)
     constrained = ("terminal",)
 
-    def __init__(self, dim: int, mu: float = 1.0, T: float = 1.0, spread: float = 0.0, origin: float = 0.0):
+    def __init__(
+        self, dim: int, mu: float = 1.0, T: float = 1.0, spread: float = 0.0, origin: float = 0.0, x0: float = 0.0
+    ):
         """``spread``: how much of the test points' domain of dependence the training points
         cover. The test points are x ~ N(0, I), t ~ U(0, T); the solution there is set by the
         PDE along x + sqrt(2 (s - t)) Z up to s = T, where |x|^2 grows to d (1 + 2 (T - t)).
@@ -96,7 +98,9 @@ class HJB(PDE):
         domain of dependence, which at d = 100 the test distribution alone misses
         (docs/benchmarks.md). ``origin``: the share of training points drawn instead along the
         diffusion from x = 0 (the domain of dependence of the published reference u(0, 0)),
-        x ~ N(0, 2 s I): at high d, x ~ N(0, I) never comes near the origin."""
+        x ~ N(0, 2 s I): at high d, x ~ N(0, I) never comes near the origin. ``x0``: the start
+        state (every coordinate x0, t = 0) whose value u(0, x0) every evaluation reports beside
+        its reference; ``origin`` draws along the diffusion from there."""
         super().__init__(dim)
         if not (math.isfinite(mu) and mu > 0):
             raise ValueError(f"pde.params.mu={mu!r} must be > 0")
@@ -105,11 +109,15 @@ class HJB(PDE):
         for name, value in (("spread", spread), ("origin", origin)):
             if not (math.isfinite(value) and 0 <= value <= 1):
                 raise ValueError(f"pde.params.{name}={value!r} must be in [0, 1]")
+        if not math.isfinite(x0):
+            raise ValueError(f"pde.params.x0={x0!r} must be a finite number (every coordinate of the start state)")
         self.mu, self.T, self.spread, self.origin = float(mu), float(T), float(spread), float(origin)
+        self.x0 = float(x0)
+        self._start: tuple[str, torch.Tensor, float, str] | None = None
 
     def describe(self) -> dict:
         # files written before these existed stay valid
-        extra = {name: value for name, value in (("spread", self.spread), ("origin", self.origin)) if value}
+        extra = {name: v for name, v in (("spread", self.spread), ("origin", self.origin), ("x0", self.x0)) if v}
         return {**super().describe(), "mu": self.mu, "T": self.T, **extra}
 
     def _spread(self, X: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -117,10 +125,13 @@ class HJB(PDE):
         if self.spread or self.origin:
             v = torch.rand(X.shape[0], generator=gen, dtype=X.dtype)
             variance = 1 + 2 * self.spread * v * X[:, -1]
+            near = None
             if self.origin:
                 near = torch.rand(X.shape[0], generator=gen, dtype=X.dtype) < self.origin
                 variance = torch.where(near, 2 * X[:, -1], variance)
             X[:, :-1] *= torch.sqrt(variance).unsqueeze(1)
+            if near is not None and self.x0:  # the diffusion from the start state x0
+                X[:, :-1] += self.x0 * near.to(X.dtype).unsqueeze(1)
         return X
 
     def residual(self, X: torch.Tensor, D: Derivatives) -> torch.Tensor:
@@ -159,14 +170,25 @@ class HJB(PDE):
             A=torch.log(s / 2), B=self.T - t, A_grad=2 * x / s.unsqueeze(1), A_lap=lap, B_t=torch.full_like(t, -1.0)
         )
 
+    def start(self) -> tuple[str, torch.Tensor, float, str]:
+        """u(0, x0) and its reference: Deep BSDE's quadrature value at x0 = 0, d = 100, mu = T = 1
+        (Han, Jentzen, E 2018); otherwise the Cole-Hopf Monte Carlo with 10^6 samples and its
+        standard error (computed once)."""
+        if self._start is None:
+            X = torch.zeros(1, self.in_dim, dtype=torch.float64)
+            X[:, :-1] = self.x0
+            name = "u(0,0)" if not self.x0 else f"u(0,x0={self.x0:g})"
+            if (self.dim, self.mu, self.T, self.x0) == (100, 1.0, 1.0, 0.0):
+                self._start = (name, X, 4.5901617, "Deep BSDE (Han, Jentzen, E 2018), quadrature")
+            else:
+                u, _, se = cole_hopf_radial(X[:, :-1].numpy(), np.zeros(1), self.mu, self.T, 10**6, 0)
+                source = f"Cole-Hopf Monte Carlo, 10^6 samples (standard error {se[0]:.1e})"
+                self._start = (name, X, float(u[0]), source)
+        return self._start
+
     def reference_values(self) -> dict[str, tuple[torch.Tensor, float, str]]:
-        """u(0, 0): Deep BSDE's quadrature value at d = 100, mu = T = 1 (Han, Jentzen, E 2018);
-        otherwise the Cole-Hopf Monte Carlo with 10^6 samples."""
-        X = torch.zeros(1, self.in_dim, dtype=torch.float64)
-        if (self.dim, self.mu, self.T) == (100, 1.0, 1.0):
-            return {"u(0,0)": (X, 4.5901617, "Deep BSDE (Han, Jentzen, E 2018), quadrature")}
-        u, _, se = cole_hopf_radial(np.zeros((1, self.dim)), np.zeros(1), self.mu, self.T, 10**6, 0)
-        return {"u(0,0)": (X, float(u[0]), f"Cole-Hopf Monte Carlo, 10^6 samples (standard error {se[0]:.1e})")}
+        name, X, value, source = self.start()
+        return {name: (X, value, source)}
 
     def condition_predictor(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = X[:, :-1]
