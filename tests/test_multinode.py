@@ -160,7 +160,8 @@ def test_a_rank_stopped_on_the_second_node_ends_every_rank_within_the_timeout(mu
     """SIGSTOP keeps the stopped rank's connections open, so no collective fails: the
     watchdog of its neighbour (rank 2, on the same node) finds it, the ranks on the first
     node read the verdict from the store, every rank exits 3 naming it, and srun ends the
-    step (the stopped task included) instead of waiting for it."""
+    step SRUN_WAIT (20 s) after the first task ended, the stopped one included, instead of
+    waiting for it."""
     timeout = 10
     job = submit(multinode, tmp_path, [*LONG, "train.steps=100000", f"parallel.timeout_s={timeout}"])
     run_dir = tmp_path / f"slurm-{job}"
