@@ -17,6 +17,8 @@ _LAZY = {
     "METHODS": ("dstein.estimators", "METHODS"),
     "Derivatives": ("dstein.estimators", "Derivatives"),
     "estimate": ("dstein.estimators", "estimate"),
+    "load": ("dstein.solution", "load"),
+    "Solution": ("dstein.solution", "Solution"),
 }
 
 if TYPE_CHECKING:
@@ -32,4 +34,4 @@ def __getattr__(name: str) -> Any:
     return value if attribute is None else getattr(value, attribute)
 
 
-__all__ = ["METHODS", "Derivatives", "__version__", "estimate", "models", "pdes"]
+__all__ = ["METHODS", "Derivatives", "Solution", "__version__", "estimate", "load", "models", "pdes"]

@@ -29,10 +29,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test-file", default=None, help="HDF5 file with a test set (default: the run's own)")
     parser.add_argument("--samples", type=int, default=None, help="samples per test point for the smoothed model")
     parser.add_argument("--out", default=None, help="folder for eval.json and plots/ (default: the run directory)")
+    parser.add_argument("--at", default=None, metavar="FILE",
+                        help="print u and |grad u| at the points of FILE (.npy, or text with one point a "
+                             "row: x_1 .. x_d, then t if the PDE has time) instead of the test set")  # fmt: skip
     parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.samples is not None and args.samples < 1:
         parser.error("--samples must be >= 1")
+    if args.at is not None:
+        return at_points(args.run, args.at, args.debug)
     try:
         from dstein.report import evaluate_run
 
@@ -59,6 +64,37 @@ def main(argv: list[str] | None = None) -> int:
               "first layer can go below)")  # fmt: skip
     where = Path(args.out or args.run) / "eval.json"
     print(f"test points {result['test_points']}, eval samples {result['eval_samples']}; wrote {where}")
+    return 0
+
+
+def at_points(run: str, path: str, debug: bool = False) -> int:
+    """``--at FILE``: the trained solution (``dstein.load``) at the file's points."""
+    import numpy as np
+
+    try:
+        from dstein.solution import load
+
+        try:
+            rows = np.load(path) if path.endswith(".npy") else np.loadtxt(path, ndmin=2)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"--at {path}: cannot be read as points ({str(err).splitlines()[0]})") from err
+        solution = load(run)
+        rows = np.atleast_2d(np.asarray(rows, dtype=np.float64))
+        width = solution.dim + int(solution.time_dependent)
+        if rows.shape[1] != width:
+            raise ConfigError(f"--at {path}: rows of {rows.shape[1]} numbers, expected {width} (x_1 .. x_d"
+                              f"{', then t' if solution.time_dependent else ''})")  # fmt: skip
+        x = rows[:, : solution.dim]
+        t = rows[:, solution.dim] if solution.time_dependent else None
+        u, grad = solution.u(x, t), solution.grad(x, t)
+    except (ConfigError, ValueError) as err:
+        if debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"{'point':>6} {'u':>14} {'|grad u|':>14}")
+    for i, (value, g) in enumerate(zip(u.tolist(), grad.norm(dim=1).tolist(), strict=True)):
+        print(f"{i:>6} {value:>14.6f} {g:>14.6f}")
     return 0
 
 

@@ -227,3 +227,46 @@ def test_metrics_of_an_earlier_start_are_moved_aside_never_lost(tmp_path):
     fresh.close()
     (kept,) = tmp_path.glob("metrics.before-*.jsonl")
     assert kept.read_bytes() == before and path.read_text() == "" and "is kept as metrics.before-" in fresh.note
+
+
+def test_a_trained_solution_loads_as_an_object_from_the_run_or_a_checkpoint(finished_run, tmp_path):
+    """dstein.load gives u, grad u and HJB's control at a user's points: what the run
+    evaluated (its value at the start state is summary.json's, bit for bit), from model.pt or
+    the newest checkpoint alike, without touching the caller's random generators."""
+    import numpy as np
+    import torch
+
+    import dstein
+    from dstein.errors import ConfigError
+
+    run_dir, _ = finished_run
+    summary = json.loads((run_dir / "summary.json").read_text())
+    before = torch.get_rng_state()
+    solution = dstein.load(run_dir)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert solution.dim == 10 and solution.time_dependent
+    x0 = torch.zeros(1, 10, dtype=torch.float64)
+    assert float(solution.u(x0, 0.0)[0]) == summary["start_value"]
+    x = torch.randn(70, 10, dtype=torch.float64)  # two evaluation blocks
+    t = torch.rand(70, dtype=torch.float64)
+    u, grad = solution(x, t), solution.grad(x, t)
+    assert u.shape == (70,) and grad.shape == (70, 10) and torch.equal(solution.control(x, t), -grad)
+    latest = dstein.load(run_dir, checkpoint="latest")  # step 30, the final state
+    assert torch.equal(latest.u(x, t), u)
+    with pytest.raises(ValueError, match=r"x has shape \(70, 9\), expected \(points, 10\)"):
+        solution.u(x[:, :9], t)
+    with pytest.raises(ValueError, match="depends on t: pass t"):
+        solution.u(x)
+    with pytest.raises(ConfigError, match=r"no model\.pt there"):
+        dstein.load(tmp_path)
+    points = tmp_path / "points.txt"
+    np.savetxt(points, np.concatenate([x[:3].numpy(), t[:3, None].numpy()], 1))
+    out = run_command([sys.executable, "launch/evaluate.py", "--run", str(run_dir), "--at", str(points)])
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.strip().splitlines()
+    lines = lines[next(i for i, line in enumerate(lines) if line.split()[:1] == ["point"]) :]  # DeepSpeed's notes first
+    assert lines[0].split() == ["point", "u", "|grad", "u|"] and len(lines) == 4
+    assert [float(line.split()[1]) for line in lines[1:]] == pytest.approx(u[:3].tolist(), abs=1e-6)
+    np.savetxt(points, x[:3].numpy())  # without t
+    out = run_command([sys.executable, "launch/evaluate.py", "--run", str(run_dir), "--at", str(points)])
+    assert out.returncode == 2 and "rows of 10 numbers, expected 11 (x_1 .. x_d, then t)" in out.stderr

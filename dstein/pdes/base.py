@@ -110,6 +110,11 @@ class PDE(abc.ABC):
         none. It must make the conditions in ``constrained`` hold exactly."""
         return None
 
+    def control(self, X: torch.Tensor, grad: torch.Tensor) -> torch.Tensor | None:
+        """The feedback control that the solution's gradient gives at points X (a control
+        problem's optimal action; ``dstein.load(...).control``); None: the PDE has none."""
+        return None
+
     def condition_predictor(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """A predictor that knows only a condition: the terminal or initial value taken as
         the solution everywhere, and its spatial gradient (a baseline of every evaluation);

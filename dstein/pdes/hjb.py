@@ -190,6 +190,10 @@ class HJB(PDE):
         name, X, value, source = self.start()
         return {name: (X, value, source)}
 
+    def control(self, X: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """m = -mu grad u: the minimiser of E[int |m|^2 / mu dt + g(X_T)], dX = 2 m dt + sqrt(2) dW."""
+        return -self.mu * grad
+
     def condition_predictor(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = X[:, :-1]
         return terminal(x), terminal_grad(x)
