@@ -23,13 +23,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dstein import early
 
-early.install()  # before anything slow: a signal while the rank starts is caught (exit 4)
+if __name__ == "__main__":  # before anything slow: a signal while the rank starts is caught (exit 4);
+    early.install()  # not when imported (a test calling main() keeps its process's own handlers)
 
-import argparse  # noqa: E402
+import argparse
 
-from dstein.config import load_config, to_yaml  # noqa: E402
-from dstein.distributed import exit_process, this_rank  # noqa: E402
-from dstein.errors import ConfigError, DistributedError, DsteinError, Preempted, RunStopped  # noqa: E402
+from dstein.config import load_config, to_yaml
+from dstein.distributed import exit_process, this_rank
+from dstein.errors import ConfigError, DistributedError, DsteinError, Preempted, RunStopped
 
 #: Whether every rank ended at the same point (then they wait for each other before exiting).
 SYNCED = True

@@ -7,6 +7,7 @@ Faults are injected through DSTEIN_FAULT (dstein/faults.py).
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -172,12 +173,50 @@ AT_LOAD = {
 }  # fmt: skip
 
 
+#: The other one-rank cases are refused once training is being built (a process group, DeepSpeed):
+#: they run one after another in one process (tests/scripts/bad_inputs.py), each with a new run
+#: directory, instead of a process each (about 2 s of start-up apiece).
+IN_ONE_PROCESS = [b[0] for b in BAD if b[3] == 1 and b[0] not in AT_LOAD]
+BATCH = pytest.mark.xdist_group("bad-inputs")
+
+
+@pytest.fixture(scope="module")
+def refused(tmp_path_factory, hjb5_file) -> dict[str, dict]:
+    """Every IN_ONE_PROCESS case's exit status and standard error, from one process; the
+    run directory each named (``run_dirs``) is kept to check that nothing was written."""
+    root = tmp_path_factory.mktemp("refused")
+    cases = {}
+    for case, config, overrides, _, _ in (b for b in BAD if b[0] in IN_ONE_PROCESS):
+        run_dir = root / f"run-{len(cases)}"
+        cases[case] = ["--config", config, *SMALL, f"run.dir={run_dir}",
+                       *(o.replace("{hjb5}", str(hjb5_file)) for o in overrides)]  # fmt: skip
+    spec, out = root / "cases.json", root / "results.json"
+    spec.write_text(json.dumps(cases))
+    done = subprocess.run([sys.executable, "tests/scripts/bad_inputs.py", str(spec), str(out)], cwd=ROOT,
+                          env=base_env(), capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(out.read_text())
+    for i, case in enumerate(cases):
+        results[case]["run_dir"] = str(root / f"run-{i}")
+    return results
+
+
 @pytest.mark.parametrize(
     ("case", "config", "overrides", "ranks", "message"),
-    [pytest.param(*b, id=b[0], marks=[pytest.mark.ranks] if b[3] > 1 else []) for b in BAD],
-)
-def test_bad_input_exits_2_with_one_line(tmp_path, hjb5_file, monkeypatch, capsys, case, config, overrides, ranks,
-                                         message):  # fmt: skip
+    [pytest.param(*b, id=b[0], marks=[pytest.mark.ranks] if b[3] > 1 else [BATCH] if b[0] in IN_ONE_PROCESS else [])
+     for b in BAD],
+)  # fmt: skip
+def test_bad_input_exits_2_with_one_line(tmp_path, hjb5_file, monkeypatch, capsys, request, case, config, overrides,
+                                         ranks, message):  # fmt: skip
+    if case in IN_ONE_PROCESS:
+        result = request.getfixturevalue("refused")[case]
+        message = message.replace("{hjb5}", str(hjb5_file))
+        err = result["stderr"]
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert result["status"] == 2 and "Traceback" not in err, (result["status"], err[-3000:])
+        assert len(errors) == 1 and message in errors[0], err[-3000:]
+        assert not Path(result["run_dir"]).exists()  # refused before anything was written: no trace left
+        return
     if case in AT_LOAD:
         import dstein.train
         from launch.train import main
