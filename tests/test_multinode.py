@@ -125,7 +125,7 @@ def train_processes(node: str) -> dict[int, int]:
 
 
 def test_a_rank_lost_on_the_second_node_stops_every_rank_and_the_run_resumes(multinode, tmp_path):
-    timeout = 20
+    timeout = 10
     job = submit(multinode, tmp_path, [*LONG, "train.steps=100000", f"parallel.timeout_s={timeout}"])
     run_dir = tmp_path / f"slurm-{job}"
     wait_for_step(multinode, tmp_path, job, run_dir, 15)

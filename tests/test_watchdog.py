@@ -112,7 +112,7 @@ def test_a_store_that_stops_answering_ends_the_rank():
 
 # ----- real ranks ----------------------------------------------------------------------
 
-TIMEOUT = 6
+TIMEOUT = 5
 LONG_RUN = [
     "launch/train.py", "--config", "configs/quickstart.yaml", "train.steps=100000", "model.width=16",
     "estimator.samples=32", "eval.every=100000", "eval.points=8", "eval.truth_samples=100", "eval.plots=false",
