@@ -370,12 +370,17 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, world):
     assert f"resuming from {step_dir(ckpt, 20)}" in out and (step_dir(ckpt, 80) / MARKER).exists()
 
 
-def test_failed_dataset_write_keeps_the_previous_file(tmp_path, hjb5_file):
+def dataset_over_a_copy(hjb5_file: Path, tmp_path: Path, steps: int) -> tuple[Path, bytes, list[str]]:
+    """A copy of the module's data file, its bytes, and the make_dataset command that rewrites it."""
     out = tmp_path / "data.h5"
     out.write_bytes(hjb5_file.read_bytes())
-    before = out.read_bytes()
-    cmd = [sys.executable, "launch/make_dataset.py", "--config", CONFIG, "--out", str(out), "--steps", "3",
+    cmd = [sys.executable, "launch/make_dataset.py", "--config", CONFIG, "--out", str(out), "--steps", str(steps),
            "--test-points", "8", "--truth-samples", "100", *SMALL]  # fmt: skip
+    return out, out.read_bytes(), cmd
+
+
+def test_failed_dataset_write_keeps_the_previous_file(tmp_path, hjb5_file):
+    out, before, cmd = dataset_over_a_copy(hjb5_file, tmp_path, 3)
     env = {**base_env(), "DSTEIN_FAULT": "fail-dataset@0"}
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 5 and f"error: could not write {out} (" in done.stderr
@@ -385,11 +390,7 @@ def test_failed_dataset_write_keeps_the_previous_file(tmp_path, hjb5_file):
 
 @pytest.mark.slow
 def test_ctrl_c_while_a_dataset_is_written_leaves_the_file_as_it_was(tmp_path, hjb5_file):
-    out = tmp_path / "data.h5"
-    out.write_bytes(hjb5_file.read_bytes())
-    before = out.read_bytes()
-    cmd = [sys.executable, "launch/make_dataset.py", "--config", CONFIG, "--out", str(out), "--steps", "100000",
-           "--test-points", "8", "--truth-samples", "100", *SMALL]  # fmt: skip
+    out, before, cmd = dataset_over_a_copy(hjb5_file, tmp_path, 100000)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=base_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not list(tmp_path.glob(".data.h5.part*")):  # its part is being written

@@ -124,15 +124,21 @@ def train_processes(node: str) -> dict[int, int]:
     return found
 
 
-def test_a_rank_lost_on_the_second_node_stops_every_rank_and_the_run_resumes(multinode, tmp_path):
-    timeout = 10
+def job_with_rank_3_hit(multinode, tmp_path: Path, timeout: float, signal_name: str) -> tuple[str, Path, int, float]:
+    """A long two-node job; once it logged step 15, ``kill -SIGNAL`` rank 3 (on dnode2).
+    Returns the job, its run directory, rank 3's pid and when it was signalled."""
     job = submit(multinode, tmp_path, [*LONG, "train.steps=100000", f"parallel.timeout_s={timeout}"])
     run_dir = tmp_path / f"slurm-{job}"
     wait_for_step(multinode, tmp_path, job, run_dir, 15)
     second = train_processes("dnode2")
     assert sorted(second) == [2, 3], second
-    subprocess.run(["kill", "-9", str(second[3])], check=True)
-    killed = time.time()
+    subprocess.run(["kill", f"-{signal_name}", str(second[3])], check=True)
+    return job, run_dir, second[3], time.time()
+
+
+def test_a_rank_lost_on_the_second_node_stops_every_rank_and_the_run_resumes(multinode, tmp_path):
+    timeout = 10
+    job, run_dir, _, killed = job_with_rank_3_hit(multinode, tmp_path, timeout, "KILL")
     state = wait_job(job, timeout=timeout + 120, env=multinode)
     stopped = time.time() - killed
     log = log_of(tmp_path, job)
@@ -163,13 +169,7 @@ def test_a_rank_stopped_on_the_second_node_ends_every_rank_within_the_timeout(mu
     step SRUN_WAIT (20 s) after the first task ended, the stopped one included, instead of
     waiting for it."""
     timeout = 10
-    job = submit(multinode, tmp_path, [*LONG, "train.steps=100000", f"parallel.timeout_s={timeout}"])
-    run_dir = tmp_path / f"slurm-{job}"
-    wait_for_step(multinode, tmp_path, job, run_dir, 15)
-    second = train_processes("dnode2")
-    assert sorted(second) == [2, 3], second
-    subprocess.run(["kill", "-STOP", str(second[3])], check=True)
-    stopped = time.time()
+    job, _, pid, stopped = job_with_rank_3_hit(multinode, tmp_path, timeout, "STOP")
     state = wait_job(job, timeout=timeout + 120, env=multinode)
     ended = time.time() - stopped
     log = log_of(tmp_path, job)
@@ -177,5 +177,5 @@ def test_a_rank_stopped_on_the_second_node_ends_every_rank_within_the_timeout(mu
     verdicts = dict(re.findall(r"error: rank (\d+): (rank 3 \(host dnode2, pid \d+\) stopped answering.*)", log))
     verdicts.pop("3", None)  # continued by srun to be killed, the stopped rank may say it too
     assert sorted(verdicts) == ["0", "1", "2"], log[-4000:]  # every other rank, on both nodes, says why
-    assert f"pid {second[3]}" in verdicts["0"] and "found by rank 2" in verdicts["0"]
+    assert f"pid {pid}" in verdicts["0"] and "found by rank 2" in verdicts["0"]
     assert "Traceback" not in log
