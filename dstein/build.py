@@ -36,7 +36,8 @@ from dstein.pdes import build_pde as _build_pde
 
 def build_pde(config: Config) -> PDE:
     """The configured PDE (``pde.name`` or a user's ``pde.target``)."""
-    return _build_pde(config.pde.name, config.pde.dim, dict(config.pde.params), config.pde.target)
+    p = config.pde
+    return _build_pde(p.name, p.dim, dict(p.params), p.target, p.process_share)
 
 
 def check_pde(pde: PDE, config: Config) -> None:
@@ -318,6 +319,19 @@ def load_test_set(config: Config, pde: PDE, test_file: str | None) -> TestSet:
     return read_test_set(test_file, config.eval.points)
 
 
+def load_process_test_set(config: Config, pde: PDE) -> TestSet | None:
+    """The test set along the forward process from the start state (eval.process_points of
+    eval.seed), drawn online (a data.test_file holds the first set only); None where the PDE
+    declares no process or eval.process_points=0."""
+    try:  # a user's sampler and truth: any error is reported, not a traceback
+        return pde.process_test_set(config.eval.process_count, config.eval.seed, config.eval.truth_samples)
+    except Exception as err:
+        if not config.pde.target:
+            raise
+        raise ConfigError(f"pde {pde.name}: {type(pde).__name__}.process_test_set (sample_process, then truth) "
+                          f"raised {user_error(err)}") from err  # fmt: skip
+
+
 @dataclass
 class Trainer:
     """Everything a run holds; built once by ``build_trainer``."""
@@ -333,6 +347,8 @@ class Trainer:
     run_dir: Path
     watch: GradientWatch
     baselines: dict[str, dict[str, float]]  # errors of predictors that ignore x (evaluation.baselines)
+    process_test: TestSet | None = None  # the test set along the forward process from the start state
+    process_baselines: dict[str, dict[str, float]] | None = None  # the baselines on it
     notes: list[str] = field(default_factory=list)  # what building did, for a fresh run's first lines
 
     @property
@@ -379,6 +395,7 @@ def build_trainer(config: Config, info: DistInfo | None = None) -> Trainer:
     estimator = build_estimator(config, pde, info)
     model = build_model(config, pde, dtype, device)
     reader, test = open_data(config, pde, info)
+    process_test = load_process_test_set(config, pde)
     points = PointStream(pde, config, dtype, device, info.point_group, info.num_point_groups, reader)
     notes = []
     if config.model.output_init == "fit":  # before the engine copies the weights
@@ -398,5 +415,5 @@ def build_trainer(config: Config, info: DistInfo | None = None) -> Trainer:
     watch = GradientWatch(engine.module)
     return Trainer(
         config, info, pde, engine, estimator, points, test, dtype, Path(config.run.dir), watch, baselines(pde, test),
-        notes,
+        process_test, baselines(pde, process_test) if process_test is not None else None, notes,
     )  # fmt: skip

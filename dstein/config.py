@@ -88,9 +88,16 @@ class PDEConfig:
     """Keyword arguments of the PDE class (hjb: mu, T; heat: T)."""
     target: str | None = None
     """A user's PDE class as 'package.module:ClassName' (a dstein.pdes.PDE subclass)."""
+    process_share: float = 0.0
+    """Share of the training points (domain, and conditions at the process's end such as hjb's
+    terminal set) drawn along the PDE's forward process from its start state instead of from its
+    own sampler (``PDE.sample_process``; hjb: x = x0 + sqrt(2 t) Z, t ~ U(0, T)): the states a
+    control or pricing user asks about, which x ~ N(0, I) never visits at high d. 0: none;
+    refused for a PDE that declares no process."""
 
     def __post_init__(self) -> None:
         _check(1 <= self.dim <= MAX_DIM, f"pde.dim={self.dim} must be >= 1 and <= {MAX_DIM}")
+        _number("pde.process_share", self.process_share, 0, 1)
 
 
 @dataclass
@@ -304,6 +311,17 @@ class EvalConfig:
     """Seed of the test set (independent of the training seed)."""
     plots: bool = True
     """Draw RUN_DIR/plots at the end of the run."""
+    process_points: int | None = None
+    """Points of the second test set, drawn along the PDE's forward process from its start state
+    (``PDE.sample_process``; t ~ U(0, T)), evaluated beside the first with the same baselines
+    (null: eval.points; 0: none). PDEs without a process have none."""
+    control_paths: int = 0
+    """Paths of the closed-loop simulation at the end of the run (PDEs that define a control
+    problem, hjb): the cost of the learned feedback control, its gap to u(0, x0), the uncontrolled
+    cost (dstein/control.py). 0: not simulated."""
+    control_steps: int = 100
+    """Euler-Maruyama time steps of the closed-loop simulation (even: the time-step bias is
+    estimated from the same paths at half as many steps)."""
 
     def __post_init__(self) -> None:
         _check(self.every >= 1, f"eval.every={self.every} must be >= 1")
@@ -312,6 +330,19 @@ class EvalConfig:
         _check(
             2 <= self.truth_samples <= 1 << 28, f"eval.truth_samples={self.truth_samples} must be >= 2 and <= {1 << 28}"
         )
+        _check(
+            self.process_points is None or 0 <= self.process_points <= MAX_COUNT,
+            f"eval.process_points={self.process_points} must be >= 0 and <= {MAX_COUNT} (or null: eval.points)",
+        )
+        _check(self.control_paths == 0 or 2 <= self.control_paths <= MAX_COUNT,
+               f"eval.control_paths={self.control_paths} must be 0 (none) or >= 2 and <= {MAX_COUNT}")  # fmt: skip
+        _check(2 <= self.control_steps <= 100_000 and self.control_steps % 2 == 0,
+               f"eval.control_steps={self.control_steps} must be even, >= 2 and <= 100000")  # fmt: skip
+
+    @property
+    def process_count(self) -> int:
+        """Points of the along-the-process test set (``process_points``, null: ``points``)."""
+        return self.points if self.process_points is None else self.process_points
 
 
 @dataclass

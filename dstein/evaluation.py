@@ -46,6 +46,9 @@ EVAL_BLOCK = 64
 EVAL_NOISE_ELEMENTS = 2**25
 #: Degree of the polynomial in t of the t-only baseline.
 T_ONLY_DEGREE = 8
+#: The along-the-process test set's errors are reported under these keys' prefix, and its
+#: blocks' evaluation noise is keyed from this block index on (apart from the test set's).
+PROCESS, PROCESS_BLOCKS = "process_", 1 << 30
 
 Transform = Callable[[torch.Tensor], OutputTransform | None]
 
@@ -68,19 +71,23 @@ def predict(
     progress: bool = False,
     transform: Transform | None = None,
     gradient: bool = True,
+    smooth: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The trained solution and its spatial gradient at test points (blocks of EVAL_BLOCK;
     block ``b``'s noise keyed by ``first_block + b``); ``transform``: the hard constraint.
     ``progress`` shows a bar over the blocks (on standard error). ``gradient=False``: the
     solution alone (None for the gradient), without autograd: the same values for a third of
-    the work, what a plot's slice needs.
+    the work, what a plot's slice needs. ``smooth=False``: the network g itself for Stein
+    methods too, not its smoothing f = E[g(x + eps)] (they differ by about sigma^2 lap g / 2;
+    the closed-loop simulation's thousands of gradients cost one pass each instead of
+    eval.samples).
 
     A block whose noise would exceed EVAL_NOISE_ELEMENTS numbers (64 points x 32 pairs at
     d = 10^6 would be 8 GB) goes through the network in parts of fewer points, their noise
     drawn one after another from the block's generator."""
     d = config.pde.dim
     us, grads = [], []
-    stein = config.estimator.method in STEIN_METHODS
+    stein = smooth and config.estimator.method in STEIN_METHODS
     spec = _smoothing(config, X)
     rows = max(1, EVAL_NOISE_ELEMENTS // (spec.terms * X.shape[1])) if stein else EVAL_BLOCK
     starts = range(0, X.shape[0], EVAL_BLOCK)
@@ -158,10 +165,11 @@ def evaluate(
     transform: Transform | None = None,
     rank: int = 0,
     world_size: int = 1,
+    block_offset: int = 0,
 ) -> dict[str, float]:
     """Errors on the test set and the gradient floor. With ``world_size`` ranks (each calls
     this), the test blocks are dealt to them and the sums added; the result does not depend
-    on the number of ranks."""
+    on the number of ranks. Block ``b``'s noise is keyed by ``block_offset + b``."""
     n = test.X.shape[0]
     blocks = math.ceil(n / EVAL_BLOCK)
     first, last = split_evenly(blocks, rank, world_size)
@@ -169,7 +177,7 @@ def evaluate(
     sums = torch.zeros(8, dtype=torch.float64, device=device)
     if hi > lo:
         X = test.X[lo:hi].to(device=device, dtype=dtype)
-        u, grad = predict(model, X, config, first_block=first, transform=transform)
+        u, grad = predict(model, X, config, first_block=block_offset + first, transform=transform)
         assert grad is not None
         sums[:6] = error_sums(u, grad, test.u[lo:hi], test.grad[lo:hi]).to(device)
         floor = floor_sums(model, X, u, test.grad[lo:hi], transform)
@@ -180,6 +188,20 @@ def evaluate(
     if isinstance(getattr(model, "input_layer", None), torch.nn.Linear):
         out["gradient_floor"] = float(total[6] / total[7]) ** 0.5
     return out
+
+
+def evaluate_all(
+    model: torch.nn.Module, pde: PDE, test: TestSet, process_test: TestSet | None, config: Config,
+    device: torch.device, dtype: torch.dtype, transform: Transform | None = None, rank: int = 0, world_size: int = 1,
+) -> dict[str, float]:  # fmt: skip
+    """What every evaluation reports: the test set's errors and gradient floor, the same along
+    the forward process from the start state (keys prefixed ``process_``; ``process_test`` None:
+    the PDE has no process) and the value at the start state (``start_errors``)."""
+    out = evaluate(model, test, config, device, dtype, transform, rank, world_size)
+    if process_test is not None:
+        along = evaluate(model, process_test, config, device, dtype, transform, rank, world_size, PROCESS_BLOCKS)
+        out.update({PROCESS + key: value for key, value in along.items()})
+    return {**out, **start_errors(model, pde, config, device, dtype, transform)}
 
 
 def reference_errors(
@@ -243,14 +265,16 @@ def baselines(pde: PDE, test: TestSet) -> dict[str, dict[str, float]]:
     return out
 
 
-def not_beaten(errors: dict[str, float], reference: dict[str, dict[str, float]]) -> str | None:
+def not_beaten(errors: dict[str, float], reference: dict[str, dict[str, float]], prefix: str = "") -> str | None:
     """A warning line when the solution error does not beat the best function of t alone
-    (stationary PDEs: the best constant); None when it does."""
+    (stationary PDEs: the best constant); None when it does. ``prefix``: of the along-the-process
+    set (``PROCESS``, with its own baselines as ``reference``)."""
     name, what = ("t_only", "the best function of t alone") if "t_only" in reference else ("constant", "a constant")
-    bound = reference[name]["l2_rel"]
-    if errors["l2_rel"] < bound:
+    bound, key = reference[name]["l2_rel"], prefix + "l2_rel"
+    if errors[key] < bound:
         return None
+    where = "test set" if not prefix else "test set along the process from the start state"
     return (
-        f"warning: the solution error l2_rel={errors['l2_rel']:.4g} does not beat {what} ({bound:.4g}, fitted to the "
-        "test set): the model has not learned how the solution depends on x"
+        f"warning: the solution error {key}={errors[key]:.4g} does not beat {what} ({bound:.4g}, fitted to the "
+        f"{where}): the model has not learned how the solution depends on x"
     )

@@ -149,6 +149,9 @@ class Progress:
             return
         if errors:
             self.last_error = f"L2 {errors['l2_rel']:.4f} grad {errors['grad_l2_rel']:.3f}"
+            if "process_l2_rel" in errors:  # along the process from the start state
+                along = f" process L2 {errors['process_l2_rel']:.4f} grad {errors['process_grad_l2_rel']:.3f}"
+                self.last_error += along
             if "start_rel_error" in errors:  # the value at the start state (PDE.start)
                 self.last_error += f" start {errors['start_rel_error']:.2%}"
         if self.bar is not None:

@@ -31,7 +31,10 @@ class Streams:
     test points, ``counter_seed(seed, k, TEST_POINTS)``), ``HUTCHINSON`` (the probes,
     ``counter_seed(seed, step, stream, HUTCHINSON)``), ``FEATURE_STATS`` (the training points
     that standardize the radial family's feature), ``DATA_SHUFFLE`` (an HDF5 file's
-    epoch permutation) and ``COLE_HOPF`` (the HJB truth's Monte Carlo, a NumPy seed).
+    epoch permutation), ``COLE_HOPF`` (the HJB truth's Monte Carlo, a NumPy seed),
+    ``PROCESS_TEST`` (block k of the test points along the forward process, like TEST_POINTS)
+    and ``CONTROL`` (the closed-loop simulation's Brownian increments, ``counter_seed(seed,
+    CONTROL)``).
     """
 
     DOMAIN = 0
@@ -46,6 +49,8 @@ class Streams:
     FEATURE_STATS = 0x46454154
     DATA_SHUFFLE = 0x4835
     COLE_HOPF = 0x484A42
+    PROCESS_TEST = 0x50524F43
+    CONTROL = 0x434F4E54
 
     @classmethod
     def condition(cls, k: int) -> int:

@@ -38,9 +38,14 @@ BASELINE_STYLES = {"constant": ("best constant", ":"), "t_only": ("best function
                    "constrained_constant": ("constant under the hard constraint", (0, (1, 3)))}  # fmt: skip
 
 
-def plot_history(rows: list[dict], out: Path, title: str, baselines: dict[str, dict[str, float]] | None = None) -> None:
+def plot_history(
+    rows: list[dict], out: Path, title: str, baselines: dict[str, dict[str, float]] | None = None,
+    process_baselines: dict[str, dict[str, float]] | None = None,
+) -> None:  # fmt: skip
     """Loss terms and errors from metrics.jsonl rows; the baselines' solution L2 errors and
-    the gradient floor as horizontal reference lines."""
+    the gradient floor as horizontal reference lines. Where the rows hold errors along the
+    process from the start state (``process_*``), errors.png has a second panel of those, with
+    their own baselines."""
     plt = _pyplot()
     train = [r for r in rows if "loss" in r]
     evals = [r for r in rows if "l2_rel" in r]
@@ -52,12 +57,24 @@ def plot_history(rows: list[dict], out: Path, title: str, baselines: dict[str, d
     ax.legend(), ax.grid(alpha=0.3)
     _save(fig, out / "losses.png")
     plt.close(fig)
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    labels = {"l1_rel": "solution L1 rel.", "l2_rel": "solution L2 rel.", "grad_l2_rel": "gradient L2 rel.",
-              "start_rel_error": "solution at the start state, rel."}  # fmt: skip
+    along = any("process_l2_rel" in r for r in evals)
+    fig, axes = plt.subplots(1, 2 if along else 1, figsize=(12.8 if along else 6.4, 4.0), squeeze=False)
+    _error_panel(axes[0, 0], evals, "", baselines, f"{title}: test errors")
+    if along:
+        _error_panel(axes[0, 1], evals, "process_", process_baselines, "along the process from the start state")
+    _save(fig, out / "errors.png")
+    plt.close(fig)
+
+
+def _error_panel(ax, evals: list[dict], prefix: str, baselines: dict[str, dict[str, float]] | None,
+                 title: str) -> None:  # fmt: skip
+    """One set's error curves (keys ``prefix + l2_rel`` ...) beside its baselines and gradient floor."""
+    labels = {"l1_rel": "solution L1 rel.", "l2_rel": "solution L2 rel.", "grad_l2_rel": "gradient L2 rel."}
+    if not prefix:
+        labels["start_rel_error"] = "solution at the start state, rel."
     drawn: list[float] = []
     for key, label in labels.items():
-        points = [(r["step"], r[key]) for r in evals if r.get(key) is not None]
+        points = [(r["step"], r[prefix + key]) for r in evals if r.get(prefix + key) is not None]
         if points:
             marker = "s" if key == "start_rel_error" else "o"
             ax.plot(*zip(*points, strict=True), marker=marker, ms=3, label=label)
@@ -66,14 +83,12 @@ def plot_history(rows: list[dict], out: Path, title: str, baselines: dict[str, d
     for name, errors in (baselines or {}).items():
         label, style = BASELINE_STYLES.get(name, (name, ":"))
         lines.append((f"L2 of {label}", errors["l2_rel"], style, "0.35"))
-    floors = [r["gradient_floor"] for r in evals if "gradient_floor" in r]
+    floors = [r[prefix + "gradient_floor"] for r in evals if prefix + "gradient_floor" in r]
     if floors and floors[-1] > 0:
         lines.append(("gradient floor (last)", floors[-1], ":", "C2"))
     _reference_lines(ax, lines, drawn)
-    ax.set(yscale="log", xlabel="step", ylabel="relative error", title=f"{title}: test errors")
+    ax.set(yscale="log", xlabel="step", ylabel="relative error", title=title)
     ax.legend(fontsize="small"), ax.grid(alpha=0.3, which="both")
-    _save(fig, out / "errors.png")
-    plt.close(fig)
 
 
 #: A reference line further than this factor from the curves' range is named in the legend

@@ -15,9 +15,10 @@ import numpy as np
 import torch
 
 from dstein import plots
-from dstein.build import build_estimator, build_model, build_pde, load_test_set, output_transform
+from dstein.build import build_estimator, build_model, build_pde, load_process_test_set, load_test_set, output_transform
 from dstein.config import Config, ConfigError, load_resolved
-from dstein.evaluation import baselines, evaluate, predict, start_errors
+from dstein.control import closed_loop
+from dstein.evaluation import baselines, evaluate_all, predict
 from dstein.files import atomic_path, write_json_atomic
 from dstein.metrics import read_metrics
 from dstein.noise import Streams
@@ -55,14 +56,15 @@ def slice_points(dim: int) -> int:
 
 def draw_plots(
     run_dir: Path, model: torch.nn.Module, pde: PDE, test: TestSet, config: Config, device, dtype,
-    out: Path | None = None,
+    out: Path | None = None, process_test: TestSet | None = None,
 ) -> list[Path]:  # fmt: skip
     """All four figures (in ``out``, by default ``RUN_DIR/plots``) from the run's metrics and model."""
     out = out or run_dir / "plots"
     out.mkdir(parents=True, exist_ok=True)
     title = f"{pde.name} d={pde.dim}, {config.estimator.method}"
     metrics = run_dir / "metrics.jsonl"
-    plots.plot_history(read_metrics(metrics) if metrics.exists() else [], out, title, baselines(pde, test))
+    along = baselines(pde, process_test) if process_test is not None else None
+    plots.plot_history(read_metrics(metrics) if metrics.exists() else [], out, title, baselines(pde, test), along)
     X, coord, label = pde.slice(slice_points(pde.dim))
     exact = pde.truth_values(X, config.eval.truth_samples, config.eval.seed).numpy()
     transform = output_transform(config, pde)
@@ -72,10 +74,13 @@ def draw_plots(
     return [out / name for name in plots.PLOTS]
 
 
-def finish_run(run_dir: Path, model: torch.nn.Module, pde: PDE, test: TestSet, config: Config, device, dtype) -> None:
+def finish_run(
+    run_dir: Path, model: torch.nn.Module, pde: PDE, test: TestSet, config: Config, device, dtype,
+    process_test: TestSet | None = None,
+) -> None:  # fmt: skip
     save_model(model, run_dir)
     if config.eval.plots:
-        draw_plots(run_dir, model, pde, test, config, device, dtype)
+        draw_plots(run_dir, model, pde, test, config, device, dtype, process_test=process_test)
 
 
 def writable(folder: Path, option: str) -> None:
@@ -93,10 +98,18 @@ def writable(folder: Path, option: str) -> None:
 
 
 def evaluate_run(
-    run_dir: str | Path, test_file: str | None = None, samples: int | None = None, out: str | Path | None = None
+    run_dir: str | Path,
+    test_file: str | None = None,
+    samples: int | None = None,
+    out: str | Path | None = None,
+    control: bool = False,
+    paths: int | None = None,
+    steps: int | None = None,
 ) -> dict[str, Any]:
     """Re-evaluate a finished run's final model; write ``eval.json`` and the plots into ``out``
-    (by default the run directory: ``RUN_DIR/eval.json``, ``RUN_DIR/plots``)."""
+    (by default the run directory: ``RUN_DIR/eval.json``, ``RUN_DIR/plots``). ``control``: also
+    the closed-loop cost of its feedback (``paths`` and ``steps``, by default eval.control_paths
+    or 1000 and eval.control_steps), under ``control`` in eval.json."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"--run {run_dir}: no config.yaml there (not a dstein run directory)")
@@ -120,14 +133,23 @@ def evaluate_run(
             f"--run {run_dir}: {MODEL_FILE} cannot be loaded ({type(err).__name__}{': ' + first if first else ''}): "
             "it is damaged or belongs to another config; train again, or evaluate another run"
         ) from err
+    if control and pde.control_problem() is None:
+        raise ConfigError(f"--control: pde {pde.name} is not a stochastic control problem (PDE.control_problem; "
+                          "hjb is one)")  # fmt: skip
     transform = output_transform(config, pde)
-    errors = {**evaluate(model, test, config, device, dtype, transform),
-              **start_errors(model, pde, config, device, dtype, transform)}  # fmt: skip
+    process_test = load_process_test_set(config, pde)
+    errors: dict[str, Any] = evaluate_all(model, pde, test, process_test, config, device, dtype, transform)
     declared = pde.start()
     if declared is not None:
-        errors["start_name"], errors["start_source"] = declared[0], declared[3]  # type: ignore[assignment]
+        errors["start_name"], errors["start_source"] = declared[0], declared[3]
     result = {**errors, "baselines": baselines(pde, test), "model": MODEL_FILE, "test_points": int(test.X.shape[0]),
               "eval_samples": config.eval.samples, "test_file": test_file}  # fmt: skip
+    if process_test is not None:
+        result["process_baselines"] = baselines(pde, process_test)
+        result["process_points"] = int(process_test.X.shape[0])
+    if control:
+        result["control"] = closed_loop(model, pde, config, device, dtype, transform,
+                                        paths or config.eval.control_paths or 1000, steps)  # fmt: skip
     write_json_atomic(target / "eval.json", result)
-    draw_plots(run_dir, model, pde, test, config, device, dtype, out=target / "plots")
+    draw_plots(run_dir, model, pde, test, config, device, dtype, out=target / "plots", process_test=process_test)
     return result

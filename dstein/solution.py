@@ -21,13 +21,12 @@ from pathlib import Path
 
 import torch
 
-from dstein.build import build_model, output_transform
+from dstein.build import build_model, build_pde, output_transform
 from dstein.checkpoint.layout import CONFIG_FILE, MARKER, is_step_dir, scan
 from dstein.checkpoint.state import safe_load
 from dstein.config import Config, ConfigError, load_resolved
 from dstein.evaluation import predict
 from dstein.pdes import PDE
-from dstein.pdes import build_pde as _build_pde
 
 #: The final model of a finished run (``dstein.report.MODEL_FILE``).
 MODEL_FILE = "model.pt"
@@ -107,7 +106,7 @@ def load(run_dir: str | Path, checkpoint: str | Path | None = None, device: str 
     if not config_file.is_file():
         raise ConfigError(f"{config_file}: no such file (not a dstein run directory or checkpoint)")
     config = load_resolved(config_file)
-    pde = _build_pde(config.pde.name, config.pde.dim, dict(config.pde.params), config.pde.target)
+    pde = build_pde(config)
     device = torch.device(device)
     with torch.random.fork_rng(devices=[]):  # building the model seeds torch: not the caller's generators
         model = build_model(config, pde, getattr(torch, config.run.dtype), device)

@@ -28,11 +28,12 @@ import dstein
 from dstein.build import Trainer, build_trainer
 from dstein.checkpoint import Checkpointer, Interrupted, Preemption, Resume, step_of
 from dstein.config import Config, config_file_text
+from dstein.control import closed_loop, describe
 from dstein.data.points import Batch
 from dstein.distributed import DistInfo, gather_objects, init_distributed, stop_on_lost_peer, sum_values
 from dstein.errors import Preempted, RunStopped
 from dstein.estimators.sharded import Estimator
-from dstein.evaluation import evaluate, not_beaten, reference_errors, start_errors
+from dstein.evaluation import PROCESS, evaluate_all, not_beaten, reference_errors
 from dstein.faults import fault_loss
 from dstein.files import write_json_atomic, write_text_atomic
 from dstein.metrics import MetricsLog, Progress, Scalars
@@ -210,10 +211,14 @@ def _train(config: Config, info: DistInfo, notes: list[str]) -> dict[str, Any]:
     with stop_on_lost_peer(tr.info, cfg.parallel.timeout_s):
         errors = _steps(tr, checkpoints, resumed, start)
     wall = time.perf_counter() - start
-    _on_rank0(tr, checkpoints, lambda: finish_run(tr.run_dir, tr.model, tr.pde, tr.test, cfg, tr.device, tr.dtype))
+    _on_rank0(tr, checkpoints, lambda: finish_run(tr.run_dir, tr.model, tr.pde, tr.test, cfg, tr.device, tr.dtype,
+                                                  tr.process_test))  # fmt: skip
+    control = None
+    if writer and cfg.eval.control_paths and tr.pde.control_problem() is not None:
+        control = closed_loop(tr.model, tr.pde, cfg, tr.device, tr.dtype, tr.estimator.transform)
     summary = {
         **errors,
-        "baselines": tr.baselines,
+        **baseline_fields(tr),
         "steps": cfg.train.steps,
         "wall_seconds": wall,  # this start only
         "train_seconds": resumed.seconds + wall,  # all starts of the run together
@@ -234,11 +239,26 @@ def _train(config: Config, info: DistInfo, notes: list[str]) -> dict[str, Any]:
         summary["start_name"], summary["start_source"] = declared[0], declared[3]
     if writer:
         summary["reference"] = reference_errors(tr.model, tr.pde, cfg, tr.device, tr.dtype, tr.estimator.transform)
+    if control is not None:
+        summary["control"] = control
+        print(describe(control), flush=True)
     _on_rank0(tr, checkpoints, lambda: write_json_atomic(tr.run_dir / "summary.json", summary))
-    warning = not_beaten(errors, tr.baselines)
-    if writer and warning:
-        print(warning, file=sys.stderr, flush=True)
+    warnings = [not_beaten(errors, tr.baselines)]
+    if tr.process_baselines is not None:
+        warnings.append(not_beaten(errors, tr.process_baselines, PROCESS))
+    for warning in warnings:
+        if writer and warning:
+            print(warning, file=sys.stderr, flush=True)
     return summary
+
+
+def baseline_fields(tr: Trainer) -> dict[str, Any]:
+    """The baselines of every evaluation row and the summary: the test set's, and the along-the-
+    process set's where there is one."""
+    out: dict[str, Any] = {"baselines": tr.baselines}
+    if tr.process_baselines is not None:
+        out["process_baselines"] = tr.process_baselines
+    return out
 
 
 def _on_rank0(tr: Trainer, checkpoints: Checkpointer, write: Callable[[], Any]) -> None:
@@ -305,8 +325,9 @@ def _steps(tr: Trainer, checkpoints: Checkpointer, resumed: Resume, start: float
                     scalars.add(done, {**terms, "lr": result.lr, "steps_per_second": rate}, "train")
             if done % cfg.eval.every == 0 or done == cfg.train.steps:
                 errors = new_errors = _evaluate(tr)
-                metrics.write({"step": done, **errors, "baselines": tr.baselines, "seconds": clock()})
-                scalars.add(done, {**errors, **flat_baselines(tr.baselines)}, "eval")
+                metrics.write({"step": done, **errors, **baseline_fields(tr), "seconds": clock()})
+                scalars.add(done, {**errors, **flat_baselines(tr.baselines),
+                                   **flat_baselines(tr.process_baselines or {}, PROCESS)}, "eval")  # fmt: skip
             progress.update(done, terms, new_errors)
             write_error = metrics.error or scalars.error
             stop, write_failed = preemption.agreed(None, write_error is not None)
@@ -361,16 +382,16 @@ def _write_failure(error: str | None, latest: Any) -> str:
 
 
 def _evaluate(tr: Trainer) -> dict[str, float]:
-    """The test-set errors and the value at the PDE's start state (every rank alike)."""
-    info = tr.info
-    errors = evaluate(tr.model, tr.test, tr.config, tr.device, tr.dtype, tr.estimator.transform, info.rank,
-                      info.world_size)  # fmt: skip
-    return {**errors, **start_errors(tr.model, tr.pde, tr.config, tr.device, tr.dtype, tr.estimator.transform)}
+    """The errors on the test set and along the process, and the value at the PDE's start
+    state (every rank alike)."""
+    return evaluate_all(tr.model, tr.pde, tr.test, tr.process_test, tr.config, tr.device, tr.dtype,
+                        tr.estimator.transform, tr.info.rank, tr.info.world_size)  # fmt: skip
 
 
-def flat_baselines(baselines: dict[str, dict[str, float]]) -> dict[str, float]:
-    """``baseline_<predictor>_<error>`` scalars (TensorBoard draws them as reference lines)."""
-    return {f"baseline_{name}_{key}": value for name, errors in baselines.items() for key, value in errors.items()}
+def flat_baselines(baselines: dict[str, dict[str, float]], prefix: str = "") -> dict[str, float]:
+    """``<prefix>baseline_<predictor>_<error>`` scalars (TensorBoard draws them as reference lines)."""
+    return {f"{prefix}baseline_{name}_{key}": value for name, errors in baselines.items()
+            for key, value in errors.items()}  # fmt: skip
 
 
 __all__ = ["lr_factor", "run", "train_step"]

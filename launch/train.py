@@ -86,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     if "start_value" in summary:  # the value at the PDE's start state, what a control user asks first
         start = (f"{summary['start_name']} {summary['start_value']:.4f} (reference {summary['start_reference']:.4f}, "
                  f"{summary['start_rel_error']:.2%} off)  ")  # fmt: skip
+    if "process_l2_rel" in summary:  # the test set along the process from the start state
+        start += (f"along the process: L2 rel {summary['process_l2_rel']:.4f} grad "
+                  f"{summary['process_grad_l2_rel']:.4f}  ")  # fmt: skip
     print(
         f"done: L1 rel {summary['l1_rel']:.4f}  L2 rel {summary['l2_rel']:.4f}  "
         f"grad L2 rel {summary['grad_l2_rel']:.4f}  {start}in {summary['wall_seconds']:.1f}s; "

@@ -373,3 +373,46 @@ def test_hjb_training_points_along_the_process_start_at_x0():
     x, t = X[:, :-1], X[:, -1:]
     z = (x - 2.0) / torch.sqrt(2 * t)
     assert abs(float(z.mean())) < 4 / (64 * 400) ** 0.5 and abs(float(z.var()) - 1) < 0.035
+
+
+def test_process_share_draws_the_last_rows_along_the_process_from_x0():
+    """pde.process_share: of n training points of a kind the process covers, the last
+    round(share n) are x0 + sqrt(2 t) Z (t ~ U(0, T) in the domain, t = T on the terminal set),
+    drawn after the others, which are the PDE's own draw of n - k points; the share joins the
+    stored parameters only when set; a PDE without a process refuses it, naming the option."""
+    hjb = build_pde("hjb", 400, {"x0": 2.0}, process_share=0.25)
+    assert hjb.describe()["process_share"] == 0.25 and "process_share" not in build_pde("hjb", 4).describe()
+    X = hjb.training_points("domain", 64, torch.Generator().manual_seed(0), torch.float64)
+    own = build_pde("hjb", 400, {"x0": 2.0}).training_points("domain", 48, torch.Generator().manual_seed(0),
+                                                             torch.float64)  # fmt: skip
+    assert torch.equal(X[:48], own)
+    x, t = X[48:, :-1], X[48:, -1:]
+    assert float(t.min()) >= 0 and float(t.max()) <= 1 and float(t.std()) > 0.1
+    z = (x - 2.0) / torch.sqrt(2 * t)
+    assert abs(float(z.mean())) < 4 / (16 * 400) ** 0.5 and abs(float(z.var()) - 1) < 0.07
+    terminal = hjb.training_points("terminal", 8, torch.Generator().manual_seed(1), torch.float32)
+    assert terminal.dtype == torch.float32 and torch.all(terminal[:, -1] == 1.0)
+    assert float(((terminal[6:, :-1] - 2.0) ** 2).mean()) == pytest.approx(2.0, rel=0.15)  # X_T = x0 + sqrt(2) Z
+    with pytest.raises(ValueError, match=r"pde\.process_share=0\.5: pde poisson declares no forward process"):
+        build_pde("poisson", 2, process_share=0.5)
+
+
+def test_the_test_set_along_the_process_and_its_truth():
+    """process_test_set: points of x0 + sqrt(2 t) Z (its own stream, not the test set's), and
+    the same ground truth as any point gets; none for a PDE without a process."""
+    hjb = build_pde("hjb", 50, {"x0": 0.5})
+    test = hjb.process_test_set(300, seed=3, truth_samples=2000)
+    x, t = test.X[:, :-1], test.X[:, -1:]
+    z = (x - 0.5) / torch.sqrt(2 * t)
+    assert abs(float(z.var()) - 1) < 0.03 and abs(float(z.mean())) < 4 / (300 * 50) ** 0.5
+    assert torch.equal(test.X[:10], hjb.test_points(0, 10, 3, along_process=True))
+    again = hjb.truth(test.X, 2000, 3)
+    assert torch.equal(again.u, test.u) and torch.equal(again.grad, test.grad)
+    assert not torch.equal(test.X[:, -1], hjb.test_set(300, 3, 2000).X[:, -1])
+    assert build_pde("poisson", 2).process_test_set(10, 0, 10) is None and hjb.process_test_set(0, 3, 10) is None
+
+
+def test_the_hjb_slice_passes_through_the_start_state():
+    X, coord, label = build_pde("hjb", 6, {"x0": 0.5}).slice(7)
+    assert torch.equal(X[3, :-1], torch.full((6,), 0.5)) and float(X[3, -1]) == 0 and coord[3] == 0.5
+    assert torch.equal(X[:, 1:-1], torch.full((7, 5), 0.5)) and label == "x_1 (other x_i = 0.5, t = 0)"

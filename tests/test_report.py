@@ -20,7 +20,9 @@ SMALL = [
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
-    out = run_command(train_command("configs/quickstart.yaml", *SMALL, f"run.dir={run_dir}"))
+    out = run_command(train_command("configs/quickstart.yaml", *SMALL, "eval.process_points=32",
+                                    "pde.process_share=0.5", "eval.control_paths=64", "eval.control_steps=4",
+                                    f"run.dir={run_dir}"))  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     return run_dir, out
 
@@ -66,9 +68,10 @@ def test_every_evaluation_stands_beside_its_baselines(finished_run):
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "l2_rel" in r]
     assert evals and all(r["baselines"] == summary["baselines"] and "gradient_floor" in r for r in evals)
-    warnings = [line for line in out.stderr.splitlines() if line.startswith("warning: the solution error")]
-    beaten = summary["l2_rel"] < summary["baselines"]["t_only"]["l2_rel"]
-    assert len(warnings) == (0 if beaten else 1), out.stderr[-2000:]
+    for key, baselines in (("l2_rel", "baselines"), ("process_l2_rel", "process_baselines")):
+        warnings = [line for line in out.stderr.splitlines() if line.startswith(f"warning: the solution error {key}=")]
+        beaten = summary[key] < summary[baselines]["t_only"]["l2_rel"]
+        assert len(warnings) == (0 if beaten else 1), out.stderr[-2000:]
 
 
 def test_every_evaluation_reports_the_value_at_the_start_state(finished_run):
@@ -89,6 +92,44 @@ def test_every_evaluation_reports_the_value_at_the_start_state(finished_run):
     assert [e.step for e in events.Scalars("eval/start_rel_error")] == [15, 30]
     last = out.stdout.strip().splitlines()[-1]
     assert f"u(0,0) {summary['start_value']:.4f} (reference {summary['start_reference']:.4f}, " in last, last
+
+
+def test_every_evaluation_reports_the_errors_along_the_process(finished_run):
+    """The second test set, along the process from the start state: its errors, gradient floor
+    and baselines in every eval row, summary.json, TensorBoard, the progress and last lines; a
+    second panel of errors.png."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir, out = finished_run
+    summary = json.loads((run_dir / "summary.json").read_text())
+    keys = ("process_l1_rel", "process_l2_rel", "process_grad_l2_rel", "process_gradient_floor")
+    assert all(0 <= summary[k] < 10 for k in keys) and summary["process_l2_rel"] != summary["l2_rel"]
+    assert set(summary["process_baselines"]) == set(summary["baselines"])
+    assert summary["process_baselines"]["t_only"] != summary["baselines"]["t_only"]  # fitted on the other set
+    evals = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "l2_rel" in r]
+    assert all(r["process_baselines"] == summary["process_baselines"] and set(keys) <= set(r) for r in evals)
+    assert evals[-1]["process_l2_rel"] == summary["process_l2_rel"]
+    events = EventAccumulator(str(run_dir / "tensorboard")).Reload()
+    assert [e.step for e in events.Scalars("eval/process_grad_l2_rel")] == [15, 30]
+    assert "eval/process_baseline_t_only_l2_rel" in events.Tags()["scalars"]
+    assert f"process L2 {summary['process_l2_rel']:.4f}" in out.stdout
+    assert f"along the process: L2 rel {summary['process_l2_rel']:.4f}" in out.stdout.strip().splitlines()[-1]
+    image = matplotlib.image.imread(run_dir / "plots" / "errors.png")
+    assert image.shape[1] > 1.6 * image.shape[0]  # two panels side by side
+
+
+def test_the_run_ends_with_the_closed_loop_cost_of_its_control(finished_run):
+    """eval.control_paths: the learned feedback's closed-loop cost, its standard error and
+    time-step bias, the gap to the model's u(0, 0) and the uncontrolled cost, in summary.json
+    and one line."""
+    run_dir, out = finished_run
+    control = json.loads((run_dir / "summary.json").read_text())["control"]
+    assert control["paths"] == 64 and control["steps"] == 4 and control["cost_se"] > 0
+    assert control["value"] == json.loads((run_dir / "summary.json").read_text())["start_value"]
+    assert control["gap"] == pytest.approx(control["cost"] - control["value"], rel=1e-12)
+    assert control["uncontrolled"] > 0 and control["start_name"] == "u(0,0)"
+    line = next(line for line in out.stdout.splitlines() if line.startswith("closed loop (64 paths, 4 steps)"))
+    assert f"cost J {control['cost']:.5f}" in line and "uncontrolled" in line and "gap J - u(0,0)" in line
 
 
 def test_a_reference_line_far_from_the_curves_does_not_stretch_the_axis(tmp_path):
@@ -141,12 +182,19 @@ def test_evaluate_reproduces_the_final_errors(finished_run):
     summary = json.loads((run_dir / "summary.json").read_text())
     for name in PLOTS:
         (run_dir / "plots" / name).unlink()
-    out = run_command([sys.executable, "launch/evaluate.py", "--run", str(run_dir)])
+    out = run_command([sys.executable, "launch/evaluate.py", "--run", str(run_dir), "--control", "--paths", "64",
+                       "--steps", "4"])  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads((run_dir / "eval.json").read_text())
     for key in ("l1_rel", "l2_rel", "grad_l2_rel", "gradient_floor"):
-        assert result[key] == pytest.approx(summary[key], rel=1e-12, abs=1e-15)
-        assert f"{result[key]:.6f}" in out.stdout
+        for prefix in ("", "process_"):
+            assert result[prefix + key] == pytest.approx(summary[prefix + key], rel=1e-12, abs=1e-15)
+            assert f"{result[prefix + key]:.6f}" in out.stdout
+    assert result["process_baselines"] == summary["process_baselines"] and result["process_points"] == 32
+    assert "along the process from the start state (32 points):" in out.stdout
+    for key in ("cost", "cost_se", "time_step_bias", "uncontrolled", "gap"):  # the same paths as the run's end
+        assert result["control"][key] == pytest.approx(summary["control"][key], rel=1e-9), key
+    assert "closed loop (64 paths, 4 steps): cost J" in out.stdout
     assert result["baselines"] == summary["baselines"]
     assert result["start_value"] == pytest.approx(summary["start_value"], rel=1e-12)
     assert f"u(0,0): model {summary['start_value']:.6f}, reference {summary['start_reference']:.6f}" in out.stdout

@@ -144,7 +144,8 @@ def generate(
     """Write ``out``: ``steps`` steps of training points and ``test_points`` test points."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    pde = build_pde(config.pde.name, config.pde.dim, dict(config.pde.params), config.pde.target)
+    p = config.pde
+    pde = build_pde(p.name, p.dim, dict(p.params), p.target, p.process_share)
     parts = [out.with_name(f".{out.name}.part{r}-of-{world_size}") for r in range(world_size)]
     try:
         _write_part(

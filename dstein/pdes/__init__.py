@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from dstein.pdes.base import PDE, ExactPDE, TestSet
+from dstein.pdes.base import PDE, ControlProblem, ExactPDE, TestSet
 from dstein.pdes.heat import Heat
 from dstein.pdes.hjb import HJB
 from dstein.pdes.poisson import Poisson
@@ -13,7 +13,7 @@ from dstein.pdes.twobody import AllenCahn, SineGordon
 
 REGISTRY: dict[str, type[PDE]] = {cls.name: cls for cls in (Poisson, Heat, HJB, SineGordon, AllenCahn)}
 
-__all__ = ["PDE", "REGISTRY", "ExactPDE", "TestSet", "build_pde", "resolve_pde_class", "user_error"]
+__all__ = ["PDE", "REGISTRY", "ControlProblem", "ExactPDE", "TestSet", "build_pde", "resolve_pde_class", "user_error"]
 
 
 def resolve_pde_class(name: str, target: str | None = None) -> type[PDE]:
@@ -43,8 +43,23 @@ def resolve_pde_class(name: str, target: str | None = None) -> type[PDE]:
     return REGISTRY[name]
 
 
-def build_pde(name: str, dim: int, params: dict[str, Any] | None = None, target: str | None = None) -> PDE:
-    cls = resolve_pde_class(name, target)
+def build_pde(
+    name: str, dim: int, params: dict[str, Any] | None = None, target: str | None = None, process_share: float = 0.0
+) -> PDE:
+    """The PDE ``name`` (or a user's ``target``) with its ``params``; ``process_share`` of its
+    training points along its forward process (refused where it declares none)."""
+    pde = _construct(resolve_pde_class(name, target), name, dim, params, target)
+    if process_share:
+        if not pde.process_kinds:
+            raise ValueError(
+                f"pde.process_share={process_share}: pde {pde.name} declares no forward process from a start state "
+                "(PDE.process_kinds and sample_process; hjb has one): set pde.process_share=0"
+            )
+        pde.process_share = float(process_share)
+    return pde
+
+
+def _construct(cls: type[PDE], name: str, dim: int, params: dict[str, Any] | None, target: str | None) -> PDE:
     try:
         return cls(dim, **(params or {}))
     except TypeError as err:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import abc
 import functools
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -43,6 +44,24 @@ class TestSet:
     u_se: torch.Tensor | None = None
 
 
+@dataclass(frozen=True)
+class ControlProblem:
+    """The stochastic control problem whose value function a PDE's solution is (``PDE.control_problem``):
+
+        u(0, x0) = min over m of E[ int_0^T running(m_t) dt + terminal(X_T) ],
+        dX = drift m dt + noise dW,  X_0 = x0,
+
+    with the optimal feedback ``m = PDE.control(X, grad u)``. dstein/control.py simulates the
+    closed loop of a trained solution's control."""
+
+    x0: torch.Tensor  # (d,) float64
+    T: float
+    drift: float
+    noise: float
+    running: Callable[[torch.Tensor], torch.Tensor]  # control (B, d) -> cost rate (B,)
+    terminal: Callable[[torch.Tensor], torch.Tensor]  # states (B, d) -> cost (B,)
+
+
 class PDE(abc.ABC):
     """Base class; subclasses set the class attributes and implement the methods."""
 
@@ -56,6 +75,12 @@ class PDE(abc.ABC):
     conditions: ClassVar[tuple[str, ...]]
     #: The conditions that ``output_transform`` makes hold exactly (no loss for them).
     constrained: ClassVar[tuple[str, ...]] = ()
+    #: The point kinds ``sample_process`` draws (``domain`` and conditions at the process's
+    #: end, such as hjb's ``terminal``); () : the PDE declares no forward process.
+    process_kinds: ClassVar[tuple[str, ...]] = ()
+    #: Share of the training points of each kind in ``process_kinds`` drawn along the process
+    #: (``pde.process_share``; set by ``dstein.pdes.build_pde``).
+    process_share: float = 0.0
 
     def __init__(self, dim: int):
         if not isinstance(dim, int) or dim < 1:
@@ -86,11 +111,28 @@ class PDE(abc.ABC):
 
         A sampler without a ``dtype`` parameter (written before it existed) draws in float64
         and the points are converted: the same training, with the slower draw.
+        The last ``round(process_share n)`` rows of a kind in ``process_kinds`` are drawn along
+        the forward process from the start state (``sample_process``), after the others.
         """
+        along = round(self.process_share * n) if kind in self.process_kinds else 0
         sampler = self.sample_domain if kind == "domain" else functools.partial(self.sample_condition, kind)
         if "dtype" in inspect.signature(sampler).parameters:
-            return sampler(n, gen, dtype=dtype)
-        return sampler(n, gen).to(dtype)
+            X = sampler(n - along, gen, dtype=dtype)
+        else:
+            X = sampler(n - along, gen).to(dtype)
+        if not along:
+            return X
+        return torch.cat([X, self.sample_process(kind, along, gen, dtype)])
+
+    def sample_process(
+        self, kind: str, n: int, gen: torch.Generator, dtype: torch.dtype = torch.float64
+    ) -> torch.Tensor:
+        """``n`` points of ``kind`` (one of ``process_kinds``) along the PDE's forward process
+        from its start state (``start``): ``domain`` at times t ~ U(0, T), a condition at its own
+        time, x drawn from the law of X_t (hjb: x0 + sqrt(2 t) Z). The along-the-process test set
+        (``process_test_set``) and ``pde.process_share`` draw from it; PDEs that declare
+        ``process_kinds`` implement it."""
+        raise NotImplementedError(f"pde {self.name} declares no forward process (process_kinds is empty)")
 
     @abc.abstractmethod
     def condition_target(self, kind: str, X: torch.Tensor) -> torch.Tensor:
@@ -113,6 +155,12 @@ class PDE(abc.ABC):
     def control(self, X: torch.Tensor, grad: torch.Tensor) -> torch.Tensor | None:
         """The feedback control that the solution's gradient gives at points X (a control
         problem's optimal action; ``dstein.load(...).control``); None: the PDE has none."""
+        return None
+
+    def control_problem(self) -> ControlProblem | None:
+        """The control problem whose value function this PDE's solution is (its dynamics and
+        costs; the feedback is ``control``), for the closed-loop cost of a trained solution
+        (dstein/control.py); None: the PDE is not one."""
         return None
 
     def condition_predictor(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -160,8 +208,9 @@ class PDE(abc.ABC):
         skip the gradient (ExactPDE does: a (200, d) gradient is 1.6 GB at d = 10^6)."""
         return self.truth(X, samples, seed).u
 
-    def test_points(self, start: int, stop: int, seed: int) -> torch.Tensor:
-        """Rows ``start:stop`` of the endless sequence of test points of ``seed``.
+    def test_points(self, start: int, stop: int, seed: int, along_process: bool = False) -> torch.Tensor:
+        """Rows ``start:stop`` of the endless sequence of test points of ``seed`` (``along_process``:
+        of the points along the forward process from the start state, ``sample_process``).
 
         Points are drawn in blocks of ``test_block`` rows, block ``k`` from a generator seeded by
         ``(seed, k)``: any slice can be produced without drawing the rows before it (several
@@ -170,10 +219,11 @@ class PDE(abc.ABC):
         if stop <= start:
             return torch.zeros(0, self.in_dim, dtype=torch.float64)
         rows = self.test_block
+        stream = Streams.PROCESS_TEST if along_process else Streams.TEST_POINTS
         blocks = []
         for k in range(start // rows, (stop - 1) // rows + 1):
-            gen = torch.Generator().manual_seed(counter_seed(seed, k, Streams.TEST_POINTS))
-            block = self.sample_test(rows, gen)
+            gen = torch.Generator().manual_seed(counter_seed(seed, k, stream))
+            block = self.sample_process("domain", rows, gen) if along_process else self.sample_test(rows, gen)
             base = k * rows
             blocks.append(block[max(start, base) - base : min(stop, base + rows) - base])
         return torch.cat(blocks)
@@ -187,9 +237,18 @@ class PDE(abc.ABC):
         """``n`` test points of ``seed`` and their ground truth."""
         return self.truth(self.test_points(0, n, seed), truth_samples, seed)
 
+    def process_test_set(self, n: int, seed: int, truth_samples: int) -> TestSet | None:
+        """``n`` test points along the forward process from the start state (t ~ U(0, T)) and
+        their ground truth; None where the PDE declares no process."""
+        if "domain" not in self.process_kinds or n == 0:
+            return None
+        return self.truth(self.test_points(0, n, seed, along_process=True), truth_samples, seed)
+
     def describe(self) -> dict:
-        """Parameters that identify this PDE (stored with runs and data files)."""
-        return {"name": self.name, "dim": self.dim}
+        """Parameters that identify this PDE (stored with runs and data files); ``process_share``
+        only where set (files written before it stay valid)."""
+        share = {"process_share": self.process_share} if self.process_share else {}
+        return {"name": self.name, "dim": self.dim, **share}
 
     def params(self) -> dict:
         """The PDE's own parameters (``describe`` without name and dimension)."""

@@ -23,7 +23,7 @@ import torch
 from dstein.estimators.base import Derivatives
 from dstein.estimators.constraint import OutputTransform
 from dstein.noise import Streams
-from dstein.pdes.base import PDE, TestSet
+from dstein.pdes.base import PDE, ControlProblem, TestSet
 
 
 def terminal(x: torch.Tensor) -> torch.Tensor:
@@ -86,6 +86,7 @@ class HJB(PDE):
     time_dependent = True
     conditions = ("terminal",)
     constrained = ("terminal",)
+    process_kinds = ("domain", "terminal")
 
     def __init__(
         self, dim: int, mu: float = 1.0, T: float = 1.0, spread: float = 0.0, origin: float = 0.0, x0: float = 0.0
@@ -98,9 +99,11 @@ class HJB(PDE):
         domain of dependence, which at d = 100 the test distribution alone misses
         (docs/benchmarks.md). ``origin``: the share of training points drawn instead along the
         diffusion from x = 0 (the domain of dependence of the published reference u(0, 0)),
-        x ~ N(0, 2 s I): at high d, x ~ N(0, I) never comes near the origin. ``x0``: the start
-        state (every coordinate x0, t = 0) whose value u(0, x0) every evaluation reports beside
-        its reference; ``origin`` draws along the diffusion from there."""
+        x ~ N(0, 2 s I): at high d, x ~ N(0, I) never comes near the origin (``pde.process_share``,
+        which every PDE with a process has, draws the same law for a fixed share of the rows
+        instead of a random one). ``x0``: the start state (every coordinate x0, t = 0) whose
+        value u(0, x0) every evaluation reports beside its reference; ``origin`` and the
+        process (``sample_process``) start there."""
         super().__init__(dim)
         if not (math.isfinite(mu) and mu > 0):
             raise ValueError(f"pde.params.mu={mu!r} must be > 0")
@@ -132,6 +135,18 @@ class HJB(PDE):
             X[:, :-1] *= torch.sqrt(variance).unsqueeze(1)
             if near is not None and self.x0:  # the diffusion from the start state x0
                 X[:, :-1] += self.x0 * near.to(X.dtype).unsqueeze(1)
+        return X
+
+    def sample_process(
+        self, kind: str, n: int, gen: torch.Generator, dtype: torch.dtype = torch.float64
+    ) -> torch.Tensor:
+        """Points along the uncontrolled diffusion from the start state, X_t = x0 + sqrt(2 t) Z:
+        t ~ U(0, T) (``domain``) or t = T (``terminal``). The controlled process of the optimal
+        control (dX = -2 mu grad u dt + sqrt(2) dW) stays closer to x0; this one covers it."""
+        X = torch.empty(n, self.in_dim, dtype=dtype)
+        X[:, -1] = self.T if kind == "terminal" else self.T * torch.rand(n, generator=gen, dtype=dtype)
+        z = torch.randn(n, self.dim, generator=gen, dtype=dtype)
+        X[:, :-1] = self.x0 + torch.sqrt(2 * X[:, -1:]) * z
         return X
 
     def residual(self, X: torch.Tensor, D: Derivatives) -> torch.Tensor:
@@ -194,6 +209,15 @@ class HJB(PDE):
         """m = -mu grad u: the minimiser of E[int |m|^2 / mu dt + g(X_T)], dX = 2 m dt + sqrt(2) dW."""
         return -self.mu * grad
 
+    def control_problem(self) -> ControlProblem:
+        """u(0, x0) = min E[int_0^T |m|^2 / mu dt + g(X_T)], dX = 2 m dt + sqrt(2) dW, X_0 = x0
+        (Ito on u(X_t, t) with the PDE: the cost of any m is u(0, x0) + E int |m + mu grad u|^2 / mu)."""
+        mu = self.mu
+        return ControlProblem(
+            x0=torch.full((self.dim,), self.x0, dtype=torch.float64), T=self.T, drift=2.0, noise=math.sqrt(2.0),
+            running=lambda m: (m * m).sum(1) / mu, terminal=terminal,
+        )  # fmt: skip
+
     def condition_predictor(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = X[:, :-1]
         return terminal(x), terminal_grad(x)
@@ -205,10 +229,12 @@ class HJB(PDE):
         return torch.cat([X[:, :-1], torch.full_like(X[:, -1:], self.T)], 1)
 
     def slice(self, n: int) -> tuple[torch.Tensor, torch.Tensor, str]:
-        coord = torch.linspace(-3.0, 3.0, n, dtype=torch.float64)
+        """x_1 over x0 +- 3 through the start state (other coordinates x0, t = 0)."""
+        coord = self.x0 + torch.linspace(-3.0, 3.0, n, dtype=torch.float64)
         X = torch.zeros(n, self.in_dim, dtype=torch.float64)
+        X[:, :-1] = self.x0
         X[:, 0] = coord
-        return X, coord, "x_1 (other x_i = 0, t = 0)"
+        return X, coord, f"x_1 (other x_i = {self.x0:g}, t = 0)"
 
     def truth(self, X: torch.Tensor, samples: int, seed: int) -> TestSet:
         x = X[:, :-1].double().cpu().numpy()
