@@ -89,14 +89,18 @@ def predict(
     us, grads = [], []
     stein = smooth and config.estimator.method in STEIN_METHODS
     spec = _smoothing(config, X)
-    rows = max(1, EVAL_NOISE_ELEMENTS // (spec.terms * X.shape[1])) if stein else EVAL_BLOCK
-    starts = range(0, X.shape[0], EVAL_BLOCK)
+    # the network alone draws no noise: its blocks are as large as EVAL_NOISE_ELEMENTS numbers allow
+    block = EVAL_BLOCK if stein else max(EVAL_BLOCK, EVAL_NOISE_ELEMENTS // X.shape[1])
+    rows = max(1, EVAL_NOISE_ELEMENTS // (spec.terms * X.shape[1])) if stein else block
+    starts = range(0, X.shape[0], block)
     for b, lo in enumerate(tqdm(starts, desc="evaluating", unit="block", disable=not progress, leave=False)):
-        gen = torch.Generator(device=X.device).manual_seed(counter_seed(config.seed, Streams.EVAL, first_block + b))
-        for part in range(lo, min(lo + EVAL_BLOCK, X.shape[0]), rows):
+        gen = None
+        if stein:
+            gen = torch.Generator(device=X.device).manual_seed(counter_seed(config.seed, Streams.EVAL, first_block + b))
+        for part in range(lo, min(lo + block, X.shape[0]), rows):
             with torch.set_grad_enabled(gradient):
-                Xb = X[part : min(part + rows, lo + EVAL_BLOCK)].detach().requires_grad_(gradient)
-                u = _smoothed_value(model, Xb, spec, gen) if stein else model(Xb).reshape(-1)
+                Xb = X[part : min(part + rows, lo + block)].detach().requires_grad_(gradient)
+                u = _smoothed_value(model, Xb, spec, gen) if gen is not None else model(Xb).reshape(-1)
                 constraint = transform(Xb) if transform is not None else None
                 if constraint is not None:
                     u = constraint.value(u)

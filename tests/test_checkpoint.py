@@ -158,7 +158,10 @@ def test_resume_on_another_world_size(tmp_path, straight, before, after):
     size to 1e-5 (uninterrupted 1- and 2-rank runs differ by <= 2.3e-7). The residual term
     alone differs by up to 2.4e-5 between any two world sizes, interrupted or not: float32
     sums in another order, amplified by the Laplacian weights (|z|^2 - d) / sigma^2 (at
-    sigma_x = 0.01 instead of 0.1 the losses too drift apart by 2.5e-5; see test_distributed)."""
+    sigma_x = 0.01 instead of 0.1 the losses too drift apart by 2.5e-5; see test_distributed).
+    The loss is the residual term plus the weighted condition terms, so its own tolerance is
+    theirs added: 2e-4 of the residual and 1e-5 of the rest (a clean-clone run had the loss
+    1.1e-5 apart at step 62 after a stop at another step: the residual's share of it drifts)."""
     preempt(start(tmp_path, before), tmp_path)
     stopped = last_step(tmp_path)
     out = finish(start(tmp_path, after))
@@ -168,11 +171,14 @@ def test_resume_on_another_world_size(tmp_path, straight, before, after):
     continued = [(ra, rb) for ra, rb in zip(a, b, strict=True) if ra["step"] > stopped]
     assert len(continued) >= STEPS - stopped
     for ra, rb in continued:
-        for key in ("loss", "terminal", "lr", "l2_rel", "grad_l2_rel"):
+        for key in ("terminal", "lr", "l2_rel", "grad_l2_rel"):
             if key in rb:
                 assert ra[key] == pytest.approx(rb[key], rel=1e-5), (ra["step"], key)
         if "residual" in rb:
             assert ra["residual"] == pytest.approx(rb["residual"], rel=2e-4), ra["step"]
+        if "loss" in rb:
+            tolerance = 2e-4 * abs(rb.get("residual", 0.0)) + 1e-5 * abs(rb["loss"])
+            assert ra["loss"] == pytest.approx(rb["loss"], abs=tolerance), (ra["step"], "loss")
 
 
 @pytest.mark.slow
