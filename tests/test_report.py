@@ -205,6 +205,19 @@ def test_evaluate_reproduces_the_final_errors(finished_run):
     assert all((run_dir / "plots" / name).is_file() for name in PLOTS)
 
 
+def test_evaluate_control_refuses_a_pde_that_is_no_control_problem(tmp_path):
+    """--control on a Poisson run: one line naming the option and the PDEs it takes, exit 2."""
+    out = run_command(train_command("configs/poisson_2d.yaml", "train.steps=2", "eval.points=8", "eval.samples=8",
+                                    "estimator.samples=16", "model.width=8", "eval.plots=false",
+                                    f"run.dir={tmp_path}"))  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    out = run_command([sys.executable, "launch/evaluate.py", "--run", str(tmp_path), "--control"])
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.startswith("error: --control: pde poisson is not a stochastic control problem")
+    out = run_command([sys.executable, "launch/evaluate.py", "--run", str(tmp_path), "--control", "--steps", "3"])
+    assert out.returncode == 2 and "--steps must be even and >= 2" in out.stderr
+
+
 def test_evaluate_refuses_a_folder_that_is_no_run(tmp_path):
     out = run_command([sys.executable, "launch/evaluate.py", "--run", str(tmp_path)])
     assert out.returncode == 2 and "no config.yaml there" in out.stderr and "Traceback" not in out.stderr
