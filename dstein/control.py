@@ -37,12 +37,18 @@ from typing import Any
 import torch
 
 from dstein.config import Config
+from dstein.distributed import sum_values
 from dstein.evaluation import Transform, predict, start_errors
-from dstein.noise import Streams, counter_seed
+from dstein.noise import Streams, counter_seed, split_evenly
 from dstein.pdes import PDE, ControlProblem
 
 #: grad u at states (B, d) and a time, float64 in and out.
 Gradient = Callable[[torch.Tensor, float], torch.Tensor]
+
+
+def with_time(x: torch.Tensor, t: float) -> torch.Tensor:
+    """The points (x, t) of states x (B, d) at one time t, as the model and the PDE take them."""
+    return torch.cat([x, torch.full((x.shape[0], 1), t, dtype=x.dtype, device=x.device)], 1)
 
 
 def simulate(
@@ -78,33 +84,45 @@ def simulate(
     return out["fine"], out["coarse"]
 
 
-def _mean_se(values: torch.Tensor) -> tuple[float, float]:
-    return float(values.mean()), float(values.std() / math.sqrt(values.numel()))
+#: Paths are simulated in chunks of this many, chunk c from a generator keyed by (seed, c):
+#: the chunks are dealt to the ranks, so the result does not depend on their number, and the
+#: memory on the chunk (its states are CONTROL_CHUNK x d numbers, a few of them at a time).
+CONTROL_CHUNK = 256
+#: Per path: cost less variate at the steps asked for, plain cost, at half the steps, their
+#: difference (the time-step bias), uncontrolled cost; sums of each and of its square.
+_QUANTITIES = ("cost", "cost_plain", "cost_half_steps", "time_step_bias", "uncontrolled")
 
 
 def closed_loop_costs(
     problem: ControlProblem, gradient: Gradient, feedback: Callable[[torch.Tensor, float, torch.Tensor], torch.Tensor],
-    paths: int, steps: int, seed: int,
+    paths: int, steps: int, seed: int, rank: int = 0, world_size: int = 1,
 ) -> dict[str, float]:  # fmt: skip
     """The cost of the feedback's closed loop with its standard error and time-step bias, and
-    the uncontrolled cost (no model: exact, x0 + noise sqrt(T) Z)."""
+    the uncontrolled cost (no model: exact, x0 + noise sqrt(T) Z). With ``world_size`` ranks
+    (each calls this) the chunks of paths are dealt to them and the sums added."""
     if steps % 2 or steps < 2 or paths < 2:
         raise ValueError(f"closed loop: steps={steps} must be even and >= 2, paths={paths} >= 2")
-    gen = torch.Generator().manual_seed(counter_seed(seed, Streams.CONTROL))
-    fine, coarse = simulate(problem, gradient, feedback, paths, steps, gen)
-    cost, cost_se = _mean_se(fine[:, 0] - fine[:, 1])
-    plain, plain_se = _mean_se(fine[:, 0])
-    half, _ = _mean_se(coarse[:, 0] - coarse[:, 1])
-    bias, bias_se = _mean_se((coarse[:, 0] - coarse[:, 1]) - (fine[:, 0] - fine[:, 1]))
-    gen = torch.Generator().manual_seed(counter_seed(seed, Streams.CONTROL, 1))
-    z = torch.randn(paths, problem.x0.numel(), generator=gen, dtype=torch.float64)
-    free, free_se = _mean_se(problem.terminal(problem.x0.double() + problem.noise * math.sqrt(problem.T) * z))
-    return {
-        "paths": paths, "steps": steps, "cost": cost, "cost_se": cost_se,
-        "cost_plain": plain, "cost_se_plain": plain_se,
-        "cost_half_steps": half, "time_step_bias": bias, "time_step_bias_se": bias_se,
-        "uncontrolled": free, "uncontrolled_se": free_se,
-    }  # fmt: skip
+    sums = torch.zeros(2, len(_QUANTITIES), dtype=torch.float64)
+    chunks = -(-paths // CONTROL_CHUNK)
+    for c in range(*split_evenly(chunks, rank, world_size)):
+        n = min(CONTROL_CHUNK, paths - c * CONTROL_CHUNK)
+        fine, coarse = simulate(problem, gradient, feedback, n, steps,
+                                torch.Generator().manual_seed(counter_seed(seed, Streams.CONTROL, c)))  # fmt: skip
+        gen = torch.Generator().manual_seed(counter_seed(seed, Streams.CONTROL, c, 1))
+        z = torch.randn(n, problem.x0.numel(), generator=gen, dtype=torch.float64)
+        free = problem.terminal(problem.x0.double() + problem.noise * math.sqrt(problem.T) * z)
+        cost, half = fine[:, 0] - fine[:, 1], coarse[:, 0] - coarse[:, 1]
+        values = torch.stack([cost, fine[:, 0], half, half - cost, free])  # in _QUANTITIES' order
+        sums += torch.stack([values.sum(1), (values * values).sum(1)])
+    sums = sum_values(sums)
+    mean = sums[0] / paths
+    se = ((sums[1] / paths - mean * mean).clamp_min(0) * paths / (paths - 1) / paths).sqrt()
+    out: dict[str, float] = {"paths": paths, "steps": steps}
+    for name, m, e in zip(_QUANTITIES, mean.tolist(), se.tolist(), strict=True):
+        out[name] = m
+        if name != "cost_half_steps":
+            out[{"cost": "cost_se", "cost_plain": "cost_se_plain"}.get(name, name + "_se")] = e
+    return out
 
 
 def model_gradient(
@@ -113,8 +131,8 @@ def model_gradient(
     """grad u of the trained network (hard constraint applied) at states x and a time t."""
 
     def gradient(x: torch.Tensor, t: float) -> torch.Tensor:
-        X = torch.cat([x, torch.full((x.shape[0], 1), t, dtype=x.dtype)], 1).to(device=device, dtype=dtype)
-        _, grad = predict(model, X, config, transform=transform, smooth=False)
+        _, grad = predict(model, with_time(x, t).to(device=device, dtype=dtype), config, transform=transform,
+                          smooth=False)  # fmt: skip
         assert grad is not None
         return grad.double().cpu()
 
@@ -124,11 +142,13 @@ def model_gradient(
 def closed_loop(
     model: torch.nn.Module, pde: PDE, config: Config, device: torch.device, dtype: torch.dtype,
     transform: Transform | None = None, paths: int | None = None, steps: int | None = None,
+    rank: int = 0, world_size: int = 1,
 ) -> dict[str, Any] | None:  # fmt: skip
     """The learned feedback's closed-loop cost J beside the model's u(0, x0) (the gap J - u,
     >= 0 up to the standard error and the time-step bias), the reference value where the PDE
     has one, and the uncontrolled cost; None where the PDE is no control problem. ``paths``
-    and ``steps`` default to eval.control_paths and eval.control_steps."""
+    and ``steps`` default to eval.control_paths and eval.control_steps. With ``world_size``
+    ranks every rank calls this and simulates its chunks of the paths; all get the result."""
     problem = pde.control_problem()
     if problem is None:
         return None
@@ -137,13 +157,20 @@ def closed_loop(
     steps = steps or config.eval.control_steps
 
     def feedback(x: torch.Tensor, t: float, grad: torch.Tensor) -> torch.Tensor:
-        control = pde.control(torch.cat([x, torch.full((x.shape[0], 1), t, dtype=x.dtype)], 1), grad)
+        control = pde.control(with_time(x, t), grad)
         assert control is not None
         return control
 
     with torch.random.fork_rng(devices=[]):
         out: dict[str, Any] = closed_loop_costs(
-            problem, model_gradient(model, config, device, dtype, transform), feedback, paths, steps, config.eval.seed
+            problem,
+            model_gradient(model, config, device, dtype, transform),
+            feedback,
+            paths,
+            steps,
+            config.eval.seed,
+            rank,
+            world_size,
         )
     value = start_errors(model, pde, config, device, dtype, transform)
     start = pde.start()

@@ -208,14 +208,15 @@ def _train(config: Config, info: DistInfo, notes: list[str]) -> dict[str, Any]:
             print(width_warning(cfg.pde.dim, cfg.model.width), file=sys.stderr, flush=True)
     _on_rank0(tr, checkpoints, lambda: write_text_atomic(tr.run_dir / "config.yaml", config_file_text(cfg)))
     start = time.perf_counter()
+    control = None
     with stop_on_lost_peer(tr.info, cfg.parallel.timeout_s):
         errors = _steps(tr, checkpoints, resumed, start)
-    wall = time.perf_counter() - start
+        wall = time.perf_counter() - start  # training and its evaluations, not the closed loop
+        if cfg.eval.control_paths and tr.pde.control_problem() is not None:  # every rank its share of the paths
+            control = closed_loop(tr.model, tr.pde, cfg, tr.device, tr.dtype, tr.estimator.transform,
+                                  rank=tr.info.rank, world_size=tr.info.world_size)  # fmt: skip
     _on_rank0(tr, checkpoints, lambda: finish_run(tr.run_dir, tr.model, tr.pde, tr.test, cfg, tr.device, tr.dtype,
                                                   tr.process_test))  # fmt: skip
-    control = None
-    if writer and cfg.eval.control_paths and tr.pde.control_problem() is not None:
-        control = closed_loop(tr.model, tr.pde, cfg, tr.device, tr.dtype, tr.estimator.transform)
     summary = {
         **errors,
         **baseline_fields(tr),
@@ -241,7 +242,8 @@ def _train(config: Config, info: DistInfo, notes: list[str]) -> dict[str, Any]:
         summary["reference"] = reference_errors(tr.model, tr.pde, cfg, tr.device, tr.dtype, tr.estimator.transform)
     if control is not None:
         summary["control"] = control
-        print(describe(control), flush=True)
+        if writer:
+            print(describe(control), flush=True)
     _on_rank0(tr, checkpoints, lambda: write_json_atomic(tr.run_dir / "summary.json", summary))
     warnings = [not_beaten(errors, tr.baselines)]
     if tr.process_baselines is not None:

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from dstein import control
 from dstein.control import closed_loop_costs
 from dstein.pdes import ControlProblem, build_pde
 from dstein.pdes.hjb import cole_hopf_radial
@@ -91,3 +92,20 @@ def test_hjb_declares_the_control_problem_its_solution_is_the_value_of():
 def test_closed_loop_refuses_odd_steps():
     with pytest.raises(ValueError, match="steps=3 must be even"):
         closed_loop_costs(quadratic(), exact_gradient, feedback(1.0), 10, 3, seed=0)
+
+
+def test_the_chunks_of_paths_dealt_to_ranks_add_up_to_the_one_rank_result(monkeypatch):
+    """Three ranks each simulate their chunks (keyed by chunk, not by rank) and their sums add
+    up to the one-rank figures; a chunk is CONTROL_CHUNK paths, the last one shorter."""
+    one = closed_loop_costs(quadratic(), exact_gradient, feedback(1.0), 600, 4, seed=0)
+    shares: list[torch.Tensor] = []
+    monkeypatch.setattr(control, "sum_values", lambda sums: shares.append(sums.clone()) or sums)
+    for rank in range(3):
+        closed_loop_costs(quadratic(), exact_gradient, feedback(1.0), 600, 4, seed=0, rank=rank, world_size=3)
+    assert len(shares) == 3 and control.CONTROL_CHUNK == 256  # chunks of 256, 256, 88: one per rank
+    total = sum(shares)
+    monkeypatch.setattr(control, "sum_values", lambda sums: total)
+    dealt = closed_loop_costs(quadratic(), exact_gradient, feedback(1.0), 600, 4, seed=0, rank=0, world_size=3)
+    assert dealt.keys() == one.keys()
+    for key, value in one.items():
+        assert dealt[key] == pytest.approx(value, rel=1e-12), key

@@ -30,7 +30,7 @@ LONG = [
     "estimator.samples=384", "model.width=32", "model.depth=2", "train.domain_points=8",
     "train.condition_points=8", "train.adversarial.steps=0", "eval.every=100000", "eval.points=16",
     "eval.samples=8", "eval.truth_samples=2000", "train.log_every=1", "checkpoint.every=10", "run.threads=1",
-    "eval.plots=false",
+    "eval.plots=false", "eval.control_paths=300", "eval.control_steps=2",
 ]  # fmt: skip
 
 

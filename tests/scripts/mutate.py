@@ -64,6 +64,15 @@ MUTATIONS: dict[str, tuple[str, list[tuple[str, str, str]]]] = {
         [("dstein/estimators/constraint.py", "                lap = lap + 2 * along_B\n",
           "                lap = lap + along_B\n")],
     ),
+    "control-drift": (
+        "HJB's control problem with the drift of dX = 2 m dt + sqrt(2) dW halved (the closed loop's cost)",
+        [("dstein/pdes/hjb.py", "T=self.T, drift=2.0,", "T=self.T, drift=1.0,")],
+    ),
+    "process-law": (
+        "HJB's points along the process drawn as x0 + sqrt(t) Z instead of x0 + sqrt(2 t) Z",
+        [("dstein/pdes/hjb.py", "X[:, :-1] = self.x0 + torch.sqrt(2 * X[:, -1:]) * z",
+          "X[:, :-1] = self.x0 + torch.sqrt(X[:, -1:]) * z")],
+    ),
 }  # fmt: skip
 
 
