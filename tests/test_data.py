@@ -24,6 +24,7 @@ SMALL = [
     "eval.truth_samples=500", "estimator.samples=16", "train.domain_points=6", "train.condition_points=5",
     "model.width=16", "model.depth=2",
     "model.hard_constraint=false",  # files with condition points: the terminal condition as a loss
+    "pde.process_share=0",  # the points of the PDE's own sampler (test_a_file_records_its_process_share)
 ]  # fmt: skip
 
 
@@ -54,6 +55,21 @@ def test_round_trip_points_attributes_and_truth(config, datafile):
     expected = pde.test_set(10, config.eval.seed, 500)
     for name in ("X", "u", "grad", "u_se"):
         assert torch.equal(getattr(test, name), getattr(expected, name)), name
+
+
+def test_a_file_records_its_process_share(root, tmp_path):
+    """Points drawn with pde.process_share: the file holds them (the online sampler's, step by
+    step) and its stored parameters say so, so a config without the share refuses the file."""
+    config = load_config(root / "configs/quickstart.yaml", [*SMALL, "pde.process_share=0.5"])
+    path = generate(config, tmp_path / "along.h5", steps=2, test_points=4, truth_samples=100)
+    pde = build_pde("hjb", 10, {"mu": 1.0, "T": 1.0}, process_share=0.5)
+    with h5py.File(path) as fh:
+        assert json.loads(fh.attrs["pde_params"]) == {"mu": 1.0, "T": 1.0, "process_share": 0.5}
+        online = collocation(pde, config, 1, torch.float64, torch.device("cpu"))
+        assert np.array_equal(fh["train/domain"][6:12], online["domain"].X.numpy())
+    with pytest.raises(DataFileError, match=r"written for PDE parameters .*'process_share': 0\.5.*the config has"):
+        _validate(path)
+    _validate(path, pde_params={"mu": 1.0, "T": 1.0, "process_share": 0.5})
 
 
 def test_two_point_groups_read_disjoint_slices_that_cover_the_batch(datafile):

@@ -23,7 +23,8 @@ from test_checkpoint import CONFIG, TINY, finish, last_step, losses, start
 from dstein.checkpoint import MARKER, scan, step_dir
 
 SMALL = ["pde.dim=5", "model.width=16", "model.depth=2", "estimator.samples=64", "estimator.condition_samples=8",
-         "train.steps=2", "eval.points=8", "eval.truth_samples=100", "eval.plots=false"]  # fmt: skip
+         "train.steps=2", "eval.points=8", "eval.truth_samples=100", "eval.plots=false",
+         "eval.control_paths=0"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")

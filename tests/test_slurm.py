@@ -11,7 +11,6 @@ losses and summary bit for bit whatever started the ranks.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 import pytest
 from distributed_utils import ROOT, base_env
 from slurm_cluster import job_field, wait_job
-from test_checkpoint import CONFIG, STEPS, TINY, last_step, losses
+from test_checkpoint import CONFIG, STEPS, TINY, last_step, losses, summary
 
 pytestmark = [pytest.mark.ranks, pytest.mark.slow]
 
@@ -44,12 +43,6 @@ def submit(script: str, run_root: Path) -> str:
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     return out.stdout.strip().split(";")[0]
-
-
-def summary(run_dir: Path) -> dict:
-    out = json.loads((run_dir / "summary.json").read_text())
-    out.pop("wall_seconds"), out.pop("train_seconds")
-    return out
 
 
 @pytest.mark.parametrize("script", list(SCRIPTS))
