@@ -44,7 +44,7 @@ TINY = [
     "estimator.sigma_x=0.1",
     "train.domain_points=8", "train.condition_points=8", "train.log_every=1", "eval.every=20",
     "eval.points=16", "eval.samples=8", "eval.truth_samples=200", "eval.plots=false", "checkpoint.every=10",
-    "eval.control_paths=0",  # the closed loop (about 1 s a run) is checked in test_control, test_report, test_distributed
+    "eval.control_paths=0",  # the closed loop (1 s a run): checked in test_control, test_report, test_distributed
     "run.threads=1",
 ]  # fmt: skip
 STEPS = 80
