@@ -56,15 +56,16 @@ def slice_points(dim: int) -> int:
 
 def draw_plots(
     run_dir: Path, model: torch.nn.Module, pde: PDE, test: TestSet, config: Config, device, dtype,
-    out: Path | None = None, process_test: TestSet | None = None,
+    out: Path | None = None, process_baselines: dict[str, dict[str, float]] | None = None,
 ) -> list[Path]:  # fmt: skip
-    """All four figures (in ``out``, by default ``RUN_DIR/plots``) from the run's metrics and model."""
+    """All four figures (in ``out``, by default ``RUN_DIR/plots``) from the run's metrics and model;
+    ``process_baselines``: those of the set along the process (errors.png's second panel)."""
     out = out or run_dir / "plots"
     out.mkdir(parents=True, exist_ok=True)
     title = f"{pde.name} d={pde.dim}, {config.estimator.method}"
     metrics = run_dir / "metrics.jsonl"
-    along = baselines(pde, process_test) if process_test is not None else None
-    plots.plot_history(read_metrics(metrics) if metrics.exists() else [], out, title, baselines(pde, test), along)
+    rows = read_metrics(metrics) if metrics.exists() else []
+    plots.plot_history(rows, out, title, baselines(pde, test), process_baselines)
     X, coord, label = pde.slice(slice_points(pde.dim))
     exact = pde.truth_values(X, config.eval.truth_samples, config.eval.seed).numpy()
     transform = output_transform(config, pde)
@@ -76,11 +77,11 @@ def draw_plots(
 
 def finish_run(
     run_dir: Path, model: torch.nn.Module, pde: PDE, test: TestSet, config: Config, device, dtype,
-    process_test: TestSet | None = None,
+    process_baselines: dict[str, dict[str, float]] | None = None,
 ) -> None:  # fmt: skip
     save_model(model, run_dir)
     if config.eval.plots:
-        draw_plots(run_dir, model, pde, test, config, device, dtype, process_test=process_test)
+        draw_plots(run_dir, model, pde, test, config, device, dtype, process_baselines=process_baselines)
 
 
 def writable(folder: Path, option: str) -> None:
@@ -151,5 +152,6 @@ def evaluate_run(
         result["control"] = closed_loop(model, pde, config, device, dtype, transform,
                                         paths or config.eval.control_paths or 1000, steps)  # fmt: skip
     write_json_atomic(target / "eval.json", result)
-    draw_plots(run_dir, model, pde, test, config, device, dtype, out=target / "plots", process_test=process_test)
+    draw_plots(run_dir, model, pde, test, config, device, dtype, out=target / "plots",
+               process_baselines=result.get("process_baselines"))  # fmt: skip
     return result

@@ -216,7 +216,7 @@ def _train(config: Config, info: DistInfo, notes: list[str]) -> dict[str, Any]:
             control = closed_loop(tr.model, tr.pde, cfg, tr.device, tr.dtype, tr.estimator.transform,
                                   rank=tr.info.rank, world_size=tr.info.world_size)  # fmt: skip
     _on_rank0(tr, checkpoints, lambda: finish_run(tr.run_dir, tr.model, tr.pde, tr.test, cfg, tr.device, tr.dtype,
-                                                  tr.process_test))  # fmt: skip
+                                                  tr.process_baselines))  # fmt: skip
     summary = {
         **errors,
         **baseline_fields(tr),
