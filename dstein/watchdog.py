@@ -16,7 +16,9 @@ not depend on the collectives:
   store itself has not answered for as long (it lives in rank 0, or torchrun's agent), it
   posts the verdict to the store, prints one line naming the rank, its host and pid, and ends
   this process with exit 3; every other rank reads the verdict within an interval and ends
-  alike.
+  alike. Rank 0 holds the store: it ends only once every other rank but the stopped one has
+  read the verdict (or three intervals have passed), since a rank whose collective failed
+  because the finder exited would otherwise find the store gone and blame rank 0.
 
 A rank that stops orderly (``exit_process``) first marks its counter done, so that its
 watcher does not take the end of a run for a stopped peer. The thread needs the GIL only for
@@ -73,6 +75,8 @@ class Watchdog(threading.Thread):
         self.stopping = threading.Event()
         self.ending = threading.Lock()  # one verdict printed, none after an orderly stop
         self.answered = time.monotonic()  # the store's last reply
+        self.counted = threading.Lock()  # this rank is counted once among the verdict's readers
+        self.read = False
         self.judge = threading.Thread(target=self._judge, name="dstein-watchdog-judge", daemon=True)
 
     def _key(self, name: str | int) -> str:
@@ -103,7 +107,7 @@ class Watchdog(threading.Thread):
                 continue
             now = self.answered = time.monotonic()
             if verdict:
-                self._end(verdict)
+                self._end(verdict, posted=True)
             if beats >= DONE:
                 continue
             if beats != seen:
@@ -116,7 +120,7 @@ class Watchdog(threading.Thread):
                 with contextlib.suppress(Exception):  # else the others find it themselves
                     self.store.set(self._key("verdict"), verdict)
                     self.store.add(self._key("verdicts"), 1)
-                self._end(verdict)
+                self._end(verdict, posted=True)
 
     def _judge(self) -> None:
         """The store's silence, timed apart from its requests (a stopped store does not fail
@@ -130,19 +134,43 @@ class Watchdog(threading.Thread):
             if silent > self.limit:
                 self._end(
                     f"{self._who(0)} or the rendezvous store at {self.where} stopped answering: no reply for "
-                    f"{silent:.0f}s (parallel.timeout_s={self.timeout_s:g})"
+                    f"{silent:.0f}s (parallel.timeout_s={self.timeout_s:g})",
+                    posted=False,
                 )
 
     def posted(self) -> str | None:
         """The verdict a watchdog of any rank posted, if one did (None: none, or no store)."""
+        verdict = None
         with contextlib.suppress(Exception):
             if self.store.add(self._key("verdicts"), 0):
-                return self.store.get(self._key("verdict")).decode()
-        return None
+                verdict = self.store.get(self._key("verdict")).decode()
+        if verdict is not None:
+            self._read()
+        return verdict
 
-    def _end(self, verdict: str) -> None:
+    def _read(self) -> None:
+        """Count this rank among the verdict's readers (once); on rank 0, which holds the
+        store, wait until every rank but the stopped one has read it, at most three intervals
+        (the others' heartbeats read it within one)."""
+        with self.counted:
+            if not self.read:
+                self.read = True
+                with contextlib.suppress(Exception):
+                    self.store.add(self._key("read"), 1)
+        if self.rank != 0:
+            return
+        deadline = time.monotonic() + 3 * self.interval
+        while time.monotonic() < deadline:
+            try:
+                if self.store.add(self._key("read"), 0) >= len(self.peers) - 1:
+                    return
+            except Exception:
+                return
+            time.sleep(self.interval / 20)
+
+    def _end(self, verdict: str, posted: bool) -> None:
         """Say why on this rank and end the process at once (the main thread may be stuck in
-        a collective that will never return)."""
+        a collective that will never return); ``posted``: the verdict is in the store."""
         with self.ending:
             if self.stopping.is_set():
                 return
@@ -150,6 +178,8 @@ class Watchdog(threading.Thread):
             about = " (this rank: it was stopped, and the others have ended)" if mine else ""
             print(f"error: rank {self.rank}: {verdict}{about}; stopping", file=sys.stderr, flush=True)
             sys.stdout.flush()
+            if posted:
+                self._read()
             os._exit(LOST_STATUS)
 
     def stop(self) -> None:

@@ -32,11 +32,15 @@ class Recorded(Watchdog):
     def __init__(self, *args) -> None:
         super().__init__(*args)
         self.verdict: str | None = None
+        self.readers = 0  # how many ranks had read the verdict when this one ended
         self.ended = threading.Event()
 
-    def _end(self, verdict: str) -> None:
+    def _end(self, verdict: str, posted: bool) -> None:
         if not self.stopping.is_set():
             self.verdict = verdict
+            if posted:
+                self._read()
+                self.readers = int(self.store.add(self._key("read"), 0))
             self.stopping.set()
             self.ended.set()
 
@@ -66,6 +70,30 @@ def test_a_rank_whose_heartbeat_stops_is_named_by_its_watcher_and_every_rank_rea
     assert dogs[2].verdict == dogs[0].verdict  # rank 2 watches rank 0, and takes the posted verdict
     for dog in (dogs[0], dogs[2]):
         dog.join()  # before the store goes
+
+
+def test_rank_0_holding_the_store_ends_only_once_the_others_have_read_the_verdict():
+    """Else a rank whose collective failed because the finder exited finds the store gone
+    and blames rank 0 (seen on two SLURM nodes): rank 0 waits for every rank but the stopped
+    one, at most three intervals when one never reads."""
+    _server, port, peers = store_and_peers(3)
+    interval, limit = intervals(1.0)
+    dogs = [Recorded(r, peers, "127.0.0.1", port, 1.0, "t4") for r in range(3)]
+    for dog in (dogs[0], dogs[2]):  # rank 0 watches rank 1, which never beats
+        dog.start()
+    assert dogs[0].ended.wait(5) and dogs[2].ended.wait(5)
+    assert "found by rank 0" in dogs[0].verdict and dogs[2].verdict == dogs[0].verdict
+    assert dogs[0].readers == 2 and dogs[2].readers >= 1  # rank 2 had read it before rank 0 ended
+    for dog in (dogs[0], dogs[2]):
+        dog.join()
+
+    alone = [Recorded(r, peers, "127.0.0.1", port, 1.0, "t5") for r in range(3)]
+    begin = time.monotonic()
+    alone[0].start()  # ranks 1 and 2 never read: rank 0 ends all the same, three intervals later
+    assert alone[0].ended.wait(5)
+    took = time.monotonic() - begin
+    assert alone[0].readers == 1 and limit + 3 * interval <= took < limit + 6 * interval + 0.5, took
+    alone[0].join()
 
 
 def test_a_rank_that_stopped_orderly_is_not_taken_for_a_stopped_one():
