@@ -125,7 +125,7 @@ def evaluate_run(
     device, dtype = torch.device("cpu"), getattr(torch, config.run.dtype)
     test_file = test_file or config.data.test_file
     test = load_test_set(config, pde, test_file)
-    model = build_model(config, pde, dtype, device)
+    model = build_model(config, pde, dtype, device, loaded=True)
     try:
         model.load_state_dict(torch.load(run_dir / MODEL_FILE, map_location=device, weights_only=True))
     except Exception as err:  # truncated, overwritten, or of another model: never a traceback

@@ -109,7 +109,7 @@ def load(run_dir: str | Path, checkpoint: str | Path | None = None, device: str 
     pde = build_pde(config)
     device = torch.device(device)
     with torch.random.fork_rng(devices=[]):  # building the model seeds torch: not the caller's generators
-        model = build_model(config, pde, getattr(torch, config.run.dtype), device)
+        model = build_model(config, pde, getattr(torch, config.run.dtype), device, loaded=True)
     try:
         state = safe_load(weights, map_location=device)
         state = state["module"] if checkpoint is not None else state

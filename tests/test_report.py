@@ -7,7 +7,7 @@ import sys
 
 import matplotlib.image
 import pytest
-from distributed_utils import run_command, train_command
+from distributed_utils import run_command, run_here, train_command
 
 from dstein.plots import PLOTS
 
@@ -20,9 +20,9 @@ SMALL = [
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
-    out = run_command(train_command("configs/quickstart.yaml", *SMALL, "eval.process_points=32",
-                                    "pde.process_share=0.5", "eval.control_paths=64", "eval.control_steps=4",
-                                    f"run.dir={run_dir}"))  # fmt: skip
+    out = run_here("train.py", "--config", "configs/quickstart.yaml", *SMALL, "eval.process_points=32",
+                   "pde.process_share=0.5", "eval.control_paths=64", "eval.control_steps=4",
+                   f"run.dir={run_dir}")  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     return run_dir, out
 
@@ -182,8 +182,7 @@ def test_evaluate_reproduces_the_final_errors(finished_run):
     summary = json.loads((run_dir / "summary.json").read_text())
     for name in PLOTS:
         (run_dir / "plots" / name).unlink()
-    out = run_command([sys.executable, "launch/evaluate.py", "--run", str(run_dir), "--control", "--paths", "64",
-                       "--steps", "4"])  # fmt: skip
+    out = run_here("evaluate.py", "--run", str(run_dir), "--control", "--paths", "64", "--steps", "4")
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads((run_dir / "eval.json").read_text())
     for key in ("l1_rel", "l2_rel", "grad_l2_rel", "gradient_floor"):
@@ -207,9 +206,9 @@ def test_evaluate_reproduces_the_final_errors(finished_run):
 
 def test_evaluate_control_refuses_a_pde_that_is_no_control_problem(tmp_path):
     """--control on a Poisson run: one line naming the option and the PDEs it takes, exit 2."""
-    out = run_command(train_command("configs/poisson_2d.yaml", "train.steps=2", "eval.points=8", "eval.samples=8",
-                                    "estimator.samples=16", "model.width=8", "eval.plots=false",
-                                    f"run.dir={tmp_path}"))  # fmt: skip
+    out = run_here("train.py", "--config", "configs/poisson_2d.yaml", "train.steps=2", "eval.points=8",
+                   "eval.samples=8", "estimator.samples=16", "model.width=8", "eval.plots=false",
+                   f"run.dir={tmp_path}")  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     out = run_command([sys.executable, "launch/evaluate.py", "--run", str(tmp_path), "--control"])
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "Traceback" not in out.stderr, out.stderr
@@ -288,6 +287,30 @@ def test_metrics_of_an_earlier_start_are_moved_aside_never_lost(tmp_path):
     fresh.close()
     (kept,) = tmp_path.glob("metrics.before-*.jsonl")
     assert kept.read_bytes() == before and path.read_text() == "" and "is kept as metrics.before-" in fresh.note
+
+
+def test_a_radial_model_built_to_be_loaded_takes_its_feature_statistics_from_the_state(root):
+    """evaluate.py and dstein.load build the model with loaded=True: the radial feature's
+    statistics (1.3 s of drawing at d = 10^4) are not drawn but come with the saved state, so
+    the loaded model is the trained one; a model built to train draws them."""
+    import torch
+
+    from dstein.build import build_model, feature_sample
+    from dstein.config import load_config
+    from dstein.models import radial_phi
+    from dstein.pdes import build_pde
+
+    cfg = load_config(root / "configs/hjb_100.yaml", ["model.width=8", "model.depth=2", "pde.dim=30"])
+    pde = build_pde(cfg.pde.name, cfg.pde.dim, dict(cfg.pde.params))
+    trained = build_model(cfg, pde, torch.float64, torch.device("cpu"))
+    q = radial_phi(feature_sample(cfg, pde), cfg.model.radial_feature)
+    stats = float(q.mean()), float(q.std())  # kept as float32 buffers
+    assert (float(trained.q_shift), float(trained.q_scale)) == pytest.approx(stats, rel=1e-7)
+    blank = build_model(cfg, pde, torch.float64, torch.device("cpu"), loaded=True)
+    assert (float(blank.q_shift), float(blank.q_scale)) == (0.0, 1.0)
+    blank.load_state_dict(trained.state_dict())
+    X = torch.randn(5, pde.in_dim, dtype=torch.float64)
+    assert torch.equal(blank(X), trained(X))
 
 
 def test_a_trained_solution_loads_as_an_object_from_the_run_or_a_checkpoint(finished_run, tmp_path):
