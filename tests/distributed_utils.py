@@ -3,6 +3,9 @@ through a launcher command."""
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import io
 import os
 import socket
 import subprocess
@@ -73,3 +76,37 @@ def run_command(cmd: list[str], timeout: float = 600) -> subprocess.CompletedPro
 def train_command(config: str, *overrides: str) -> list[str]:
     """``python launch/train.py --config CONFIG overrides...`` (one process)."""
     return [sys.executable, "launch/train.py", "--config", config, *overrides]
+
+
+def _entry_point(script: str):
+    """The ``main`` of launch/SCRIPT, loaded once per process (launch/ is no package)."""
+    name = f"_dstein_launch_{Path(script).stem}"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "launch" / script)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name].main
+
+
+def run_here(script: str, *args: str) -> subprocess.CompletedProcess:
+    """``python launch/SCRIPT ARGS`` as its ``main`` in this process, from the repository root:
+    its exit status and what it printed, as ``run_command`` gives them.
+
+    For one-rank runs whose process boundary the test does not check (no signal, kill or
+    environment of its own): a new interpreter imports torch, DeepSpeed and torch._dynamo
+    again, 3 to 4 s of a core per start, about as long as a tiny run itself.
+    """
+    import torch  # the settings a run makes for its process (run.threads, run.matmul_precision), put back
+
+    out, err = io.StringIO(), io.StringIO()
+    cwd, threads, precision = os.getcwd(), torch.get_num_threads(), torch.get_float32_matmul_precision()
+    os.chdir(ROOT)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            status = _entry_point(script)(list(args))
+    finally:
+        os.chdir(cwd)
+        torch.set_num_threads(threads)
+        torch.set_float32_matmul_precision(precision)
+    return subprocess.CompletedProcess([script, *args], status, out.getvalue(), err.getvalue())

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from distributed_utils import VENV_BIN, free_port, run_command, spawn_ranks, train_command, wait_all
+from distributed_utils import VENV_BIN, free_port, run_command, run_here, spawn_ranks, wait_all
 
 from dstein.distributed import Launch, check_layout, detect_launch
 from dstein.metrics import read_metrics
@@ -166,7 +166,7 @@ def assert_same_losses(a: list[dict], b: list[dict], rtol: float = 1e-5, later_r
 @pytest.fixture(scope="module")
 def plain_hjb_10k(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("plain")
-    out = run_command(train_command("configs/hjb_10k.yaml", *TINY_10K, f"run.dir={run_dir}"))
+    out = run_here("train.py", "--config", "configs/hjb_10k.yaml", *TINY_10K, f"run.dir={run_dir}")  # in this process
     assert out.returncode == 0, out.stderr[-3000:]
     assert json.loads((run_dir / "summary.json").read_text())["world_size"] == 1
     return run_dir

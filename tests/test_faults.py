@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from distributed_utils import ROOT, base_env, free_port, spawn_ranks, wait_all
-from test_checkpoint import CONFIG, TINY, finish, last_step, losses, start
+from distributed_utils import ROOT, base_env, free_port, run_here, spawn_ranks, wait_all
+from test_checkpoint import CONFIG, TINY, finish, last_step, losses, start, train_here, train_to_end
 
 from dstein.checkpoint import MARKER, scan, step_dir
 
@@ -324,7 +324,7 @@ def test_nonfinite_stop_names_step_term_rank_and_keeps_the_checkpoint(tmp_path, 
     assert expected in results[0][2]
     complete, incomplete = scan(tmp_path / "checkpoints")
     assert complete[-1] == step_dir(tmp_path / "checkpoints", 20) and not incomplete
-    out = finish(start(tmp_path, world))  # the fault is gone: the run resumes and completes
+    out = train_to_end(tmp_path, world)  # the fault is gone: the run resumes and completes
     assert "resuming from" in out and "step 20 of" in out
 
 
@@ -346,16 +346,13 @@ def test_second_run_on_a_directory_in_use_refuses_and_a_killed_one_is_taken_over
     while last_step(tmp_path) < 12:
         assert first[0].poll() is None and time.time() < deadline
         time.sleep(0.05)
-    second = subprocess.run(
-        [sys.executable, "launch/train.py", "--config", CONFIG, *TINY, "train.steps=100000", f"run.dir={tmp_path}"],
-        cwd=ROOT, env=base_env(), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    second = run_here("train.py", "--config", CONFIG, *TINY, "train.steps=100000", f"run.dir={tmp_path}")
     assert second.returncode == 2, second.stderr[-2000:]
     assert f"error: run.dir={tmp_path} is in use by pid {first[0].pid} on " in second.stderr
     first[0].send_signal(signal.SIGKILL)
     first[0].communicate()
     saved = int(scan(tmp_path / "checkpoints")[0][-1].name.removeprefix("step-"))
-    out = finish(start(tmp_path, 1, f"train.steps={saved + 10}"))
+    out = train_here(tmp_path, f"train.steps={saved + 10}")
     assert f"taking over the lock of run.dir={tmp_path} left by pid {first[0].pid}" in out
     assert f"resuming from {step_dir(tmp_path / 'checkpoints', saved)}" in out and last_step(tmp_path) == saved + 10
     assert (tmp_path / ".lock").read_text() == ""  # released at the end
@@ -375,7 +372,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, world):
     assert f"the previous complete checkpoint {step_dir(ckpt, 20)} is intact" in results[0][2]
     complete, incomplete = scan(ckpt)
     assert complete[-1] == step_dir(ckpt, 20) and not incomplete and not step_dir(ckpt, 30).exists()
-    out = finish(start(tmp_path, world))
+    out = train_to_end(tmp_path, world)
     assert f"resuming from {step_dir(ckpt, 20)}" in out and (step_dir(ckpt, 80) / MARKER).exists()
 
 

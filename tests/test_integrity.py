@@ -9,14 +9,13 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import Runs
-from distributed_utils import ROOT, base_env
-from test_checkpoint import CONFIG, TINY, finish, losses, plant, start
+from distributed_utils import run_here
+from test_checkpoint import CONFIG, TINY, finish, losses, plant, start, train_here
 
 from dstein.checkpoint import DAMAGED, MANIFEST, MARKER, files_of, scan, shared_digests, step_dir
 from dstein.metrics import read_metrics
@@ -30,7 +29,10 @@ ONE_RANK = pytest.mark.xdist_group("integrity-one-rank")
 
 def first_run(root: Path, world: int) -> Path:
     """30 steps, checkpoints after 10, 20 and 30."""
-    finish(start(root, world, "train.steps=30", "checkpoint.keep=3"))
+    if world == 1:
+        train_here(root, "train.steps=30", "checkpoint.keep=3")
+    else:
+        finish(start(root, world, "train.steps=30", "checkpoint.keep=3"))
     assert [p.name for p in scan(root / "checkpoints")[0]] == [f"step-000000{s}" for s in (10, 20, 30)]
     return root
 
@@ -52,7 +54,8 @@ def reference(saved, tmp_path_factory) -> Runs:
     def make(world: int) -> list[dict]:
         run_dir = resumed_copy(saved[world], tmp_path_factory.mktemp(f"ref{world}") / "run")
         shutil.rmtree(step_dir(run_dir / "checkpoints", 30))
-        text = finish(start(run_dir, world, "train.steps=40", "checkpoint.keep=3"))
+        extra = ("train.steps=40", "checkpoint.keep=3")
+        text = train_here(run_dir, *extra) if world == 1 else finish(start(run_dir, world, *extra))
         assert f"resuming from {step_dir(run_dir / 'checkpoints', 20)}" in text
         return losses(run_dir)
 
@@ -101,7 +104,7 @@ def test_a_damaged_checkpoint_is_set_aside_and_the_previous_one_resumes(case, sa
     ckpt = run_dir / "checkpoints"
     damage, problem = DAMAGE[case]
     damage(step_dir(ckpt, 30))
-    text = finish(start(run_dir, 1, "train.steps=40", "checkpoint.keep=3"))
+    text = train_here(run_dir, "train.steps=40", "checkpoint.keep=3")
     skipped = [line for line in text.splitlines() if line.startswith(f"skipping {step_dir(ckpt, 30)}: ")]
     assert len(skipped) == 1 and problem in skipped[0] and f"moved to step-00000030{DAMAGED}" in skipped[0], text
     assert f"resuming from {step_dir(ckpt, 20)} (step 20 of 40" in text and "Traceback" not in text
@@ -121,8 +124,7 @@ def test_on_two_ranks_a_damaged_file_of_rank_1_makes_both_fall_back(saved, refer
 
 
 def train(run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
-    args = [sys.executable, "launch/train.py", "--config", CONFIG, *TINY, f"run.dir={run_dir}", *extra]
-    return subprocess.run(args, cwd=ROOT, env=base_env(), capture_output=True, text=True, timeout=300)
+    return run_here("train.py", "--config", CONFIG, *TINY, f"run.dir={run_dir}", *extra)
 
 
 @ONE_RANK

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from distributed_utils import ROOT, base_env, run_command, train_command
+from distributed_utils import ROOT, base_env, run_here
 from slurm_cluster import job_field, wait_job
 from test_checkpoint import last_step
 from test_distributed import TINY_10K, assert_same_losses, losses
@@ -26,6 +26,8 @@ pytestmark = [pytest.mark.ranks, pytest.mark.slow]
 
 # 4 ranks on 2 nodes x 2 tasks; the tiny hjb_10k run of the launcher tests
 NODES = ["--nodes=2", "--ntasks-per-node=2", "--cpus-per-task=1"]
+#: seconds srun gives the other tasks once one has ended, in the jobs that lose a rank (default 20)
+SRUN_WAIT = 5
 LONG = [
     "estimator.samples=384", "model.width=32", "model.depth=2", "train.domain_points=8",
     "train.condition_points=8", "train.adversarial.steps=0", "eval.every=100000", "eval.points=16",
@@ -34,10 +36,12 @@ LONG = [
 ]  # fmt: skip
 
 
-def submit(env: dict[str, str], run_root: Path, overrides: list[str], run_dir: Path | None = None) -> str:
+def submit(
+    env: dict[str, str], run_root: Path, overrides: list[str], run_dir: Path | None = None, srun_wait: int = 20
+) -> str:
     """sbatch slurm/multinode.sbatch on two nodes; its job id."""
     job_env = {**base_env(), **env, "CONFIG": "configs/hjb_10k.yaml", "OVERRIDES": " ".join(overrides),
-               "RUN_ROOT": str(run_root), "DSTEIN": str(ROOT)}  # fmt: skip
+               "RUN_ROOT": str(run_root), "DSTEIN": str(ROOT), "SRUN_WAIT": str(srun_wait)}  # fmt: skip
     if run_dir is not None:
         job_env["RUN_DIR"] = str(run_dir)
     out = subprocess.run(
@@ -64,7 +68,7 @@ def wait_for_step(env: dict[str, str], run_root: Path, job: str, run_dir: Path, 
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory) -> list[dict]:
     run_dir = tmp_path_factory.mktemp("one")
-    out = run_command(train_command("configs/hjb_10k.yaml", *TINY_10K, f"run.dir={run_dir}"))
+    out = run_here("train.py", "--config", "configs/hjb_10k.yaml", *TINY_10K, f"run.dir={run_dir}")  # in this process
     assert out.returncode == 0, out.stderr[-3000:]
     return losses(run_dir)
 
@@ -126,8 +130,10 @@ def train_processes(node: str) -> dict[int, int]:
 
 def job_with_rank_3_hit(multinode, tmp_path: Path, timeout: float, signal_name: str) -> tuple[str, Path, int, float]:
     """A long two-node job; once it logged step 15, ``kill -SIGNAL`` rank 3 (on dnode2).
-    Returns the job, its run directory, rank 3's pid and when it was signalled."""
-    job = submit(multinode, tmp_path, [*LONG, "train.steps=100000", f"parallel.timeout_s={timeout}"])
+    Returns the job, its run directory, rank 3's pid and when it was signalled. srun ends the
+    step SRUN_WAIT seconds after its first task ended: 5 s here."""
+    overrides = [*LONG, "train.steps=100000", f"parallel.timeout_s={timeout}"]
+    job = submit(multinode, tmp_path, overrides, srun_wait=SRUN_WAIT)
     run_dir = tmp_path / f"slurm-{job}"
     wait_for_step(multinode, tmp_path, job, run_dir, 15)
     second = train_processes("dnode2")
@@ -142,7 +148,7 @@ def test_a_rank_lost_on_the_second_node_stops_every_rank_and_the_run_resumes(mul
     state = wait_job(job, timeout=timeout + 120, env=multinode)
     stopped = time.time() - killed
     log = log_of(tmp_path, job)
-    assert state == "FAILED" and stopped < timeout + 30, (state, stopped, log[-4000:])
+    assert state == "FAILED" and stopped < timeout + SRUN_WAIT + 15, (state, stopped, log[-4000:])
     errors = {int(m.group(1)): m.group(0) for m in re.finditer(r"error: rank (\d+): a collective failed: .*", log)}
     assert sorted(errors) == [0, 1, 2], log[-4000:]  # every other rank said why it stopped
     assert "rank 3 is gone" in errors[2]  # its neighbour on dnode2 sees the process gone
@@ -166,14 +172,14 @@ def test_a_rank_stopped_on_the_second_node_ends_every_rank_within_the_timeout(mu
     """SIGSTOP keeps the stopped rank's connections open, so no collective fails: the
     watchdog of its neighbour (rank 2, on the same node) finds it, the ranks on the first
     node read the verdict from the store, every rank exits 3 naming it, and srun ends the
-    step SRUN_WAIT (20 s) after the first task ended, the stopped one included, instead of
+    step SRUN_WAIT (5 s) after the first task ended, the stopped one included, instead of
     waiting for it."""
     timeout = 10
     job, _, pid, stopped = job_with_rank_3_hit(multinode, tmp_path, timeout, "STOP")
     state = wait_job(job, timeout=timeout + 120, env=multinode)
     ended = time.time() - stopped
     log = log_of(tmp_path, job)
-    assert state == "FAILED" and ended < timeout + 30, (state, ended, log[-4000:])
+    assert state == "FAILED" and ended < timeout + SRUN_WAIT + 15, (state, ended, log[-4000:])
     verdicts = dict(re.findall(r"error: rank (\d+): (rank 3 \(host dnode2, pid \d+\) stopped answering.*)", log))
     verdicts.pop("3", None)  # continued by srun to be killed, the stopped rank may say it too
     assert sorted(verdicts) == ["0", "1", "2"], log[-4000:]  # every other rank, on both nodes, says why

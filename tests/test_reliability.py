@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from distributed_utils import ROOT, base_env
-from test_checkpoint import CONFIG, STEPS, TINY, finish, last_step, losses, preempt, start
+from test_checkpoint import CONFIG, STEPS, TINY, finish, last_step, losses, preempt, start, train_here
 
 from dstein.checkpoint import scan, step_dir
 
@@ -53,7 +53,7 @@ def test_a_second_sigterm_mid_step_saves_the_state_before_it_and_resumes_bit_exa
     signal_all(procs, times=2)
     out = finish_within(procs, 20, status=4)
     assert f"checkpoint {step_dir(tmp_path / 'checkpoints', 24)} (stopped at once, mid-step" in out
-    out = finish(start(tmp_path, 1))
+    out = train_here(tmp_path)
     assert f"resuming from {step_dir(tmp_path / 'checkpoints', 24)}" in out
     assert losses(tmp_path) == losses(straight[1])  # the interrupted step was never applied
 
@@ -104,7 +104,7 @@ def test_two_runs_cannot_share_a_checkpoint_folder(tmp_path, inside):
 
 
 def test_evaluate_refuses_a_damaged_model_in_one_line(tmp_path):
-    finish(start(tmp_path, 1, "train.steps=3"))
+    train_here(tmp_path, "train.steps=3")
     model = tmp_path / "model.pt"
     os.truncate(model, model.stat().st_size // 2)
     out = subprocess.run([sys.executable, "launch/evaluate.py", "--run", str(tmp_path)], cwd=ROOT, env=base_env(),
@@ -213,7 +213,7 @@ def test_a_signal_while_the_run_starts_ends_it_with_exit_4_before_any_step(tmp_p
     out = finish(procs, status=4)
     assert "preempted by SIGUSR1 after step 0: no checkpoint yet (received while starting); exit 4" in out
     assert "Traceback" not in out and not scan(tmp_path / "checkpoints")[0]
-    finish(start(tmp_path, 1))  # the requeued job: a whole run, as if never stopped
+    train_here(tmp_path)  # the requeued job: a whole run, as if never stopped
     assert losses(tmp_path) == losses(straight[1])
 
 
@@ -222,7 +222,7 @@ def test_ctrl_c_saves_a_checkpoint_like_sigterm_and_the_run_resumes_bit_exact(tm
     assert "preempted by SIGINT after step " in out and "KeyboardInterrupt" not in out and "Traceback" not in out
     stopped = int(out.split("preempted by SIGINT after step ")[1].split(":")[0])
     assert (step_dir(tmp_path / "checkpoints", stopped) / "COMMITTED").exists()
-    out = finish(start(tmp_path, 1))
+    out = train_here(tmp_path)
     assert f"resuming from {step_dir(tmp_path / 'checkpoints', stopped)}" in out
     assert losses(tmp_path) == losses(straight[1])
 
@@ -238,7 +238,7 @@ def test_evaluate_on_a_read_only_run_or_a_config_cut_short_ends_in_one_line(tmp_
     write (before: a PermissionError traceback after the evaluation); a config.yaml cut short:
     refused (before: evaluated silently with defaults for what was cut)."""
     run = tmp_path / "run"
-    finish(start(run, 1, "train.steps=3"))
+    train_here(run, "train.steps=3")
     ro = tmp_path / "ro"
     ro.mkdir()
     bound = subprocess.run(["mount", "--bind", str(run), str(ro)], capture_output=True, text=True)
