@@ -22,18 +22,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # user PDE example mod
 WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // WORKERS))
 
-#: The one xdist group of every ``ranks`` test: they never run two at a time.
+#: The xdist group of the ``ranks`` tests: they never run two at a time.
 RANKS_GROUP = "ranks"
+#: The group of the ``ranks`` tests also marked ``beside`` (free ports, no cluster, no
+#: deadline): one at a time too, but beside the ranks group, on the other worker, so that
+#: the ranks group (the critical path) is not the longest unit by far.
+BESIDE_GROUP = "ranks-beside"
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which turns xdist_group marks into the groups
 def pytest_collection_modifyitems(config, items):
-    """``ranks`` tests into their group; then the order the workers take work in: the ranks
-    group first (the longest unit), then the other slow tests, then the rest (each list in
-    its collection order). Deterministic, as xdist requires every worker to collect alike."""
+    """``ranks`` tests into their groups; then the order the workers take work in: the ranks
+    group and the group beside it first (the longest units), then the other slow tests, then
+    the rest (each list in its collection order). Deterministic, as xdist requires every
+    worker to collect alike."""
     for item in items:
         if item.get_closest_marker("ranks"):
-            item.add_marker(pytest.mark.xdist_group(RANKS_GROUP))
+            group = BESIDE_GROUP if item.get_closest_marker("beside") else RANKS_GROUP
+            item.add_marker(pytest.mark.xdist_group(group))
 
     def rank(item) -> int:
         if item.get_closest_marker("ranks"):
@@ -52,7 +58,7 @@ def pytest_collection_finish(session):
     if not session.config.getoption("loadgroup", default=False):
         return
     lost = [item.nodeid for item in session.items if item.get_closest_marker("ranks")
-            and not item.nodeid.endswith(f"@{RANKS_GROUP}")]  # fmt: skip
+            and not item.nodeid.endswith((f"@{RANKS_GROUP}", f"@{BESIDE_GROUP}"))]  # fmt: skip
     if lost:
         raise pytest.UsageError(
             f"xdist did not put {lost[0]} (and {len(lost) - 1} more) in the {RANKS_GROUP} "

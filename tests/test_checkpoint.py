@@ -211,6 +211,7 @@ def test_changed_config_is_refused_or_reported(tmp_path):
 
 
 @pytest.mark.ranks
+@pytest.mark.beside
 @pytest.mark.slow
 def test_zero_checkpoint_on_another_world_size_is_refused(tmp_path):
     finish(start(tmp_path, 2, "train.steps=10", "deepspeed=zero1"))
@@ -239,6 +240,7 @@ def test_one_rank_runs_zero_stage_0_and_a_stage_1_checkpoint_says_how_to_continu
 
 
 @pytest.mark.ranks
+@pytest.mark.beside
 @pytest.mark.slow
 def test_zero1_resume_on_the_same_world_size_is_bit_exact(tmp_path, tmp_path_factory):
     ref = tmp_path_factory.mktemp("zero1_straight")

@@ -98,13 +98,13 @@ def test_a_preempted_two_node_job_requeues_and_ends_as_an_uninterrupted_one(mult
     run_dir = tmp_path / f"slurm-{job}"
     wait_for_step(multinode, tmp_path, job, run_dir, 15)
     subprocess.run(["scancel", "-b", "--signal=USR1", job], check=True, timeout=30, env={**base_env(), **multinode})
+    straight = submit(multinode, tmp_path, overrides)  # runs while the preempted job waits out its requeue delay
     state = wait_job(job, env=multinode)
     log = log_of(tmp_path, job)
     assert state == "COMPLETED" and job_field(job, "Restarts", multinode) == "1", log[-4000:]
     assert "preempted by SIGUSR1 after step" in log and f"resuming from {run_dir}/checkpoints/step-" in log
     rng = sorted(p.name for p in (run_dir / "checkpoints").glob("step-*/rng/rank-*.pt"))
     assert {"rank-00000.pt", "rank-00002.pt", "rank-00003.pt"} <= set(rng)  # written on both hosts
-    straight = submit(multinode, tmp_path, overrides)
     assert wait_job(straight, env=multinode) == "COMPLETED", log_of(tmp_path, straight)[-4000:]
     reference = tmp_path / f"slurm-{straight}"
     assert [r for r in losses(run_dir)] == [r for r in losses(reference)]
