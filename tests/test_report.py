@@ -258,6 +258,32 @@ def test_bench_peers_reports_speed_memory_and_errors_per_method(tmp_path):
         assert "pde.dim=30" in run["command"]
 
 
+@pytest.mark.slow
+def test_bench_times_steps_in_ranks_of_its_own_and_the_loop_of_a_training_run(tmp_path):
+    """--suite methods starts a rank (python -m dstein.bench.measure) that times training steps
+    and their memory; --suite floor trains through launch/train.py and reads the loop's rate
+    from metrics.jsonl, leaving out the start-up and the first logged rows."""
+    out_file = tmp_path / "methods.json"
+    out = run_command([sys.executable, "launch/bench.py", "--suite", "methods", "--dims", "20", "--methods",
+                       "autograd", "--warmup", "1", "--steps", "2", "--tmp", str(tmp_path / "scratch"),
+                       "--out", str(out_file)])  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    (record,) = json.loads(out_file.read_text())["runs"].values()
+    assert record["method"] == "autograd" and len(record["step_seconds"]) == 2 and record["world_size"] == 1
+    assert record["median_step_seconds"] > 0 and record["peak_rss_mb"] >= record["rss_before_steps_mb"] > 50
+    out_file = tmp_path / "floor.json"
+    out = run_command([sys.executable, "launch/bench.py", "--suite", "floor", "--floor", "fixed-cost",
+                       "--budget-steps", "150", "--rounds", "1", "--tmp", str(tmp_path / "scratch"),
+                       "--out", str(out_file), "--", "eval.points=16", "eval.samples=8"])  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out_file.read_text())
+    (run,) = result["runs"]["fixed-cost"]
+    assert (run["from_step"], run["to_step"]) == (50, 150) and run["steps_per_second"] > 1
+    assert run["ms_per_step"] == pytest.approx(1000 / run["steps_per_second"])
+    assert result["best_ms_per_step"] == {"fixed-cost": run["ms_per_step"]}
+    assert run["command_seconds"] > 100 / run["steps_per_second"]
+
+
 def test_metrics_of_an_earlier_start_are_moved_aside_never_lost(tmp_path):
     """A resumed run's file reads as one uninterrupted run, but nothing an earlier start wrote
     is thrown away: rows past the checkpoint and a line cut by a kill mid-write go to
