@@ -57,11 +57,31 @@ class _TanhFunction(torch.autograd.Function):
         return torch.ops.aten.tanh_backward(tangent, y)
 
 
+class _EagerTanh(torch.autograd.Function):
+    """``_TanhFunction`` for plain autograd: a Function with ``setup_context`` (what torch.func
+    needs) has its arguments bound by inspect.signature on every call, 15 times a step of a
+    three-layer network (0.6 ms of the fixed-cost config's step, docs/benchmarks.md)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        y = _TanhFunction.forward(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        (y,) = ctx.saved_tensors
+        return torch.ops.aten.tanh_backward(grad, y)
+
+
 class Tanh(nn.Module):
-    """tanh (``_TanhFunction``: a faster float32 forward on CPU)."""
+    """tanh (``_TanhFunction``: a faster float32 forward on CPU; ``_EagerTanh`` outside
+    torch.func's transforms)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _TanhFunction.apply(x)
+        if torch._C._are_functorch_transforms_active():
+            return _TanhFunction.apply(x)
+        return _EagerTanh.apply(x)
 
 
 ACTIVATIONS = {"tanh": Tanh, "sin": Sine, "gelu": nn.GELU, "silu": nn.SiLU, "softplus": nn.Softplus}

@@ -49,22 +49,23 @@ concern). Quote ratios from one run: shared machines are noisy.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dstein.bench import data, gpu, peers, speed
-from dstein.bench.measure import machine
+from dstein.bench.catalog import ACCURACY_CONFIGS, FLOOR, METHODS, PEER_METHODS
 
+#: suite -> (module of dstein.bench, function): imported once chosen (torch and DeepSpeed load
+#: only for a suite, not for --help)
 SUITES = {
-    "acceptance": speed.suite_acceptance, "accuracy": peers.suite_accuracy, "data": data.suite_data,
-    "gpu": gpu.suite_gpu, "methods": speed.suite_methods, "samples": speed.suite_samples,
-    "scaling": speed.suite_scaling, "beyond": speed.suite_beyond, "original": peers.suite_original,
-    "peers": peers.suite_peers, "floor": speed.suite_floor,
+    "acceptance": ("speed", "suite_acceptance"), "accuracy": ("peers", "suite_accuracy"),
+    "beyond": ("speed", "suite_beyond"), "data": ("data", "suite_data"), "floor": ("speed", "suite_floor"),
+    "gpu": ("gpu", "suite_gpu"), "methods": ("speed", "suite_methods"), "original": ("peers", "suite_original"),
+    "peers": ("peers", "suite_peers"), "samples": ("speed", "suite_samples"), "scaling": ("speed", "suite_scaling"),
 }  # fmt: skip
-METHODS, ACCURACY_CONFIGS, PEER_METHODS = speed.METHODS, peers.ACCURACY_CONFIGS, peers.PEER_METHODS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="peers suite: methods (config: configs/sine_gordon_1k.yaml as it ships)")  # fmt: skip
     parser.add_argument("--budget-steps", type=int, default=2000, help="peers, floor: training steps of each run")
     parser.add_argument("--rounds", type=int, default=2, help="floor suite: rounds over its configs, alternating")
-    parser.add_argument("--floor", nargs="+", choices=list(speed.FLOOR), default=list(speed.FLOOR),
+    parser.add_argument("--floor", nargs="+", choices=list(FLOOR), default=list(FLOOR),
                         help="floor suite: its configs")  # fmt: skip
     parser.add_argument("--target-l2", type=float, default=9.4e-3,
                         help="peers suite: the error whose time to reach is reported (STDE's here)")  # fmt: skip
@@ -114,7 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.dims is None:
         default_dims = {"gpu": [10000, 100000, 1000000], "beyond": [1000, 100000], "peers": [1000]}
         args.dims = default_dims.get(args.suite, [100, 1000, 10000, 100000])
-    result = {"machine": machine(), **SUITES[args.suite](args)}
+    from dstein.bench.measure import machine
+
+    module, function = SUITES[args.suite]
+    suite = getattr(importlib.import_module(f"dstein.bench.{module}"), function)
+    result = {"machine": machine(), **suite(args)}
     out = Path(args.out or f"bench-{args.suite}.json")
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

@@ -7,12 +7,12 @@ import time
 from pathlib import Path
 
 from dstein.bench.measure import ROOT
+from dstein.config import load_config
+from dstein.data import H5Collocation, generate, read_test_set
 
 
 def suite_data(args: argparse.Namespace) -> dict:
     """HDF5: write and read d = 10,000 training points; generate the HJB d = 250 test set."""
-    from dstein.config import load_config
-    from dstein.data import H5Collocation, generate, read_test_set
 
     tmp = Path(args.tmp)
     tmp.mkdir(parents=True, exist_ok=True)

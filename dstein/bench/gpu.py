@@ -6,8 +6,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+import torch
+
 from dstein.bench.measure import time_steps
 from dstein.bench.speed import step_overrides
+from dstein.estimators import METHODS, estimate
+from dstein.models import MLP
 
 
 def device_agreement(device: str, repeats: int = 16, samples: int = 4096) -> dict:
@@ -19,11 +23,6 @@ def device_agreement(device: str, repeats: int = 16, samples: int = 4096) -> dic
     quantities (a z-score; about 4 is the largest expected over the ~1000 comparisons, 6 is
     the pass mark). autograd is deterministic: the largest error relative to each quantity's
     scale (float32: about 1e-6)."""
-    import torch
-
-    import dstein
-    from dstein.estimators import METHODS
-    from dstein.models import MLP
 
     torch.manual_seed(0)
     d, sigma_x, sigma_t = 20, 0.05, 0.05
@@ -39,7 +38,7 @@ def device_agreement(device: str, repeats: int = 16, samples: int = 4096) -> dic
 
         def draws(model, points, seed0, method=method, runs=runs, probes=probes):
             kw = {} if method == "autograd" else {"samples": probes, "sigma_x": sigma_x}
-            est = [dstein.estimate(model, points, method=method, needs=needs, sigma_t=sigma_t, seed=seed0 + r, **kw)
+            est = [estimate(model, points, method=method, needs=needs, sigma_t=sigma_t, seed=seed0 + r, **kw)
                    for r in range(runs)]  # fmt: skip
             return {q: torch.stack([getattr(e, q).detach().double().cpu() for e in est]) for q in needs}
 
@@ -61,7 +60,6 @@ def device_agreement(device: str, repeats: int = 16, samples: int = 4096) -> dic
 
 def suite_gpu(args: argparse.Namespace) -> dict:
     """Device agreement, then training steps per second on the device (see the module doc)."""
-    import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--suite gpu: CUDA is not available here (use --device cpu for a dry run)")

@@ -24,6 +24,13 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
+from dstein.build import build_trainer
+from dstein.config import load_config
+from dstein.distributed import barrier, exit_process, free_port
+from dstein.train import train_step
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -60,12 +67,6 @@ def worker(
     Memory: the resident set before the first step and its peak over the steps (CPU), and
     the peak of allocated device memory (CUDA). A first step slower than ``max_step_seconds``
     ends the run with a ``skipped`` record instead of timings."""
-    import torch
-
-    from dstein.build import build_trainer
-    from dstein.config import load_config
-    from dstein.distributed import barrier
-    from dstein.train import train_step
 
     config = load_config(ROOT / config_file, [*overrides, "run.dir=/tmp/dstein-bench"])
     tr = build_trainer(config)
@@ -121,8 +122,6 @@ def launch_ranks(
     first step is too slow (or does not finish within startup + max_step_seconds), or the
     memory limit is hit."""
     import resource
-
-    from dstein.distributed import free_port
 
     port = str(free_port())
     out.unlink(missing_ok=True)
@@ -219,7 +218,6 @@ def train_runs(jobs: list[tuple[str, str, str, list[str]]], parallel: int, tmp: 
 
 
 def machine() -> dict:
-    import torch
 
     return {
         "host_cpus": os.cpu_count(),
@@ -239,7 +237,6 @@ def _worker_main(argv: list[str]) -> None:
     parser.add_argument("config")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
-    from dstein.distributed import exit_process
 
     worker(args.out, args.warmup, args.steps, args.overrides, args.max_step_seconds, args.config)
     exit_process(0)

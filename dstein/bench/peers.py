@@ -10,7 +10,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from dstein.bench.catalog import PEER_METHODS
 from dstein.bench.measure import ROOT, train_runs
+from dstein.build import build_trainer
+from dstein.config import load_config
+from dstein.estimators import stein
+from dstein.train import train_step
 
 #: The original code's HJB d = 250 step (conf/hjb/improved-steins.yaml: depth 4 there is 3 hidden
 #: layers, tanh, sigma 0.01 for x and t, 2048 samples, 50 + 50 points, boundary weight 500)
@@ -35,7 +42,6 @@ def suite_original(args: argparse.Namespace) -> dict:
     LithiumDA/PINN-without-Stacked-BP, its improved-steins wrapper and HJB equation) and of
     dstein on the same work (ORIGINAL_WORK), in this one process, their steps alternating:
     seconds per step (median over --steps after --warmup each) and the ratio."""
-    import torch
 
     src = Path(args.original or "")
     if not (src / "src" / "hjb" / "derivative_wrapper.py").is_file():
@@ -46,10 +52,6 @@ def suite_original(args: argparse.Namespace) -> dict:
     from src.hjb.derivative_wrapper import ImprovedSteinsWrapper  # the original code
     from src.hjb.equation import HJBEquation
     from src.model import MLP as OriginalMLP
-
-    from dstein.build import build_trainer
-    from dstein.config import load_config
-    from dstein.train import train_step
 
     w = ORIGINAL_WORK
     torch.manual_seed(0)
@@ -68,8 +70,6 @@ def suite_original(args: argparse.Namespace) -> dict:
         optimizer.step()
 
     if args.through_input:  # the ablation: dstein's full-space estimates perturbing the input itself
-        import dstein.estimators.stein as stein
-
         stein.layered = lambda model: None
     config = load_config(ROOT / "configs/hjb_250.yaml", [*ORIGINAL_DSTEIN, f"run.dir={args.tmp}/original"])
     tr = build_trainer(config)
@@ -91,9 +91,6 @@ def suite_original(args: argparse.Namespace) -> dict:
     }  # fmt: skip
 
 
-ACCURACY_CONFIGS = ("quickstart", "hjb_100", "hjb_250")
-
-
 def suite_accuracy(args: argparse.Namespace) -> dict:
     """Each config of --configs trained to the end with the method it picks and with autograd
     (--methods), for --seeds, through launch/train.py (--parallel runs at a time, one thread
@@ -110,15 +107,6 @@ def suite_accuracy(args: argparse.Namespace) -> dict:
     return {"suite": "accuracy", "parallel": args.parallel, "threads_per_run": 1, "runs": runs}
 
 
-#: dstein's methods on the peers' two-body problems (--suite peers): the config as it ships,
-#: then the other estimators at equal points and steps; hutchinson's probes are the nearest
-#: thing dstein has to STDE's sampled dimensions (16).
-PEER_METHODS = {
-    "config": [],
-    "stein-subspace-32": ["estimator.method=stein-subspace", "estimator.samples=32"],
-    "stein-antithetic": ["estimator.method=stein-antithetic", "estimator.samples=8"],
-    "hutchinson-16": ["estimator.method=hutchinson", "estimator.samples=16"],
-}
 #: STDE's minimal script on this machine kind (REFERENCE.md): d = 1000, 2000 steps.
 STDE_CPU = {"pde": "sine_gordon", "dim": 1000, "steps": 2000, "wall_seconds": 49.0, "steps_per_second": 48.0,
             "l2_rel": 9.4e-3}  # fmt: skip

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from dstein.bench.catalog import FLOOR, HUTCHINSON_PROBES
 from dstein.bench.measure import launch_ranks, time_steps, train_runs
 
 SCALING_OVERRIDES = [
@@ -39,8 +40,6 @@ STEP_BASE = [
     "model.width=128", "model.depth=4", "train.domain_points=50", "train.condition_points=50",
     "train.adversarial.steps=0", "eval.points=8", "eval.truth_samples=100", "estimator.condition_samples=null",
 ]  # fmt: skip
-METHODS = ("autograd", "hutchinson", "stein-antithetic", "stein-subspace")
-HUTCHINSON_PROBES = 64
 
 
 def step_overrides(method: str, dim: int, samples: int, chunk: int | None = None) -> list[str]:
@@ -118,17 +117,6 @@ def suite_acceptance(args: argparse.Namespace) -> dict:
     return {"suite": "acceptance", "runs": run, "ratios": finite}
 
 
-#: The step's fixed cost and the peers' small problems (issue 29): configs/sine_gordon_1k.yaml
-#: with almost no arithmetic (d = 4, width 16, 4 + 2 points), the same config at d = 100 and
-#: d = 1000 as it ships (STDE's two-body Sine-Gordon; its A100 table: 1834 and 1559 steps/s),
-#: and the quickstart as it ships.
-FLOOR = {
-    "fixed-cost": ("configs/sine_gordon_1k.yaml",
-                   ["pde.dim=4", "model.width=16", "train.domain_points=4", "train.condition_points=2"]),
-    "sine_gordon/d=100": ("configs/sine_gordon_1k.yaml", ["pde.dim=100"]),
-    "sine_gordon/d=1000": ("configs/sine_gordon_1k.yaml", []),
-    "quickstart": ("configs/quickstart.yaml", []),
-}  # fmt: skip
 #: Logged every this many steps; the rate is taken from the first logged step after the warm-up
 #: (the first FLOOR_LOG steps) to the last (the final evaluation and the start-up left out).
 FLOOR_LOG = 50
