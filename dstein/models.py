@@ -24,67 +24,7 @@ class Sine(nn.Module):
         return torch.sin(x)
 
 
-class _TanhFunction(torch.autograd.Function):
-    """tanh whose float32 CPU forward is ``2 sigmoid(2x) - 1``: PyTorch's CPU tanh kernel
-    costs about 3x its sigmoid kernel plus two in-place passes, and the Stein estimators
-    spend most of their non-matmul time in the activation (docs/benchmarks.md, "the
-    original code"). The two agree to 2e-7 absolute in float32 (the roundoff of a value of
-    size one; near 0 the formula's error is that of rounding x by one unit); other dtypes
-    and devices use torch.tanh. The derivative is tanh's, ``1 - y^2`` from the output, in
-    both directions of automatic differentiation (torch.func included)."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        if x.dtype != torch.float32 or x.device.type != "cpu":
-            return torch.tanh(x)
-        return x.mul(2).sigmoid_().mul_(2).sub_(1)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):  # type: ignore[override]
-        ctx.save_for_backward(output)
-        ctx.save_for_forward(output)
-
-    @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
-        (y,) = ctx.saved_tensors
-        return torch.ops.aten.tanh_backward(grad, y)
-
-    @staticmethod
-    def jvp(ctx, tangent):  # type: ignore[override]
-        (y,) = ctx.saved_tensors
-        return torch.ops.aten.tanh_backward(tangent, y)
-
-
-class _EagerTanh(torch.autograd.Function):
-    """``_TanhFunction`` for plain autograd: a Function with ``setup_context`` (what torch.func
-    needs) has its arguments bound by inspect.signature on every call, 15 times a step of a
-    three-layer network (0.6 ms of the fixed-cost config's step, docs/benchmarks.md)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        y = _TanhFunction.forward(x)
-        ctx.save_for_backward(y)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
-        (y,) = ctx.saved_tensors
-        return torch.ops.aten.tanh_backward(grad, y)
-
-
-class Tanh(nn.Module):
-    """tanh (``_TanhFunction``: a faster float32 forward on CPU; ``_EagerTanh`` outside
-    torch.func's transforms)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch._C._are_functorch_transforms_active():
-            return _TanhFunction.apply(x)
-        return _EagerTanh.apply(x)
-
-
-ACTIVATIONS = {"tanh": Tanh, "sin": Sine, "gelu": nn.GELU, "silu": nn.SiLU, "softplus": nn.Softplus}
+ACTIVATIONS = {"tanh": nn.Tanh, "sin": Sine, "gelu": nn.GELU, "silu": nn.SiLU, "softplus": nn.Softplus}
 FAMILIES = ("mlp", "radial")
 
 
