@@ -34,7 +34,9 @@ Suites:
   floor    the step's fixed cost: steps per second of the training loop (launch/train.py,
            --budget-steps steps, --rounds rounds alternating over the configs) for
            configs/sine_gordon_1k.yaml with almost no arithmetic (d = 4, width 16, 4 + 2
-           points), the same at d = 100 and 1000 as it ships, and the quickstart.
+           points), the same at d = 100 and 1000 as it ships, and the quickstart; with --stde
+           (and --stde-python), STDE's own script after each two-body config, on the same
+           coefficients (dstein/bench/stde_shim.py).
   gpu      on --device (cuda): every method's derivatives there in float32 against CPU
            float64 on a small case (HJB d = 20, width 32; Monte Carlo methods: 16 repeats
            on each side, largest z-score of the difference of means; autograd: relative
@@ -101,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2, help="floor suite: rounds over its configs, alternating")
     parser.add_argument("--floor", nargs="+", choices=list(FLOOR), default=list(FLOOR),
                         help="floor suite: its configs")  # fmt: skip
+    parser.add_argument("--stde", default=None,
+                        help="floor suite: STDE's sine_gordon.py, run beside the two-body configs")  # fmt: skip
+    parser.add_argument("--stde-python", default="python3", help="floor suite: the interpreter with STDE's jax")
     parser.add_argument("--target-l2", type=float, default=9.4e-3,
                         help="peers suite: the error whose time to reach is reported (STDE's here)")  # fmt: skip
     parser.add_argument("--parallel", type=int, default=2, help="accuracy suite: runs at a time")

@@ -284,6 +284,52 @@ def test_bench_times_steps_in_ranks_of_its_own_and_the_loop_of_a_training_run(tm
     assert run["command_seconds"] > 100 / run["steps_per_second"]
 
 
+#: A stand-in for STDE's sine_gordon.py (its command line, its unseeded coefficient draw, its
+#: tqdm training loop and its l2_rel lines), to check the floor suite's STDE column without jax.
+FAKE_STDE = """
+import argparse
+import numpy as np
+from tqdm import tqdm
+parser = argparse.ArgumentParser()
+for name in ("--dim", "--epochs", "--eval_every", "--rand_batch_size"):
+    parser.add_argument(name, type=int)
+parser.add_argument("--sparse", action="store_true")
+args = parser.parse_args()
+np.save("coefficients-seen.npy", np.random.randn(1, args.dim))
+for step in tqdm(range(args.epochs)):
+    if step % args.eval_every == 0:
+        print(f"l1_rel=1.00E-01 | l2_rel={0.5 / (step + 1):.2E} | loss=1.00E+00")
+"""
+
+
+@pytest.mark.slow
+def test_bench_floor_runs_stde_beside_the_two_body_config_on_the_same_coefficients(tmp_path):
+    """--stde: after the two-body config named d = 100 (trained at d = 30 here, to be quick),
+    STDE's script (here a stand-in with its interface) runs at d = 100 on dstein's coefficients
+    (its first randn of shape (1, d) returns them and a zero); its loop's rate comes from the
+    shim's per-step times, its error from its last l2_rel line."""
+    import numpy as np
+
+    from dstein.pdes import build_pde
+
+    script = tmp_path / "stde" / "sine_gordon.py"
+    script.parent.mkdir()
+    script.write_text(FAKE_STDE)
+    out_file = tmp_path / "floor.json"
+    out = run_command([sys.executable, "launch/bench.py", "--suite", "floor", "--floor", "sine_gordon/d=100",
+                       "--budget-steps", "120", "--rounds", "1", "--stde", str(script), "--stde-python", sys.executable,
+                       "--tmp", str(tmp_path / "scratch"), "--out", str(out_file), "--", "pde.dim=30",
+                       "eval.points=16", "eval.samples=8"])  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    runs = json.loads(out_file.read_text())["runs"]
+    (peer,) = runs["stde/d=100"]  # named by the config it stands beside
+    assert peer["l2_rel"] == pytest.approx(0.5 / 120, rel=1e-2) and (peer["from_step"], peer["to_step"]) == (51, 119)
+    assert peer["steps_per_second"] > 100 and "--epochs 120 --eval_every 119 --sparse" in peer["command"]
+    seen = np.load(script.parent / "coefficients-seen.npy")
+    assert seen.shape == (1, 100) and seen[0, -1] == 0.0
+    assert np.array_equal(seen[0, :-1], build_pde("sine_gordon", 100, {"coeff_seed": 0}).coeffs.numpy())
+
+
 def test_metrics_of_an_earlier_start_are_moved_aside_never_lost(tmp_path):
     """A resumed run's file reads as one uninterrupted run, but nothing an earlier start wrote
     is thrown away: rows past the checkpoint and a line cut by a kill mid-write go to

@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from dstein.bench.catalog import FLOOR, HUTCHINSON_PROBES
 from dstein.bench.measure import launch_ranks, time_steps, train_runs
+from dstein.pdes import build_pde
 
 SCALING_OVERRIDES = [
     "pde.dim=1000", "estimator.method=stein-antithetic", "estimator.samples=4096", "estimator.condition_samples=null",
@@ -133,11 +137,43 @@ def loop_rate(metrics: Path, after: int) -> dict:
     return {"from_step": a["step"], "to_step": b["step"], "steps_per_second": rate, "ms_per_step": 1000 / rate}
 
 
+#: STDE's options beside a two-body config (REFERENCE.md: sparse STDE, 16 sampled dimensions;
+#: its defaults: width 128, three hidden layers, 100 points a step, 20,000 test points).
+STDE_OPTIONS = ["--sparse", "--rand_batch_size", "16"]
+
+
+def stde_run(args: argparse.Namespace, dim: int, tag: str) -> dict:
+    """STDE's script (--stde, under --stde-python) at ``dim`` for --budget-steps steps with
+    dstein's coefficients (``stde_shim``): the command's wall time, its training loop's rate
+    from step FLOOR_LOG to the step before the last (the last one evaluates), its final L2."""
+    tmp = Path(args.tmp)
+    tmp.mkdir(parents=True, exist_ok=True)
+    coeffs, times = tmp / f"stde-coeffs-{dim}.npy", tmp / f"stde-times-{tag}.json"
+    pde = build_pde("sine_gordon", dim, {"coeff_seed": 0})
+    np.save(coeffs, pde.coeffs.numpy())  # type: ignore[attr-defined]  # a TwoBody's c_1 .. c_{d-1}
+    script = Path(args.stde).resolve()
+    cmd = [args.stde_python, str(Path(__file__).with_name("stde_shim.py")), str(coeffs), str(times), str(script),
+           "--dim", str(dim), "--epochs", str(args.budget_steps), "--eval_every", str(args.budget_steps - 1),
+           *STDE_OPTIONS]  # fmt: skip
+    start = time.perf_counter()
+    done = subprocess.run(cmd, cwd=script.parent, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if done.returncode:
+        raise SystemExit(f"floor suite: STDE's script failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    ends = json.loads(times.read_text())["step_ends"]
+    a, b = FLOOR_LOG, len(ends) - 2
+    rate = (b - a) / (ends[b] - ends[a])
+    l2 = [float(word.split("=")[1]) for word in (done.stdout + done.stderr).split() if word.startswith("l2_rel=")]
+    return {"steps_per_second": rate, "ms_per_step": 1000 / rate, "from_step": a + 1, "to_step": b + 1,
+            "command_seconds": wall, "l2_rel": l2[-1], "command": " ".join(cmd[4:])}  # fmt: skip
+
+
 def suite_floor(args: argparse.Namespace) -> dict:
     """Steps per second of FLOOR's configs, each trained for --budget-steps steps through
     launch/train.py (one at a time, the machine's threads; no evaluation but the final one, no
     checkpoint), rounds alternating over the configs (--rounds): the training loop's rate and
-    the process's wall time per run."""
+    the process's wall time per run. With --stde, STDE's script runs after each two-body
+    config at its d, on the same coefficients (``stde_run``)."""
     tmp = Path(args.tmp)
     chosen = {name: FLOOR[name] for name in args.floor}
     runs: dict[str, list[dict]] = {name: [] for name in chosen}
@@ -154,6 +190,11 @@ def suite_floor(args: argparse.Namespace) -> dict:
             rate = loop_rate(tmp / run_name / "metrics.jsonl", FLOOR_LOG)
             runs[name].append({**rate, "command_seconds": wall, "l2_rel": record["l2_rel"]})
             print(f"{name}: {rate['ms_per_step']:.2f} ms per step", file=sys.stderr, flush=True)
+            if args.stde and name.startswith("sine_gordon/d="):
+                dim = int(name.split("=")[1])
+                peer = stde_run(args, dim, f"{dim}-{round_}")
+                runs.setdefault(f"stde/d={dim}", []).append(peer)
+                print(f"stde/d={dim}: {peer['ms_per_step']:.2f} ms per step", file=sys.stderr, flush=True)
     best = {name: min(r["ms_per_step"] for r in rows) for name, rows in runs.items()}
     return {"suite": "floor", "budget_steps": args.budget_steps, "rounds": args.rounds, "configs": chosen,
             "runs": runs, "best_ms_per_step": best}  # fmt: skip
