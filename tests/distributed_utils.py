@@ -104,7 +104,10 @@ def run_here(script: str, *args: str) -> subprocess.CompletedProcess:
     os.chdir(ROOT)
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            status = _entry_point(script)(list(args))
+            try:
+                status = _entry_point(script)(list(args))
+            except SystemExit as exit_:  # argparse's refusals, as the process would end
+                status = exit_.code if isinstance(exit_.code, int) else 1
     finally:
         os.chdir(cwd)
         torch.set_num_threads(threads)
