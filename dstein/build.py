@@ -293,6 +293,7 @@ def deepspeed_config(config: Config, world_size: int) -> dict[str, Any]:
         "zero_optimization": {"stage": ds.stage_on(world_size)},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
+        "gradient_clipping": ds.gradient_clipping,
     }
     if ds.optimizer == "deepspeed":
         out["optimizer"] = {"type": "Adam", "params": {"lr": config.train.lr, "torch_adam": True}}

@@ -75,6 +75,8 @@ BAD = [
     ("unknown signal", CONFIG, ["checkpoint.signal=USR9"], 1, "checkpoint.signal='USR9' must be a signal name"),
     ("keep no checkpoint", CONFIG, ["checkpoint.keep=0"], 1, "checkpoint.keep=0 must be >= 1"),
     ("ZeRO 3", CONFIG, ["deepspeed.zero_stage=3"], 1, "deepspeed.zero_stage=3 must be 0, 1 or 2"),
+    ("negative clipping", CONFIG, ["deepspeed.gradient_clipping=-1"], 1,
+     "deepspeed.gradient_clipping=-1.0 must be >= 0 (0: no clipping)"),
     ("unknown PDE", CONFIG, ["pde.name=wave"], 1,
      "pde.name='wave' is not one of ['allen_cahn', 'heat', 'hjb', 'poisson', 'sine_gordon']"),
     ("PDE class not importable", CONFIG, ["pde.target=nomodule:Foo"], 1,

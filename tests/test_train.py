@@ -16,7 +16,7 @@ from dstein.build import build_trainer
 from dstein.config import load_config
 from dstein.data.points import collocation
 from dstein.metrics import read_metrics, relative_errors
-from dstein.train import adversarial_points, lr_factor, run
+from dstein.train import adversarial_points, lr_factor, run, train_step
 
 CONFIGS = sorted(p.name for p in (Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
 #: Configs whose three steps take long (d = 10^5 and 10^6): left out of the fast tier.
@@ -114,6 +114,29 @@ def test_fused_adam_is_used_and_trains_alike(zero, tmp_path):
     assert first["auto"] == first["fused"]
     for name, value in weights["auto"].items():
         assert (weights["fused"][name] - value).norm() <= 1e-3 * value.norm(), name
+
+
+def test_deepspeed_clips_the_gradient_norm_as_configured(tmp_path):
+    """deepspeed.gradient_clipping reaches the engine: 1.0 by default (DeepSpeed's own
+    default, which runs used before the setting existed), 0 turns clipping off, and the
+    optimizer steps with the gradient clipped to that norm (seen from inside its step)."""
+    norms = {}
+    for clip in (None, 0.0, 1e-3):
+        extra = [] if clip is None else [f"deepspeed.gradient_clipping={clip}"]
+        tr = build_trainer(small_config("quickstart.yaml", tmp_path / str(clip), *extra, *SMALL_NET))
+        assert tr.engine.gradient_clipping() == (1.0 if clip is None else clip)
+        optimizer, step = tr.engine.optimizer, tr.engine.optimizer.step
+
+        def recorded(*args, clip=clip, optimizer=optimizer, step=step, **kwargs):
+            grads = [p.grad.norm() for group in optimizer.param_groups for p in group["params"]]
+            norms[clip] = float(torch.linalg.vector_norm(torch.stack(grads)))
+            return step(*args, **kwargs)
+
+        optimizer.step = recorded
+        assert train_step(tr, 0).fault is None
+    # this first gradient's norm is about 5: the default clips it to 1
+    assert norms[0.0] > 1 and norms[None] == pytest.approx(1.0, rel=1e-3)
+    assert norms[1e-3] == pytest.approx(1e-3, rel=1e-3)
 
 
 def test_learning_rate_decays_linearly_to_zero():
