@@ -104,14 +104,11 @@ class Runs(dict):
 def straight(tmp_path_factory) -> Runs:
     """Uninterrupted runs of test_checkpoint's tiny config on 1 and 2 ranks (read by the
     checkpoint and reliability tests: each made once per session and worker)."""
-    from test_checkpoint import finish, start, train_here
+    from test_checkpoint import train_to_end
 
     def make(world: int) -> Path:
         path = tmp_path_factory.mktemp(f"straight{world}")
-        if world == 1:
-            train_here(path)  # in this process
-        else:
-            finish(start(path, world))
+        train_to_end(path, world)  # one rank: in this process
         return path
 
     return Runs(make)

@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import Runs
 from distributed_utils import run_here
-from test_checkpoint import CONFIG, TINY, finish, losses, plant, start, train_here
+from test_checkpoint import CONFIG, TINY, finish, losses, plant, start, train_here, train_to_end
 
 from dstein.checkpoint import DAMAGED, MANIFEST, MARKER, files_of, scan, shared_digests, step_dir
 from dstein.metrics import read_metrics
@@ -29,10 +29,7 @@ ONE_RANK = pytest.mark.xdist_group("integrity-one-rank")
 
 def first_run(root: Path, world: int) -> Path:
     """30 steps, checkpoints after 10, 20 and 30."""
-    if world == 1:
-        train_here(root, "train.steps=30", "checkpoint.keep=3")
-    else:
-        finish(start(root, world, "train.steps=30", "checkpoint.keep=3"))
+    train_to_end(root, world, "train.steps=30", "checkpoint.keep=3")
     assert [p.name for p in scan(root / "checkpoints")[0]] == [f"step-000000{s}" for s in (10, 20, 30)]
     return root
 
@@ -54,8 +51,7 @@ def reference(saved, tmp_path_factory) -> Runs:
     def make(world: int) -> list[dict]:
         run_dir = resumed_copy(saved[world], tmp_path_factory.mktemp(f"ref{world}") / "run")
         shutil.rmtree(step_dir(run_dir / "checkpoints", 30))
-        extra = ("train.steps=40", "checkpoint.keep=3")
-        text = train_here(run_dir, *extra) if world == 1 else finish(start(run_dir, world, *extra))
+        text = train_to_end(run_dir, world, "train.steps=40", "checkpoint.keep=3")
         assert f"resuming from {step_dir(run_dir / 'checkpoints', 20)}" in text
         return losses(run_dir)
 

@@ -282,6 +282,12 @@ def test_bench_times_steps_in_ranks_of_its_own_and_the_loop_of_a_training_run(tm
     assert run["ms_per_step"] == pytest.approx(1000 / run["steps_per_second"])
     assert result["best_ms_per_step"] == {"fixed-cost": run["ms_per_step"]}
     assert run["command_seconds"] > 100 / run["steps_per_second"]
+    short = run_command([sys.executable, "launch/bench.py", "--suite", "floor", "--budget-steps", "60",
+                         "--out", str(tmp_path / "short.json")])  # fmt: skip
+    assert short.returncode != 0 and not (tmp_path / "short.json").exists()
+    assert short.stderr.strip().splitlines()[-1] == (
+        "error: --budget-steps=60: the floor suite times steps 50 to the last, so it needs at least 100"
+    )
 
 
 #: A stand-in for STDE's sine_gordon.py (its command line, its unseeded coefficient draw, its

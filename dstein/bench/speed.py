@@ -15,6 +15,7 @@ import numpy as np
 
 from dstein.bench.catalog import FLOOR, HUTCHINSON_PROBES
 from dstein.bench.measure import launch_ranks, time_steps, train_runs
+from dstein.metrics import read_metrics
 from dstein.pdes import build_pde
 
 SCALING_OVERRIDES = [
@@ -130,8 +131,7 @@ def loop_rate(metrics: Path, after: int) -> dict:
     """Steps per second of the training loop as a user sees it (points, estimates, the
     optimizer, logging, checkpoints when due), from metrics.jsonl's training rows: between
     the first row after step ``after`` and the last."""
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line]
-    rows = [r for r in rows if "loss" in r and r["step"] >= after]
+    rows = [r for r in read_metrics(metrics) if "loss" in r and r["step"] >= after]
     (a, b) = rows[0], rows[-1]
     rate = (b["step"] - a["step"]) / (b["seconds"] - a["seconds"])
     return {"from_step": a["step"], "to_step": b["step"], "steps_per_second": rate, "ms_per_step": 1000 / rate}
@@ -174,6 +174,9 @@ def suite_floor(args: argparse.Namespace) -> dict:
     checkpoint), rounds alternating over the configs (--rounds): the training loop's rate and
     the process's wall time per run. With --stde, STDE's script runs after each two-body
     config at its d, on the same coefficients (``stde_run``)."""
+    if args.budget_steps < 2 * FLOOR_LOG:
+        raise SystemExit(f"error: --budget-steps={args.budget_steps}: the floor suite times steps {FLOOR_LOG} to the "
+                         f"last, so it needs at least {2 * FLOOR_LOG}")  # fmt: skip
     tmp = Path(args.tmp)
     chosen = {name: FLOOR[name] for name in args.floor}
     runs: dict[str, list[dict]] = {name: [] for name in chosen}

@@ -12,7 +12,7 @@ import functools
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 
@@ -60,6 +60,13 @@ class ControlProblem:
     noise: float
     running: Callable[[torch.Tensor], torch.Tensor]  # control (B, d) -> cost rate (B,)
     terminal: Callable[[torch.Tensor], torch.Tensor]  # states (B, d) -> cost (B,)
+
+
+@functools.cache
+def _takes_dtype(sampler: Callable) -> bool:
+    """Whether a PDE class's sampler method takes ``dtype`` (asked of its signature once per
+    method: inspect.signature on every step cost 0.1 ms)."""
+    return "dtype" in inspect.signature(sampler).parameters
 
 
 class PDE(abc.ABC):
@@ -116,21 +123,13 @@ class PDE(abc.ABC):
         """
         along = round(self.process_share * n) if kind in self.process_kinds else 0
         sampler = self.sample_domain if kind == "domain" else functools.partial(self.sample_condition, kind)
-        if self._draws_in_dtype(kind, sampler):
+        if _takes_dtype(type(self).sample_domain if kind == "domain" else type(self).sample_condition):
             X = sampler(n - along, gen, dtype=dtype)
         else:
             X = sampler(n - along, gen).to(dtype)
         if not along:
             return X
         return torch.cat([X, self.sample_process(kind, along, gen, dtype)])
-
-    def _draws_in_dtype(self, kind: str, sampler: Any) -> bool:
-        """Whether ``kind``'s sampler takes ``dtype`` (asked of its signature once per PDE and kind:
-        inspect.signature every step cost 0.1 ms)."""
-        known = self.__dict__.setdefault("_dtype_samplers", {})
-        if kind not in known:
-            known[kind] = "dtype" in inspect.signature(sampler).parameters
-        return known[kind]
 
     def sample_process(
         self, kind: str, n: int, gen: torch.Generator, dtype: torch.dtype = torch.float64
