@@ -53,9 +53,12 @@ def check_pde(pde: PDE, config: Config) -> None:
         method = "sample_domain" if kind == "domain" else f"sample_condition({kind!r})"
         points[kind] = _checked(pde, method, (n, pde.in_dim), pde.training_points, kind, n, gen, torch.float32)
     X = points["domain"]
-    D = Derivatives(**{k: torch.zeros(n, requires_grad=True) for k in pde.needs - {"grad"}})
+    D = Derivatives(**{k: torch.zeros(n, requires_grad=True) for k in pde.needs - {"grad", "along"}})
     if "grad" in pde.needs:
         D.grad = torch.zeros(n, pde.dim, requires_grad=True)
+    directions, _ = _checked_coefficients(pde, X)
+    if "along" in pde.needs:
+        D.along = torch.zeros(n, directions.shape[1], requires_grad=True)
     residual = _checked(pde, "residual", (n,), pde.residual, X, D)
     if not residual.requires_grad:  # e.g. torch.zeros(B), or a detached value: the PDE term would be ignored
         raise ConfigError(
@@ -77,13 +80,39 @@ def check_pde(pde: PDE, config: Config) -> None:
     if transform is not None:
         if T is None:
             raise ConfigError(f"pde {pde.name}: {type(pde).__name__}.output_transform returned None at training points")
-        for name in ("A", "B", "A_t", "A_lap", "B_t", "B_lap", "A_grad", "B_grad"):
+        for name in ("A", "B", "A_t", "A_lap", "B_t", "B_lap", "A_grad", "B_grad", "A_hess_diag", "B_hess_diag"):
             value = getattr(T, name)
             if value is not None:
-                shape = (n, pde.dim) if name.endswith("_grad") else (n,)
+                shape = (n, pde.dim) if name.endswith(("_grad", "_diag")) else (n,)
                 _checked(pde, f"output_transform().{name}", shape, lambda value=value: value)
         if config.estimator.method == "stein-subspace" and config.model.family == "radial":
             _check_radial_directions(pde, T, X[:, : pde.dim])
+
+
+def _checked_coefficients(pde: PDE, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The PDE's directions (``along``) and weights (``trace``) at points X, where it needs them,
+    checked: one ConfigError naming the method for a wrong shape or a negative weight."""
+    cls, n, d = type(pde).__name__, X.shape[0], pde.dim
+    try:
+        directions, weights = pde.coefficients(X)
+    except Exception as err:
+        raise ConfigError(f"pde {pde.name}: {cls}.coefficients (diffusion, drift, extra_directions) raised "
+                          f"{user_error(err)}") from err  # fmt: skip
+    if "along" in pde.needs and (not isinstance(directions, torch.Tensor) or directions.dim() != 3
+                                 or directions.shape[0] != n or directions.shape[2] != d):  # fmt: skip
+        raise ConfigError(
+            f"pde {pde.name} needs 'along' but {cls}.drift / extra_directions give "
+            f"{None if directions is None else tuple(directions.shape)}, not directions of shape ({n}, m, {d})"
+        )
+    if "trace" in pde.needs:
+        if not isinstance(weights, torch.Tensor) or weights.shape not in ((n, d), (n, 1)):
+            raise ConfigError(
+                f"pde {pde.name} needs 'trace' but {cls}.diffusion gives "
+                f"{None if weights is None else tuple(weights.shape)}, not sigma_i(x) of shape ({n}, {d}) or ({n}, 1)"
+            )
+        if not bool(torch.isfinite(weights).all()):
+            raise ConfigError(f"pde {pde.name}: {cls}.diffusion is not finite at training points")
+    return directions, weights
 
 
 def _check_radial_directions(pde: PDE, T: OutputTransform, x: torch.Tensor) -> None:
@@ -269,6 +298,7 @@ def build_estimator(config: Config, pde: PDE, info: DistInfo | None = None) -> E
         sigma_t=est.time_sigma if pde.time_dependent else None, seed=config.seed,
         chunk=est.chunk, condition_samples=est.condition_samples, recompute=est.recompute, shard=shard,
         laplacian=est.laplacian, transform=output_transform(config, pde),
+        coefficients=pde.coefficients if {"along", "trace"} & pde.needs else None,
     )  # fmt: skip
     if est.method in STEIN_METHODS:
         attack = config.train.adversarial.samples if config.train.adversarial.steps else None

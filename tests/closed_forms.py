@@ -3,6 +3,8 @@
 ``SinWave``: g(x, t) = sin(a.x + b t); smoothing multiplies by
 exp(-(sx^2 |a|^2 + st^2 b^2) / 2), so f, its derivatives and |grad f|^2 are explicit.
 ``Quadratic``: g = x'Ax/2 + c.x + q t^2 / 2 + p t; f = g + sx^2 tr(A)/2 + q st^2 / 2.
+``hessian_diag(X, sx, st)``: the diagonal of the smoothed model's spatial Hessian (B, d), from
+which the weighted trace ``sum_i w_i f_ii`` (``trace``) follows.
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ class SinWave(torch.nn.Module):
     def exact(self, X):
         return self.smoothed(X, 0.0, 0.0)
 
+    def hessian_diag(self, X, sx, st):
+        return -self.smoothed(X, sx, st)["u"].unsqueeze(1) * (self.a * self.a)
+
 
 class Quadratic(torch.nn.Module):
     def __init__(self, d: int, time: bool, seed: int = 0):
@@ -74,6 +79,9 @@ class Quadratic(torch.nn.Module):
 
     def exact(self, X):
         return self.smoothed(X, 0.0, 0.0)
+
+    def hessian_diag(self, X, sx, st):
+        return self.A.diagonal().expand(X.shape[0], self.d)
 
 
 class LayeredQuadratic(torch.nn.Module):
@@ -113,6 +121,10 @@ class LayeredQuadratic(torch.nn.Module):
             out["u"] = out["u"] + 0.5 * st**2 * float(w @ w)
             out["u_t"] = h @ w
         return out
+
+    def hessian_diag(self, X, sx, st):
+        Wx = self.input_layer.weight.detach()[:, : self.d]
+        return (Wx * Wx).sum(0).expand(X.shape[0], self.d)
 
 
 class LayeredSin(torch.nn.Module):

@@ -132,3 +132,91 @@ class RaisingTransform(Reaction):
 
     def output_transform(self, X: torch.Tensor) -> OutputTransform | None:
         raise IndexError("column 7")
+
+
+class BasketGBM(ExactPDE):
+    """A diffusion that depends on x, with a drift (the README's user-PDE example): the
+    Black-Scholes equation of d assets under geometric Brownian motion,
+
+        u_t + (sigma^2 / 2) sum_i x_i^2 d^2u/dx_i^2 + mu sum_i x_i du/dx_i - r u = 0,
+        u(T, x) = |x|^2 / d,
+
+    solved by u = exp(k (T - t)) |x|^2 / d, k = sigma^2 + 2 mu - r."""
+
+    name = "basket-gbm"
+    needs = frozenset({"u", "u_t", "trace", "along"})
+    time_dependent = True
+    conditions = ("terminal",)
+    constrained = ("terminal",)
+
+    def __init__(self, dim: int, sigma: float = 0.4, mu: float = 0.05, r: float = 0.03, T: float = 1.0):
+        super().__init__(dim)
+        self.sigma, self.mu, self.r, self.T = sigma, mu, r, T
+        self.k = sigma**2 + 2 * mu - r
+
+    def diffusion(self, X):
+        return self.sigma * X[:, :-1]  # sigma_i(x) = sigma x_i
+
+    def drift(self, X):
+        return self.mu * X[:, :-1]  # b(x) = mu x
+
+    def residual(self, X, D):
+        return D.require("u_t") + self.generator(D) - self.r * D.require("u")
+
+    def sample_domain(self, n, gen, dtype=torch.float64, spread=0.6):
+        """Prices x_i = exp(spread Z_i), t ~ U(0, T): lognormal over the positive orthant, wider
+        than the test points (``spread`` 0.25) so that training covers their domain of
+        dependence (log x_i spreads by sigma sqrt(T - t)); a box without boundary conditions,
+        or no wider than the test points, leaves the solution there undetermined."""
+        X = torch.empty(n, self.dim + 1, dtype=dtype)
+        X[:, :-1] = torch.exp(spread * torch.randn(n, self.dim, generator=gen, dtype=dtype))
+        X[:, -1] = self.T * torch.rand(n, generator=gen, dtype=dtype)
+        return X
+
+    def sample_test(self, n, gen):
+        return self.sample_domain(n, gen, spread=0.25)
+
+    def sample_condition(self, kind, n, gen, dtype=torch.float64):
+        X = self.sample_domain(n, gen, dtype)
+        X[:, -1] = self.T
+        return X
+
+    def condition_target(self, kind, X):
+        return (X[:, :-1] ** 2).sum(1) / self.dim
+
+    def project(self, X):
+        return torch.cat([X[:, :-1].clamp_min(1e-3), X[:, -1:].clamp(0, self.T)], 1)
+
+    def output_transform(self, X):
+        x, t = X[:, :-1], X[:, -1]
+        return OutputTransform(
+            A=(x * x).sum(1) / self.dim, B=self.T - t, A_grad=2 * x / self.dim, A_lap=torch.full_like(t, 2.0),
+            A_hess_diag=torch.full_like(x, 2.0 / self.dim), B_t=torch.full_like(t, -1.0),
+        )  # fmt: skip
+
+    def exact(self, X):
+        return torch.exp(self.k * (self.T - X[:, -1])) * (X[:, :-1] ** 2).sum(1) / self.dim
+
+    def exact_grad(self, X):
+        return torch.exp(self.k * (self.T - X[:, -1])).unsqueeze(1) * 2 * X[:, :-1] / self.dim
+
+
+class NoHessianDiagonal(BasketGBM):
+    """A hard constraint that gives A's Laplacian but not its Hessian's diagonal, which a
+    diffusion's weighted trace needs (refused with a message)."""
+
+    name = "no-hessian-diagonal"
+
+    def output_transform(self, X):
+        T = super().output_transform(X)
+        T.A_hess_diag = None
+        return T
+
+
+class BadDiffusion(BasketGBM):
+    """sigma_i(x) of the wrong shape (refused at build time)."""
+
+    name = "bad-diffusion"
+
+    def diffusion(self, X):
+        return self.sigma * X

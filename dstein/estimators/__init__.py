@@ -130,6 +130,7 @@ def estimate(
     cache: dict | None = None,
     directions: torch.Tensor | None = None,
     laplacian: str = "stein",
+    weights: torch.Tensor | None = None,
 ) -> Derivatives:
     """Derivatives of the model at points ``X`` (time, if any, in the last column).
 
@@ -144,7 +145,8 @@ def estimate(
     ``directions`` (B, m, d): for ``along``, the inner products of the spatial gradient with
     m directions per point. ``laplacian``: ``stein`` (the Laplacian of the smoothed model) or
     ``difference`` (second differences of the pairs: the network's Laplacian up to O(sigma^2),
-    far less noisy at high d).
+    far less noisy at high d). ``weights`` (B, d), or (B, 1) for one weight per point: for
+    ``trace``, ``sum_i w_i d^2 f / dx_i^2`` at each point (w >= 0: a diffusion's sigma_i^2).
     """
     needs = check_needs(needs)
     time_dependent = sigma_t is not None
@@ -152,12 +154,16 @@ def estimate(
         raise ValueError("needs 'u_t' but sigma_t is None: a time-dependent input needs sigma_t")
     if "along" in needs and (directions is None or directions.dim() != 3 or directions.shape[0] != X.shape[0]):
         raise ValueError("needs 'along' requires directions of shape (B, m, d) for the B points")
+    if "trace" in needs and (weights is None or weights.dim() != 2 or weights.shape[0] != X.shape[0]
+                             or weights.shape[1] not in (1, X.shape[1] - int(time_dependent))):  # fmt: skip
+        raise ValueError("needs 'trace' requires weights of shape (B, d) or (B, 1) for the B points")
     if method == "autograd":
-        return autograd_estimate(model, X, needs, time_dependent, directions)
+        return autograd_estimate(model, X, needs, time_dependent, directions, weights)
     if method == "hutchinson":
         if not isinstance(samples, int) or samples < 1:
             raise ValueError(f"estimator.samples={samples!r}: hutchinson needs an integer number of probes >= 1")
-        out = hutchinson_estimate(model, X, needs, time_dependent, samples, seed, step, stream, directions)
+        out = hutchinson_estimate(model, X, needs, time_dependent, samples, seed, step, stream, directions,
+                                  weights=weights)  # fmt: skip
         assert isinstance(out, Derivatives)
         return out
     if samples is None or sigma_x is None:
@@ -177,5 +183,6 @@ def estimate(
     check_precision(model, spec.sigma_x, needs)
     space = make_space(model, X, spec, cache)
     return stein_estimate(
-        model, X, spec, space, chunks=chunks, reduce=reduce, rows=rows, recompute=recompute, directions=directions
-    )
+        model, X, spec, space, chunks=chunks, reduce=reduce, rows=rows, recompute=recompute, directions=directions,
+        weights=weights,
+    )  # fmt: skip

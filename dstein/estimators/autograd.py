@@ -113,8 +113,10 @@ def autograd_estimate(
     needs: frozenset[str],
     time_dependent: bool,
     directions: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
 ) -> Derivatives:
-    """Value and input derivatives of ``model`` at ``X``, differentiable w.r.t. parameters.
+    """Value and input derivatives of ``model`` at ``X``, differentiable w.r.t. parameters;
+    ``trace`` (``sum_i w_i H_ii``) with ``weights`` (B, d) or (B, 1).
 
     If ``X`` already requires grad (adversarial collocation differentiates the loss with
     respect to the points), it is used as is; otherwise a leaf copy is made.
@@ -124,16 +126,25 @@ def autograd_estimate(
         return Derivatives(u=model(X).reshape(-1))
     Xg, u, first = _input_gradient(model, X)
     out = _first_order(u, first, d, needs, time_dependent, directions)
+    if not {"lap", "trace"} & needs:
+        return out
+    w = None
+    if "trace" in needs:
+        if weights is None:
+            raise ValueError("needs 'trace' but no weights were given")
+        w = weights.expand(X.shape[0], d)
+    if d <= LOOP_MAX_DIM:
+        diagonal = [torch.autograd.grad(first[:, i].sum(), Xg, create_graph=True)[0][:, i] for i in range(d)]
+        if "lap" in needs:
+            out.lap = sum(diagonal, torch.zeros_like(u))
+        if w is not None:
+            out.trace = sum((w[:, i] * h for i, h in enumerate(diagonal)), torch.zeros_like(u))
+        return out
+    basis = torch.eye(X.shape[1], dtype=X.dtype, device=X.device)[:d].expand(X.shape[0], d, X.shape[1])
     if "lap" in needs:
-        if d <= LOOP_MAX_DIM:
-            lap = torch.zeros_like(u)
-            for i in range(d):
-                (second,) = torch.autograd.grad(first[:, i].sum(), Xg, create_graph=True)
-                lap = lap + second[:, i]
-            out.lap = lap
-        else:
-            basis = torch.eye(X.shape[1], dtype=X.dtype, device=X.device)[:d]
-            out.lap = _hvp_quadratic_forms(model, Xg, basis.expand(X.shape[0], d, X.shape[1]))
+        out.lap = _hvp_quadratic_forms(model, Xg, basis)
+    if w is not None:  # sum_i (sqrt(w_i) e_i)' H (sqrt(w_i) e_i)
+        out.trace = _hvp_quadratic_forms(model, Xg, basis * w.sqrt().unsqueeze(2))
     return out
 
 
@@ -171,10 +182,13 @@ def hutchinson_estimate(
     stream: int,
     directions: torch.Tensor | None = None,
     halves: bool = False,
+    weights: torch.Tensor | None = None,
 ) -> Derivatives | tuple[Derivatives, Derivatives]:
     """Exact value, time derivative and gradient; the Laplacian as a Hutchinson trace estimate
-    over ``samples`` Rademacher probes per point drawn from ``(seed, step, stream)``.
-    ``halves``: two estimates whose Laplacians come from the two halves of the probes
+    over ``samples`` Rademacher probes per point drawn from ``(seed, step, stream)``, and
+    ``trace`` (``sum_i w_i H_ii``, ``weights`` (B, d) or (B, 1)) from the same probes scaled
+    by ``sqrt(w)``: ``E[(s o sqrt(w))' H (s o sqrt(w))] = sum_i w_i H_ii``.
+    ``halves``: two estimates whose second derivatives come from the two halves of the probes
     (independent; the rest is exact and shared)."""
     d = split_input(X, time_dependent)
     if needs <= {"u"}:
@@ -182,19 +196,28 @@ def hutchinson_estimate(
         return (D, D) if halves else D
     Xg, u, first = _input_gradient(model, X)
     out = _first_order(u, first, d, needs, time_dependent, directions)
-    if "lap" not in needs:
+    second_order = [k for k in ("lap", "trace") if k in needs]
+    if not second_order:
         return (out, out) if halves else out
     if halves and samples < 2:
         raise ValueError(f"estimator.samples={samples}: two independent Laplacian estimates need at least 2 probes")
+    if "trace" in needs and weights is None:
+        raise ValueError("needs 'trace' but no weights were given")
     gen = torch.Generator(device=X.device).manual_seed(counter_seed(seed, step, stream, Streams.HUTCHINSON))
     signs = torch.randint(0, 2, (X.shape[0], samples, d), generator=gen, device=X.device).to(X.dtype) * 2 - 1
     probes = torch.zeros(X.shape[0], samples, X.shape[1], dtype=X.dtype, device=X.device)
     probes[..., :d] = signs
+    scaled = {"lap": probes}
+    if weights is not None and "trace" in needs:
+        root = torch.cat([weights.expand(X.shape[0], d).sqrt(), weights.new_ones(X.shape[0], X.shape[1] - d)], 1)
+        scaled["trace"] = probes * root.unsqueeze(1)
     if not halves:
-        out.lap = _hvp_quadratic_forms(model, Xg, probes) / samples
+        for key in second_order:
+            setattr(out, key, _hvp_quadratic_forms(model, Xg, scaled[key]) / samples)
         return out
     half = samples // 2
     second = dataclasses.replace(out)
-    out.lap = _hvp_quadratic_forms(model, Xg, probes[:, :half]) / half
-    second.lap = _hvp_quadratic_forms(model, Xg, probes[:, half:]) / (samples - half)
+    for key in second_order:
+        setattr(out, key, _hvp_quadratic_forms(model, Xg, scaled[key][:, :half]) / half)
+        setattr(second, key, _hvp_quadratic_forms(model, Xg, scaled[key][:, half:]) / (samples - half))
     return out, second

@@ -17,8 +17,11 @@ from dstein.noise import num_chunks
 #: ``u``: value; ``u_t``: time derivative; ``grad``: spatial gradient (B, d);
 #: ``grad_sq``: squared norm of the spatial gradient; ``lap``: spatial Laplacian;
 #: ``along``: the spatial gradient's inner products with given directions (B, m), one set
-#: of m directions per point (``directions``, (B, m, d)).
-ALL_NEEDS = frozenset({"u", "u_t", "grad", "grad_sq", "lap", "along"})
+#: of m directions per point (``directions``, (B, m, d)); ``trace``: the diagonal-weighted
+#: trace of the spatial Hessian, ``sum_i w_i d^2u/dx_i^2``, one set of weights per point
+#: (``weights``, (B, d), or (B, 1): the same weight for every coordinate), the second-order
+#: part of a diffusion ``(1/2) sum_i sigma_i(x)^2 d^2u/dx_i^2`` (docs/MATH.md section 15).
+ALL_NEEDS = frozenset({"u", "u_t", "grad", "grad_sq", "lap", "along", "trace"})
 
 #: A function that sums partial sums across the ranks of a sample group (identity in one process).
 Reducer = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
@@ -34,6 +37,7 @@ class Derivatives:
     grad_sq: torch.Tensor | None = None
     lap: torch.Tensor | None = None
     along: torch.Tensor | None = None
+    trace: torch.Tensor | None = None
 
     def require(self, name: str) -> torch.Tensor:
         value = getattr(self, name)
@@ -154,6 +158,10 @@ class NoiseOfZ:
     def lap_weight(self, zx_sq: torch.Tensor, aux: torch.Tensor | None) -> torch.Tensor:
         return zx_sq - self.rank
 
+    def weighted_sq(self, zx: torch.Tensor, aux: torch.Tensor | None, v: torch.Tensor) -> torch.Tensor:
+        """``sum_j v_j (z_j^2 - 1)`` per sample (B, n), ``v`` (B, d) per point, z in R^d itself."""
+        return torch.einsum("bnd,bd->bn", zx * zx, v) - v.sum(1, keepdim=True)
+
 
 class Space(Protocol):
     """Where a Stein estimate perturbs the model: all input coordinates (``stein.FullSpace``)
@@ -185,6 +193,12 @@ class Space(Protocol):
     def lap_weight(self, zx_sq: torch.Tensor, aux: torch.Tensor | None) -> torch.Tensor:
         """Stein's Laplacian weight ``|delta|^2 / sx^2 - d`` of each sample, from ``|z_x|^2``
         (and ``aux``): ``|z_x|^2 - rank`` where g sees the noise through ``z`` alone."""
+        ...
+
+    def weighted_sq(self, zx: torch.Tensor, aux: torch.Tensor | None, v: torch.Tensor) -> torch.Tensor:
+        """``E[sum_j v_j (delta_j^2 / sx^2 - 1) | the space's noise]`` per sample (B, n), ``v``
+        (B, d) per point: the weight of a diagonal-weighted Hessian trace (``trace``), exactly
+        the full-space weight's conditional mean given what g sees (docs/MATH.md section 15)."""
         ...
 
     def spatial(self, coords: torch.Tensor) -> torch.Tensor:

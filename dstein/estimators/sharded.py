@@ -166,6 +166,9 @@ class Estimator:
     shard: Shard = Shard()
     laplacian: str = "stein"
     transform: Callable[[torch.Tensor], OutputTransform | None] | None = None
+    #: The PDE's own directions (B, m, d) for ``along`` and weights (B, d) for ``trace`` at
+    #: points X (``PDE.coefficients``); None: the PDE needs neither.
+    coefficients: Callable[[torch.Tensor], tuple[torch.Tensor | None, torch.Tensor | None]] | None = None
 
     def chunk_for(self, samples: int) -> int:
         """The configured chunk for the training samples, else the default for ``samples``."""
@@ -232,16 +235,19 @@ class Estimator:
         cache: dict | None,
         halves: bool,
     ) -> tuple[Derivatives, ...]:
-        # A, B and their derivatives depend on the points directly, as the residual does
-        transform = self.transform(self.shard.direct(X)) if self.transform is not None else None
+        # A, B and their derivatives depend on the points directly, as the residual does; so do
+        # the PDE's own directions and weights
+        direct = self.shard.direct(X)
+        own, weights = self.coefficients(direct) if self.coefficients is not None else (None, None)
+        transform = self.transform(direct) if self.transform is not None else None
         if transform is None:
-            return self._of_network(model, X, needs, step, stream, samples, rows, cache, halves, None)
-        directions = transform.directions(needs)
+            return self._of_network(model, X, needs, step, stream, samples, rows, cache, halves, own, weights)
+        directions = transform.directions(needs, own, weights)
         of_f = self._of_network(
-            model, X, transform.needs_of_f(needs), step, stream, samples, rows, cache, halves,
-            torch.stack(directions, 1) if directions else None,
+            model, X, transform.needs_of_f(needs, own), step, stream, samples, rows, cache, halves,
+            torch.stack(directions, 1) if directions else None, weights,
         )  # fmt: skip
-        return tuple(transform.apply(D, needs) for D in of_f)
+        return tuple(transform.apply(D, needs, own, weights) for D in of_f)
 
     def _of_network(
         self,
@@ -255,17 +261,28 @@ class Estimator:
         cache: dict | None,
         halves: bool,
         directions: torch.Tensor | None,
+        weights: torch.Tensor | None = None,
     ) -> tuple[Derivatives, ...]:
         """The derivatives of the (smoothed) network itself: one estimate, or two (``halves``)."""
         samples = samples or self.samples
         if self.method == "hutchinson" and halves:
             return hutchinson_estimate(
-                model, X, needs, self.sigma_t is not None, samples, self.seed, step, stream, directions, halves=True
+                model,
+                X,
+                needs,
+                self.sigma_t is not None,
+                samples,
+                self.seed,
+                step,
+                stream,
+                directions,
+                halves=True,
+                weights=weights,
             )  # type: ignore[return-value]
         if self.method in NETWORK_METHODS:
             D = estimate(
                 model, X, method=self.method, needs=needs, samples=samples, sigma_t=self.sigma_t, seed=self.seed,
-                step=step, stream=stream, directions=directions,
+                step=step, stream=stream, directions=directions, weights=weights,
             )  # fmt: skip
             return (D, D) if halves else (D,)
         spec = self.spec(needs, samples).at(step, stream)
@@ -275,7 +292,7 @@ class Estimator:
         reduce = self.shard.reduce if self.shard.size > 1 else None
         run = stein_estimate_halves if halves else stein_estimate
         out = run(model, X, spec, space, chunks=chunks, reduce=reduce, rows=rows, recompute=recompute,
-                  directions=directions)  # fmt: skip
+                  directions=directions, weights=weights)  # fmt: skip
         return out if isinstance(out, tuple) else (out,)
 
     def recomputes(self, model: torch.nn.Module, X: torch.Tensor, samples: int, width: int | None = None) -> bool:

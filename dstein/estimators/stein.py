@@ -19,6 +19,9 @@ Both estimators are written in one form. Per sample (vanilla) or per antithetic 
                                                about (d/2)^2 times less variance;
                                                docs/MATH.md section 9)
     |grad|^2 = (|sum v|^2 - sum |v|^2) / (n (n - 1)),  v = z_x o / sx   (unbiased U-statistic)
+    sum_i w_i d_ii = mean((c W_lap + sum_j (w_j - c)(z_j^2 - 1)) e) / sx^2,  c = mean_j w_j
+                                              (``trace``: W_lap the Laplacian's weight above;
+                                               docs/MATH.md section 15)
 
 Working with ``z`` rather than ``eps`` keeps the weights of order one instead of dividing
 by ``sx^4``. The estimates are assembled from *sums* over samples, which is what makes
@@ -171,7 +174,7 @@ class FullSpace(NoiseOfZ):
 
 
 #: Keys of the partial sums, in a fixed order (checkpointed chunks return tuples).
-SUM_KEYS = ("value", "time", "grad", "grad_norms", "lap")
+SUM_KEYS = ("value", "time", "grad", "grad_norms", "lap", "trace")
 
 
 def _chunk_noise(
@@ -230,9 +233,10 @@ def _chunk_terms(
     rows: tuple[int, int],
     g0: torch.Tensor | None,
     noise: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+    trace: tuple[torch.Tensor, torch.Tensor | None] | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """One chunk's sums (SUM_KEYS that the spec needs, in order); its noise from its seed
-    (``_chunk_noise``), drawn here unless given."""
+    (``_chunk_noise``), drawn here unless given; ``trace``: the trace's weights (``_split_weights``)."""
     z, aux = noise if noise is not None else _chunk_noise(space, spec, c, rows)
     g_plus, g_minus = space.values(z, spec.antithetic, aux)
     if g_minus is None:
@@ -249,17 +253,25 @@ def _chunk_terms(
         out.append((z[..., r] * odd).sum(1))
     if {"grad", "grad_sq", "along"} & spec.needs:
         out.append(torch.einsum("bnd,bn->bd", zx, odd))
-    if "grad_sq" in spec.needs or "lap" in spec.needs:
+    if {"grad_sq", "lap", "trace"} & spec.needs:
         zx_sq = (zx * zx).sum(-1)
         if "grad_sq" in spec.needs:
             out.append((zx_sq * odd * odd).sum(1))
+        even = value if g0 is None else value - g0.unsqueeze(1)
+        if spec.laplacian == "difference":  # (g+ + g- - 2 g0) / 2, time curvature weighted out
+            lap_weight = (3 - z[..., r] ** 2) if space.width > r else 2.0
+        else:
+            lap_weight = space.lap_weight(zx_sq, aux)
         if "lap" in spec.needs:
-            even = value if g0 is None else value - g0.unsqueeze(1)
-            if spec.laplacian == "difference":  # (g+ + g- - 2 g0) / 2, time curvature weighted out
-                weight = (3 - z[..., r] ** 2) if space.width > r else 2.0
-                out.append((weight * even).sum(1))
-            else:
-                out.append((space.lap_weight(zx_sq, aux) * even).sum(1))
+            out.append((lap_weight * even).sum(1))
+        if "trace" in spec.needs:  # c lap + sum_j (w_j - c) d_jj, c the mean weight (section 15)
+            if trace is None:
+                raise ValueError("needs 'trace' but no weights were given")
+            mean, deviation = trace
+            weight = mean * lap_weight
+            if deviation is not None:
+                weight = weight + space.weighted_sq(zx, aux, deviation)
+            out.append((weight * even).sum(1))
     return tuple(out)
 
 
@@ -285,7 +297,7 @@ def _bound_cpu_heap() -> None:
 def _keys(needs: frozenset[str]) -> list[str]:
     wanted = {
         "value": "u" in needs, "time": "u_t" in needs, "grad": bool({"grad", "grad_sq", "along"} & needs),
-        "grad_norms": "grad_sq" in needs, "lap": "lap" in needs,
+        "grad_norms": "grad_sq" in needs, "lap": "lap" in needs, "trace": "trace" in needs,
     }  # fmt: skip
     return [k for k in SUM_KEYS if wanted[k]]
 
@@ -298,6 +310,7 @@ def partial_sums(
     rows: tuple[int, int] | None = None,
     space: Space | None = None,
     recompute: bool = False,
+    weights: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Sums of the estimator terms over the samples of ``chunks`` for each point of ``X``.
 
@@ -310,11 +323,16 @@ def partial_sums(
     the chunk size, not by the number of samples (MATH.md section 4, memory).
     """
     space = space or FullSpace(model, X, spec)
-    return _grouped_sums(space, spec, [list(chunks)], rows, recompute)[0]
+    return _grouped_sums(space, spec, [list(chunks)], rows, recompute, weights)[0]
 
 
 def _grouped_sums(
-    space: Space, spec: SteinSpec, groups: list[list[int]], rows: tuple[int, int] | None, recompute: bool
+    space: Space,
+    spec: SteinSpec,
+    groups: list[list[int]],
+    rows: tuple[int, int] | None,
+    recompute: bool,
+    weights: torch.Tensor | None = None,
 ) -> list[dict[str, torch.Tensor]]:
     """``partial_sums`` of each group of chunks (one evaluation of g at the points for all);
     a group without chunks gives zeros, so that every rank adds sums of the same shapes."""
@@ -322,7 +340,8 @@ def _grouped_sums(
     if recompute and X.device.type == "cpu":
         _bound_cpu_heap()
     rows = rows if rows is not None else (0, X.shape[0])
-    g0 = space.center() if spec.antithetic and "lap" in spec.needs else None
+    trace = _split_weights(weights) if "trace" in spec.needs else None
+    g0 = space.center() if spec.antithetic and {"lap", "trace"} & spec.needs else None
     keys = _keys(spec.needs)
     recomputed = recompute and torch.is_grad_enabled()
     noise = None if recomputed else _noise_in_parallel(space, spec, [c for chunks in groups for c in chunks], rows)
@@ -331,9 +350,9 @@ def _grouped_sums(
         sums: dict[str, torch.Tensor] = {}
         for c in chunks:
             if recomputed:
-                terms = checkpoint(_chunk_terms, space, spec, c, rows, g0, use_reentrant=False)
+                terms = checkpoint(_chunk_terms, space, spec, c, rows, g0, None, trace, use_reentrant=False)
             else:
-                terms = _chunk_terms(space, spec, c, rows, g0, None if noise is None else noise.pop(c))
+                terms = _chunk_terms(space, spec, c, rows, g0, None if noise is None else noise.pop(c), trace)
             for key, value in zip(keys, terms, strict=True):
                 sums[key] = sums[key] + value if key in sums else value
         if not chunks:
@@ -341,6 +360,19 @@ def _grouped_sums(
             sums = {k: X.new_zeros((B, space.rank) if k == "grad" else (B,)) for k in keys}
         out.append(sums)
     return out
+
+
+def _split_weights(weights: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """The trace's weights (B, d) as their mean per point (B, 1) and the deviations from it
+    (None where every coordinate has the same weight): ``sum_j w_j d_jj = mean lap +
+    sum_j (w_j - mean) d_jj``, the first from the Laplacian's weight, the rest from Stein's
+    weight on the deviations only (docs/MATH.md section 15)."""
+    if weights is None:
+        return None
+    if weights.dim() != 2:
+        raise ValueError(f"trace weights must have shape (B, d) or (B, 1), got {tuple(weights.shape)}")
+    mean = weights.mean(1, keepdim=True)
+    return mean, (weights - mean if weights.shape[1] > 1 else None)
 
 
 def finalize(
@@ -363,6 +395,8 @@ def finalize(
         out.grad_sq = ((total * total).sum(-1) - sums["grad_norms"]) / (n * (n - 1) * sx * sx)
     if "lap" in spec.needs:
         out.lap = sums["lap"] / (n * sx * sx)
+    if "trace" in spec.needs:
+        out.trace = sums["trace"] / (n * sx * sx)
     if "along" in spec.needs:
         if directions is None:
             raise ValueError("needs 'along' but no directions were given")
@@ -380,13 +414,14 @@ def stein_estimate(
     rows: tuple[int, int] | None = None,
     recompute: bool = False,
     directions: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
 ) -> Derivatives:
     """Partial sums over ``chunks`` (all by default) in ``space``, summed by ``reduce``, then
     finalized. The dispatcher (``dstein.estimators``) picks the space."""
     if "grad_sq" in spec.needs and spec.terms < 2:
         raise ValueError("grad_sq needs at least 2 samples (pairs) for its U-statistic")
     chunks = range(spec.num_chunks) if chunks is None else chunks
-    (sums,) = _grouped_sums(space, spec, [list(chunks)], rows, recompute)
+    (sums,) = _grouped_sums(space, spec, [list(chunks)], rows, recompute, weights)
     if reduce is not None:
         sums = reduce(sums)
     return finalize(sums, spec, space, directions)
@@ -402,6 +437,7 @@ def stein_estimate_halves(
     rows: tuple[int, int] | None = None,
     recompute: bool = False,
     directions: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
 ) -> tuple[Derivatives, Derivatives]:
     """Two independent estimates from the two halves of the noise chunks (chunks below
     ``num_chunks // 2``, and the rest): whole chunks, so that sharding and the world-size
@@ -419,7 +455,7 @@ def stein_estimate_halves(
         raise ValueError("grad_sq needs at least 2 samples (pairs) in each half for its U-statistic")
     mine = list(range(spec.num_chunks) if chunks is None else chunks)
     groups = [[c for c in mine if c < half], [c for c in mine if c >= half]]
-    first, second = _grouped_sums(space, spec, groups, rows, recompute)
+    first, second = _grouped_sums(space, spec, groups, rows, recompute, weights)
     if reduce is not None:
         both = reduce({**{f"0.{k}": v for k, v in first.items()}, **{f"1.{k}": v for k, v in second.items()}})
         first = {k: both[f"0.{k}"] for k in first}

@@ -199,6 +199,19 @@ class InputSubspace(NoiseOfZ):
         """Gradient coordinates in the basis V as vectors in R^d."""
         return coords @ self.V.T
 
+    def weighted_sq(self, zx: torch.Tensor, aux: torch.Tensor | None, v: torch.Tensor) -> torch.Tensor:
+        """``z' M z - tr(M)``, ``M = V' diag(v) V`` per point: with ``delta / sx = V z + delta_perp``,
+        ``E[delta_perp_j^2] = 1 - (V V')_jj``, so ``sum_j v_j (E[delta_j^2 | z] - 1) = z' M z - tr(M)``.
+        M costs O(d r^2) per point, once per set of weights (both halves of a pair share it)."""
+        M = self._trace_matrix(v)
+        return torch.einsum("bnr,brs,bns->bn", zx, M, zx) - M.diagonal(dim1=1, dim2=2).sum(-1, keepdim=True)
+
+    def _trace_matrix(self, v: torch.Tensor) -> torch.Tensor:
+        if getattr(self, "_trace", None) is None or self._trace[0] is not v:
+            V = self.V
+            self._trace = (v, (V.T.unsqueeze(0) * v.detach().unsqueeze(1)) @ V)  # (B, r, r)
+        return self._trace[1]
+
     def along(self, coords: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
         """Inner products (B, m) of the gradient ``V coords`` with ``directions`` w (B, m, d).
 
@@ -314,6 +327,25 @@ class RadialSubspace(InputSubspace):
         if not antithetic:
             return self._body_of(plus, None)
         return self._body_of(plus, -odd + self.feature.change(self.x_sq, sq - x_delta) * self.a)
+
+    def weighted_sq(self, zx: torch.Tensor, aux: torch.Tensor | None, v: torch.Tensor) -> torch.Tensor:
+        """``sum_j v_j (E[delta_j^2 | xi, eta, c] / sx^2 - 1)``: with ``Q = [V, e]`` and ``M = Q' diag(v) Q``,
+        ``z' M z`` from the coordinates along Q and, for ``delta_perp`` (m dimensions, squared
+        norm c), ``E[delta_perp_j^2 | c] = (c / m) (1 - (Q Q')_jj)``: ``(c / (m sx^2)) (sum v - tr M)``."""
+        if not self.extra:
+            return super().weighted_sq(zx, aux, v)
+        if getattr(self, "_trace", None) is None or self._trace[0] is not v:
+            V, e, w = self.V, self._e(), v.detach()
+            Vw = V.T.unsqueeze(0) * w.unsqueeze(1)  # (B, r, d)
+            top = torch.cat([Vw @ V, (Vw @ e.unsqueeze(2))], 2)  # (B, r, r + 1)
+            Ve = (Vw @ e.unsqueeze(2)).transpose(1, 2)  # (B, 1, r)
+            ee = (w * e * e).sum(1).reshape(-1, 1, 1)
+            M = torch.cat([top, torch.cat([Ve, ee], 2)], 1)  # (B, r + 1, r + 1)
+            self._trace = (v, M)
+        M = self._trace[1]
+        total, tr = v.detach().sum(1, keepdim=True), M.diagonal(dim1=1, dim2=2).sum(-1, keepdim=True)
+        out = torch.einsum("bnr,brs,bns->bn", zx, M, zx) - total
+        return out if aux is None else out + aux * ((total - tr) / self.dof)
 
     def _e(self) -> torch.Tensor:
         """e per point (B, d): the unit vector of x's part outside the row space."""

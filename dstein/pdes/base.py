@@ -170,6 +170,48 @@ class PDE(abc.ABC):
         (dstein/control.py); None: the PDE is not one."""
         return None
 
+    def diffusion(self, X: torch.Tensor) -> torch.Tensor | None:
+        """``sigma_i(x)`` of a diagonal diffusion at points X: (B, d), or (B, 1) for the same
+        sigma in every coordinate. A PDE whose operator is ``L u = (1/2) sum_i sigma_i(x)^2
+        d^2u/dx_i^2 + b(x) . grad u`` declares it (and ``drift``), needs ``trace`` (and ``along``)
+        and writes ``self.generator(D)`` in its residual; every estimator delivers it
+        (docs/MATH.md section 15). None: the PDE declares no diffusion."""
+        return None
+
+    def drift(self, X: torch.Tensor) -> torch.Tensor | None:
+        """``b(x)`` of the operator's first-order part at points X, (B, d); None: no drift."""
+        return None
+
+    def extra_directions(self, X: torch.Tensor) -> torch.Tensor | None:
+        """Directions (B, m, d) whose inner products with grad u the residual uses beyond the
+        drift (``D.along[:, 1:]`` after a drift, else ``D.along``); None: none."""
+        return None
+
+    @property
+    def has_drift(self) -> bool:
+        return type(self).drift is not PDE.drift
+
+    def coefficients(self, X: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """What the estimators need of the operator at points X: the directions of ``along``
+        (the drift first, then ``extra_directions``; (B, m, d)) and the weights of ``trace``
+        (``sigma_i(x)^2``, (B, d) or (B, 1)); None where the PDE has none."""
+        parts = []
+        if self.has_drift:
+            b = self.drift(X)
+            if b is not None:
+                parts.append(b.unsqueeze(1))
+        extra = self.extra_directions(X)
+        if extra is not None:
+            parts.append(extra)
+        sigma = self.diffusion(X)
+        return (torch.cat(parts, 1) if parts else None), (None if sigma is None else sigma * sigma)
+
+    def generator(self, D: Derivatives) -> torch.Tensor:
+        """``L u = (1/2) sum_i sigma_i^2 d^2u/dx_i^2 + b . grad u`` from an estimate's ``trace``
+        and (with a drift) the first column of ``along``."""
+        out = 0.5 * D.require("trace")
+        return out + D.require("along")[:, 0] if self.has_drift else out
+
     def condition_predictor(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """A predictor that knows only a condition: the terminal or initial value taken as
         the solution everywhere, and its spatial gradient (a baseline of every evaluation);

@@ -64,6 +64,11 @@ MUTATIONS: dict[str, tuple[str, list[tuple[str, str, str]]]] = {
         [("dstein/estimators/constraint.py", "                lap = lap + 2 * along_B\n",
           "                lap = lap + along_B\n")],
     ),
+    "trace-weight": (
+        "a diffusion's weighted trace without Stein's weight on the deviations from the mean weight",
+        [("dstein/estimators/stein.py", "            if deviation is not None:\n",
+          "            if False:\n")],
+    ),
     "control-drift": (
         "HJB's control problem with the drift of dX = 2 m dt + sqrt(2) dW halved (the closed loop's cost)",
         [("dstein/pdes/hjb.py", "T=self.T, drift=2.0,", "T=self.T, drift=1.0,")],
