@@ -350,8 +350,12 @@ def open_data(config: Config, pde: PDE, info: DistInfo) -> tuple[H5Collocation |
     return reader, load_test_set(config, pde, config.data.test_file)
 
 
-def load_test_set(config: Config, pde: PDE, test_file: str | None) -> TestSet:
-    """The test set from ``test_file`` (validated; its first eval.points rows) or drawn from eval.seed."""
+def load_test_set(config: Config, pde: PDE, test_file: str | None) -> TestSet | None:
+    """The test set from ``test_file`` (validated; its first eval.points rows) or drawn from
+    eval.seed; None where the PDE knows no solution away from its reference points
+    (``PDE.truth_known``) and no file is given."""
+    if not test_file and not pde.truth_known:
+        return None
     if not test_file:
         if not config.pde.target:
             return pde.test_set(config.eval.points, config.eval.seed, config.eval.truth_samples)
@@ -369,7 +373,9 @@ def load_test_set(config: Config, pde: PDE, test_file: str | None) -> TestSet:
 def load_process_test_set(config: Config, pde: PDE) -> TestSet | None:
     """The test set along the forward process from the start state (eval.process_points of
     eval.seed), drawn online (a data.test_file holds the first set only); None where the PDE
-    declares no process or eval.process_points=0."""
+    declares no process or eval.process_points=0, or knows no solution (``PDE.truth_known``)."""
+    if not pde.truth_known:
+        return None
     try:  # a user's sampler and truth: any error is reported, not a traceback
         return pde.process_test_set(config.eval.process_count, config.eval.seed, config.eval.truth_samples)
     except Exception as err:
@@ -389,7 +395,7 @@ class Trainer:
     engine: Any  # deepspeed.DeepSpeedEngine: owns the model and optimizer state
     estimator: Estimator
     points: PointStream  # this point group's training points of a step
-    test: TestSet
+    test: TestSet | None  # None: the PDE knows no solution away from its reference values
     dtype: torch.dtype
     run_dir: Path
     watch: GradientWatch
@@ -463,6 +469,7 @@ def build_trainer(config: Config, info: DistInfo | None = None) -> Trainer:
         engine.enable_backward_allreduce = False  # an all-reduce of every gradient over one rank: 0.5 ms a step
     watch = GradientWatch(engine.module)
     return Trainer(
-        config, info, pde, engine, estimator, points, test, dtype, Path(config.run.dir), watch, baselines(pde, test),
+        config, info, pde, engine, estimator, points, test, dtype, Path(config.run.dir), watch,
+        baselines(pde, test) if test is not None else {},
         process_test, baselines(pde, process_test) if process_test is not None else None, notes,
     )  # fmt: skip

@@ -178,8 +178,9 @@ def closed_loop(
         out["start_name"], out["value"] = start[0], value["start_value"]
         out["gap"] = out["cost"] - value["start_value"]
         out["gap_rel"] = out["gap"] / abs(value["start_value"])
-        out["reference"] = value["start_reference"]
-        out["gap_to_reference_rel"] = (out["cost"] - value["start_reference"]) / abs(value["start_reference"])
+        if "start_reference" in value:
+            out["reference"] = value["start_reference"]
+            out["gap_to_reference_rel"] = (out["cost"] - value["start_reference"]) / abs(value["start_reference"])
     out["seconds"] = time.perf_counter() - began  # the only figure that differs between identical runs
     return out
 
@@ -190,6 +191,8 @@ def describe(result: dict[str, Any]) -> str:
             f"+- {result['cost_se']:.1e} (time-step bias {result['time_step_bias']:+.1e})")  # fmt: skip
     if "gap" in result:
         line += (f", gap J - {result['start_name']} {result['gap']:+.5f} ({result['gap_rel']:+.3%} of the model's "
-                 f"{result['value']:.5f}; {result['gap_to_reference_rel']:+.3%} of the reference "
-                 f"{result['reference']:.5f})")  # fmt: skip
+                 f"{result['value']:.5f}")  # fmt: skip
+        if "reference" in result:
+            line += f"; {result['gap_to_reference_rel']:+.3%} of the reference {result['reference']:.5f}"
+        line += ")"
     return line + f"; uncontrolled {result['uncontrolled']:.5f} +- {result['uncontrolled_se']:.1e}"

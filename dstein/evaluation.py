@@ -195,13 +195,14 @@ def evaluate(
 
 
 def evaluate_all(
-    model: torch.nn.Module, pde: PDE, test: TestSet, process_test: TestSet | None, config: Config,
+    model: torch.nn.Module, pde: PDE, test: TestSet | None, process_test: TestSet | None, config: Config,
     device: torch.device, dtype: torch.dtype, transform: Transform | None = None, rank: int = 0, world_size: int = 1,
 ) -> dict[str, float]:  # fmt: skip
     """What every evaluation reports: the test set's errors and gradient floor, the same along
     the forward process from the start state (keys prefixed ``process_``; ``process_test`` None:
-    the PDE has no process) and the value at the start state (``start_errors``)."""
-    out = evaluate(model, test, config, device, dtype, transform, rank, world_size)
+    the PDE has no process) and the value at the start state (``start_errors``); ``test`` None
+    (the PDE knows no solution there, ``PDE.truth_known``): the start state's alone."""
+    out = {} if test is None else evaluate(model, test, config, device, dtype, transform, rank, world_size)
     if process_test is not None:
         along = evaluate(model, process_test, config, device, dtype, transform, rank, world_size, PROCESS_BLOCKS)
         out.update({PROCESS + key: value for key, value in along.items()})
@@ -234,6 +235,8 @@ def start_errors(
     _, X, value, _ = start
     u, _ = predict(model, X.to(device=device, dtype=dtype), config, transform=transform, gradient=False)
     got = float(u[0])
+    if value is None:  # a start state without a known value (Deep BSDE's problems at d = 1000)
+        return {"start_value": got}
     return {"start_value": got, "start_reference": value, "start_rel_error": abs(got - value) / abs(value)}
 
 
@@ -271,8 +274,11 @@ def baselines(pde: PDE, test: TestSet) -> dict[str, dict[str, float]]:
 
 def not_beaten(errors: dict[str, float], reference: dict[str, dict[str, float]], prefix: str = "") -> str | None:
     """A warning line when the solution error does not beat the best function of t alone
-    (stationary PDEs: the best constant); None when it does. ``prefix``: of the along-the-process
-    set (``PROCESS``, with its own baselines as ``reference``)."""
+    (stationary PDEs: the best constant); None when it does, or where there are no baselines (no
+    test set). ``prefix``: of the along-the-process set (``PROCESS``, with its own baselines as
+    ``reference``)."""
+    if not reference or prefix + "l2_rel" not in errors:
+        return None
     name, what = ("t_only", "the best function of t alone") if "t_only" in reference else ("constant", "a constant")
     bound, key = reference[name]["l2_rel"], prefix + "l2_rel"
     if errors[key] < bound:

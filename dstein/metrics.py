@@ -148,12 +148,16 @@ class Progress:
         if not self.enabled:
             return
         if errors:
-            self.last_error = f"L2 {errors['l2_rel']:.4f} grad {errors['grad_l2_rel']:.3f}"
+            self.last_error = ""
+            if "l2_rel" in errors:  # a test set (none where the PDE knows no solution there)
+                self.last_error = f"L2 {errors['l2_rel']:.4f} grad {errors['grad_l2_rel']:.3f}"
             if "process_l2_rel" in errors:  # along the process from the start state
                 along = f" process L2 {errors['process_l2_rel']:.4f} grad {errors['process_grad_l2_rel']:.3f}"
                 self.last_error += along
             if "start_rel_error" in errors:  # the value at the start state (PDE.start)
-                self.last_error += f" start {errors['start_rel_error']:.2%}"
+                self.last_error = f"{self.last_error} start {errors['start_rel_error']:.2%}".strip()
+            elif "start_value" in errors:  # no reference value known there
+                self.last_error = f"{self.last_error} start value {errors['start_value']:.6g}".strip()
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
             self.bar.set_postfix_str(f"loss {terms['loss']:.3e} {self.last_error}", refresh=False)

@@ -48,7 +48,7 @@ def plot_history(
     their own baselines."""
     plt = _pyplot()
     train = [r for r in rows if "loss" in r]
-    evals = [r for r in rows if "l2_rel" in r]
+    evals = [r for r in rows if "l2_rel" in r or "start_rel_error" in r]
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     terms = [k for k in train[0] if k not in ("step", "lr", "seconds")] if train else []
     for key in terms:  # the unbiased residual loss can be negative: its magnitude is drawn
@@ -86,6 +86,11 @@ def _error_panel(ax, evals: list[dict], prefix: str, baselines: dict[str, dict[s
     floors = [r[prefix + "gradient_floor"] for r in evals if prefix + "gradient_floor" in r]
     if floors and floors[-1] > 0:
         lines.append(("gradient floor (last)", floors[-1], ":", "C2"))
+    if not drawn and not lines:  # no test set, no reference value (a PDE known only elsewhere)
+        ax.text(0.5, 0.5, "no test set and no reference value:\nthe start state's value is in metrics.jsonl",
+                ha="center", va="center", transform=ax.transAxes)  # fmt: skip
+        ax.set(xlabel="step", title=title)
+        return
     _reference_lines(ax, lines, drawn)
     ax.set(yscale="log", xlabel="step", ylabel="relative error", title=title)
     ax.legend(fontsize="small"), ax.grid(alpha=0.3, which="both")
@@ -111,10 +116,14 @@ def _reference_lines(ax, lines: list[tuple[str, float, Any, str]], drawn: list[f
         ax.set_ylim(min(shown) / 2, max(shown) * 2)
 
 
-def plot_slice(coord: np.ndarray, predicted: np.ndarray, exact: np.ndarray, label: str, out: Path, title: str) -> None:
+def plot_slice(
+    coord: np.ndarray, predicted: np.ndarray, exact: np.ndarray | None, label: str, out: Path, title: str
+) -> None:
+    """The trained solution along a line, beside the exact one (None: not known there)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    ax.plot(coord, exact, "k-", lw=2, label="exact")
+    if exact is not None:
+        ax.plot(coord, exact, "k-", lw=2, label="exact")
     ax.plot(coord, predicted, "C1--", lw=2, label="trained")
     ax.set(xlabel=label, ylabel="u", title=f"{title}: 1-D slice")
     ax.legend(), ax.grid(alpha=0.3)

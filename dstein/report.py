@@ -32,14 +32,14 @@ def save_model(model: torch.nn.Module, run_dir: Path) -> None:
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
 
 
-def test_residuals(
-    model: torch.nn.Module, pde: PDE, test: TestSet, config: Config, device, dtype, block: int = 64
+def residuals(
+    model: torch.nn.Module, pde: PDE, points: torch.Tensor, config: Config, device, dtype, block: int = 64
 ) -> np.ndarray:
-    """The PDE residual at the test points, estimated as in training (one process)."""
+    """The PDE residual at ``points``, estimated as in training (one process)."""
     estimator = build_estimator(config, pde)
     out = []
-    for b, lo in enumerate(range(0, test.X.shape[0], block)):
-        X = test.X[lo : lo + block].to(device=device, dtype=dtype)
+    for b, lo in enumerate(range(0, points.shape[0], block)):
+        X = points[lo : lo + block].to(device=device, dtype=dtype)
         D = estimator(model, X, pde.needs, step=b, stream=Streams.RESIDUAL)
         out.append(pde.residual(X, D).detach().double().cpu())
     return torch.cat(out).numpy()
@@ -55,28 +55,37 @@ def slice_points(dim: int) -> int:
 
 
 def draw_plots(
-    run_dir: Path, model: torch.nn.Module, pde: PDE, test: TestSet, config: Config, device, dtype,
+    run_dir: Path, model: torch.nn.Module, pde: PDE, test: TestSet | None, config: Config, device, dtype,
     out: Path | None = None, process_baselines: dict[str, dict[str, float]] | None = None,
 ) -> list[Path]:  # fmt: skip
     """All four figures (in ``out``, by default ``RUN_DIR/plots``) from the run's metrics and model;
-    ``process_baselines``: those of the set along the process (errors.png's second panel)."""
+    ``process_baselines``: those of the set along the process (errors.png's second panel).
+    Without a test set (``PDE.truth_known`` false) errors.png holds the start state's error,
+    and the slice and residual figures show the trained solution and its residual at points
+    of the forward process (no exact curve)."""
     out = out or run_dir / "plots"
     out.mkdir(parents=True, exist_ok=True)
     title = f"{pde.name} d={pde.dim}, {config.estimator.method}"
     metrics = run_dir / "metrics.jsonl"
     rows = read_metrics(metrics) if metrics.exists() else []
-    plots.plot_history(rows, out, title, baselines(pde, test), process_baselines)
+    plots.plot_history(rows, out, title, baselines(pde, test) if test is not None else None, process_baselines)
     X, coord, label = pde.slice(slice_points(pde.dim))
-    exact = pde.truth_values(X, config.eval.truth_samples, config.eval.seed).numpy()
+    exact = pde.truth_values(X, config.eval.truth_samples, config.eval.seed).numpy() if pde.truth_known else None
     transform = output_transform(config, pde)
     u, _ = predict(model, X.to(device=device, dtype=dtype), config, transform=transform, gradient=False)
     plots.plot_slice(coord.numpy(), u.double().cpu().numpy(), exact, label, out, title)
-    plots.plot_residuals(test_residuals(model, pde, test, config, device, dtype), out, title)
+    if test is not None:
+        at = test.X
+    elif "domain" in pde.process_kinds:  # no test set: points along the forward process
+        at = pde.test_points(0, config.eval.process_count, config.eval.seed, along_process=True)
+    else:
+        at = pde.test_points(0, config.eval.points, config.eval.seed)
+    plots.plot_residuals(residuals(model, pde, at, config, device, dtype), out, title)
     return [out / name for name in plots.PLOTS]
 
 
 def finish_run(
-    run_dir: Path, model: torch.nn.Module, pde: PDE, test: TestSet, config: Config, device, dtype,
+    run_dir: Path, model: torch.nn.Module, pde: PDE, test: TestSet | None, config: Config, device, dtype,
     process_baselines: dict[str, dict[str, float]] | None = None,
 ) -> None:  # fmt: skip
     save_model(model, run_dir)
@@ -143,8 +152,9 @@ def evaluate_run(
     declared = pde.start()
     if declared is not None:
         errors["start_name"], errors["start_source"] = declared[0], declared[3]
-    result = {**errors, "baselines": baselines(pde, test), "model": MODEL_FILE, "test_points": int(test.X.shape[0]),
-              "eval_samples": config.eval.samples, "test_file": test_file}  # fmt: skip
+    result = {**errors, "model": MODEL_FILE, "eval_samples": config.eval.samples, "test_file": test_file}
+    if test is not None:
+        result.update(baselines=baselines(pde, test), test_points=int(test.X.shape[0]))
     if process_test is not None:
         result["process_baselines"] = baselines(pde, process_test)
         result["process_points"] = int(process_test.X.shape[0])

@@ -231,7 +231,7 @@ def _train(config: Config, info: DistInfo, notes: list[str]) -> dict[str, Any]:
         "dstein_version": dstein.__version__,
         "config_digest": cfg.digest(),
     }
-    if tr.test.u_se is not None:
+    if tr.test is not None and tr.test.u_se is not None:
         summary["truth_max_se"] = float(tr.test.u_se.max())
     if tr.device.type == "cuda":  # this rank's peak of allocated device memory, this start
         summary["peak_cuda_memory_mb"] = torch.cuda.max_memory_allocated(tr.device) / 2**20

@@ -65,19 +65,22 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C: eval.json and the plots are written whole or not at all
         print("interrupted: eval.json and the plots are each written whole or not at all", file=sys.stderr)
         return 130
-    table(result, "", result["baselines"])
+    if "l2_rel" in result:  # no test set where the PDE knows no solution away from its references
+        table(result, "", result["baselines"])
     if "process_baselines" in result:  # the second test set: along the process from the start state
         print(f"along the process from the start state ({result['process_points']} points):")
         table(result, "process_", result["process_baselines"])
-    if "start_value" in result:  # the value at the PDE's start state, beside its reference
+    if "start_reference" in result:  # the value at the PDE's start state, beside its reference
         print(f"{result['start_name']}: model {result['start_value']:.6f}, reference {result['start_reference']:.6f} "
               f"({result['start_source']}): {result['start_rel_error']:.3%} off")  # fmt: skip
+    elif "start_value" in result:
+        print(f"{result['start_name']}: model {result['start_value']:.6f} ({result['start_source']})")
     if result.get("control"):
         from dstein.control import describe
 
         print(describe(result["control"]))
     where = Path(args.out or args.run) / "eval.json"
-    print(f"test points {result['test_points']}, eval samples {result['eval_samples']}; wrote {where}")
+    print(f"test points {result.get('test_points', 0)}, eval samples {result['eval_samples']}; wrote {where}")
     return 0
 
 

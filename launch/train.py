@@ -83,17 +83,17 @@ def main(argv: list[str] | None = None) -> int:
     if this_rank() != 0:
         return 0
     start = ""
-    if "start_value" in summary:  # the value at the PDE's start state, what a control user asks first
+    if "start_reference" in summary:  # the value at the PDE's start state, what a control user asks first
         start = (f"{summary['start_name']} {summary['start_value']:.4f} (reference {summary['start_reference']:.4f}, "
                  f"{summary['start_rel_error']:.2%} off)  ")  # fmt: skip
+    elif "start_value" in summary:  # no reference value known there
+        start = f"{summary['start_name']} {summary['start_value']:.6g} (no reference)  "
     if "process_l2_rel" in summary:  # the test set along the process from the start state
         start += (f"along the process: L2 rel {summary['process_l2_rel']:.4f} grad "
                   f"{summary['process_grad_l2_rel']:.4f}  ")  # fmt: skip
-    print(
-        f"done: L1 rel {summary['l1_rel']:.4f}  L2 rel {summary['l2_rel']:.4f}  "
-        f"grad L2 rel {summary['grad_l2_rel']:.4f}  {start}in {summary['wall_seconds']:.1f}s; "
-        f"run directory: {Path(config.run.dir).resolve()}"
-    )
+    test = (f"L1 rel {summary['l1_rel']:.4f}  L2 rel {summary['l2_rel']:.4f}  grad L2 rel "
+            f"{summary['grad_l2_rel']:.4f}  ") if "l2_rel" in summary else ""  # fmt: skip
+    print(f"done: {test}{start}in {summary['wall_seconds']:.1f}s; run directory: {Path(config.run.dir).resolve()}")
     return 0
 
 

@@ -6,12 +6,15 @@ import importlib
 from typing import Any
 
 from dstein.pdes.base import PDE, ControlProblem, ExactPDE, TestSet
+from dstein.pdes.bsde import BSDEAllenCahn, BSDEDefaultRisk, BSDEDiffRate
 from dstein.pdes.heat import Heat
 from dstein.pdes.hjb import HJB
 from dstein.pdes.poisson import Poisson
 from dstein.pdes.twobody import AllenCahn, SineGordon
 
-REGISTRY: dict[str, type[PDE]] = {cls.name: cls for cls in (Poisson, Heat, HJB, SineGordon, AllenCahn)}
+REGISTRY: dict[str, type[PDE]] = {
+    cls.name: cls for cls in (Poisson, Heat, HJB, SineGordon, AllenCahn, BSDEAllenCahn, BSDEDefaultRisk, BSDEDiffRate)
+}
 
 __all__ = ["PDE", "REGISTRY", "ControlProblem", "ExactPDE", "TestSet", "build_pde", "resolve_pde_class", "user_error"]
 

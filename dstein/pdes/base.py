@@ -88,6 +88,11 @@ class PDE(abc.ABC):
     #: Share of the training points of each kind in ``process_kinds`` drawn along the process
     #: (``pde.process_share``; set by ``dstein.pdes.build_pde``).
     process_share: float = 0.0
+    #: Whether ``truth`` can give the solution at any point. False for PDEs known only by
+    #: reference values at single points (Deep BSDE's semilinear benchmarks: ``start`` and
+    #: ``reference_values``): runs then draw no test sets, and every evaluation reports the
+    #: value at the start state against its reference.
+    truth_known: ClassVar[bool] = True
 
     def __init__(self, dim: int):
         if not isinstance(dim, int) or dim < 1:
@@ -218,11 +223,12 @@ class PDE(abc.ABC):
         None where the PDE has no such value (a boundary target that is the solution itself)."""
         return None
 
-    def start(self) -> tuple[str, torch.Tensor, float, str] | None:
+    def start(self) -> tuple[str, torch.Tensor, float | None, str] | None:
         """The state a terminal-value problem's process starts from, and the solution's
         reference value there: (its name, e.g. "u(0,0)"; the point, shape (1, in_dim); the
-        value; where it comes from). Every evaluation reports the model's value there and its
-        error (``start_value``, ``start_rel_error``). None: the PDE declares none."""
+        value, None where none is known; where it comes from). Every evaluation reports the
+        model's value there (``start_value``) and its error (``start_rel_error``, where the
+        value is known). None: the PDE declares none."""
         return None
 
     def reference_values(self) -> dict[str, tuple[torch.Tensor, float, str]]:

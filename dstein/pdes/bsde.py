@@ -1,0 +1,279 @@
+"""Deep BSDE's semilinear benchmarks (Han, Jentzen, E, PNAS 2018; E, Han, Jentzen, Comm. Math.
+Stat. 2017): terminal-value problems
+
+    u_t + L u + f(t, x, u, grad u) = 0 on [0, T) x R^d,   u(T, x) = g(x),
+    L u = (1/2) sum_i sigma_i(x)^2 d^2u/dx_i^2 + b(x) . grad u,
+
+whose published values are u(0, x0) at one start state; no solution is known anywhere else
+(``truth_known`` is False: a run reports u(0, x0) against the reference at every evaluation
+and draws no test set). Each declares its forward process dX = b(X) dt + sigma(X) dW from x0
+(``sample_process``), along which Deep BSDE trains and along which dstein's training points
+are drawn, widened by ``spread``: the noise of a point at time t is scaled by
+sqrt(1 + spread v), v ~ U(0, 1), so that training also covers paths a little beyond the
+process's own spread (the PDE is posed on all of R^d; points only where the process goes
+would leave u undetermined at its edges).
+
+- ``bsde_allen_cahn``: u_t + lap u + u - u^3 = 0 (sigma = sqrt 2, no drift), T = 0.3,
+  g(x) = 1 / (2 + 0.4 |x|^2), x0 = 0; u(0, 0) = 0.052802 at d = 100.
+- ``bsde_default_risk``: geometric Brownian motion (sigma_i = sigma x_i, b = mu_bar x),
+  f = -(1 - delta) Q(u) u - R u, Q piecewise linear between (v_h, gamma_h) and (v_l, gamma_l),
+  g(x) = min_i x_i, T = 1, x0 = 100; u(0, x0) = 57.300 at d = 100.
+- ``bsde_diff_rate``: geometric Brownian motion, f = -R_l u - (mu_bar - R_l) s + (R_b - R_l)
+  max(0, s - u), s = x . grad u; g(x) = max(max_i x_i - 120, 0) - 2 max(max_i x_i - 150, 0),
+  T = 0.5, x0 = 100; u(0, x0) = 21.299 at d = 100.
+
+docs/MATH.md section 15 (the operators), docs/benchmarks.md (the table beside Deep BSDE's).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import ClassVar
+
+import torch
+
+from dstein.estimators.base import Derivatives
+from dstein.estimators.constraint import OutputTransform
+from dstein.pdes.base import PDE, TestSet
+
+#: Deep BSDE's sources, for summary.json.
+PNAS = "Han, Jentzen, E, PNAS 2018 (Deep BSDE), its d = 100 benchmark"
+CMS = "E, Han, Jentzen, Comm. Math. Stat. 2017 (Deep BSDE), its d = 100 benchmark"
+
+
+class DeepBSDEProblem(PDE):
+    """The shared part: terminal condition, start state, forward process, training points."""
+
+    time_dependent = True
+    conditions = ("terminal",)
+    process_kinds = ("domain", "terminal")
+    truth_known = False
+    #: (dim, T, x0) -> (u(0, x0), its source, Deep BSDE's relative error there or None)
+    published: ClassVar[Mapping[tuple[int, float, float], tuple[float, str, float | None]]] = MappingProxyType({})
+
+    def __init__(self, dim: int, T: float, x0: float, spread: float = 0.0):
+        super().__init__(dim)
+        for name, value in (("T", T), ("x0", x0), ("spread", spread)):
+            if not math.isfinite(value):
+                raise ValueError(f"pde.params.{name}={value!r} must be a finite number")
+        if T <= 0:
+            raise ValueError(f"pde.params.T={T!r} must be > 0")
+        if spread < 0:
+            raise ValueError(f"pde.params.spread={spread!r} must be >= 0")
+        self.T, self.x0, self.spread = float(T), float(x0), float(spread)
+
+    def describe(self) -> dict:
+        return {**super().describe(), "T": self.T, "x0": self.x0, "spread": self.spread}
+
+    # -- the forward process ----------------------------------------------------------------
+    def _states(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """X_t of the forward process from x0 for standard normal z (B, d), times t (B, 1)."""
+        raise NotImplementedError
+
+    def sample_process(
+        self, kind: str, n: int, gen: torch.Generator, dtype: torch.dtype = torch.float64
+    ) -> torch.Tensor:
+        """X_t from x0: t ~ U(0, T) (``domain``) or t = T (``terminal``), drawn exactly."""
+        return self._points(kind, n, gen, dtype, widen=False)
+
+    def _points(self, kind: str, n: int, gen: torch.Generator, dtype: torch.dtype, widen: bool) -> torch.Tensor:
+        X = torch.empty(n, self.in_dim, dtype=dtype)
+        X[:, -1] = self.T if kind == "terminal" else self.T * torch.rand(n, generator=gen, dtype=dtype)
+        z = torch.randn(n, self.dim, generator=gen, dtype=dtype)
+        if widen and self.spread:
+            z = z * torch.sqrt(1 + self.spread * torch.rand(n, 1, generator=gen, dtype=dtype))
+        X[:, :-1] = self._states(X[:, -1:], z)
+        return X
+
+    def sample_domain(self, n: int, gen: torch.Generator, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """The forward process's law at t ~ U(0, T), its noise widened by ``spread``."""
+        return self._points("domain", n, gen, dtype, widen=True)
+
+    def sample_condition(
+        self, kind: str, n: int, gen: torch.Generator, dtype: torch.dtype = torch.float64
+    ) -> torch.Tensor:
+        return self._points(kind, n, gen, dtype, widen=True)
+
+    def sample_test(self, n: int, gen: torch.Generator) -> torch.Tensor:
+        return self.sample_process("domain", n, gen)
+
+    # -- conditions, references -------------------------------------------------------------
+    def terminal(self, x: torch.Tensor) -> torch.Tensor:
+        """g(x), (B,)."""
+        raise NotImplementedError
+
+    def condition_target(self, kind: str, X: torch.Tensor) -> torch.Tensor:
+        return self.terminal(X[:, :-1])
+
+    def start(self) -> tuple[str, torch.Tensor, float | None, str]:
+        X = torch.zeros(1, self.in_dim, dtype=torch.float64)
+        X[:, :-1] = self.x0
+        name = f"u(0,x0={self.x0:g})"
+        known = self.published.get((self.dim, self.T, self.x0))
+        if known is None:
+            return name, X, None, "no published value for these parameters"
+        value, source, theirs = known
+        return name, X, value, source if theirs is None else f"{source}; Deep BSDE's own relative error {theirs:.2%}"
+
+    def reference_values(self) -> dict[str, tuple[torch.Tensor, float, str]]:
+        name, X, value, source = self.start()
+        return {} if value is None else {name: (X, value, source)}
+
+    def project(self, X: torch.Tensor) -> torch.Tensor:
+        return torch.cat([X[:, :-1], X[:, -1:].clamp(0.0, self.T)], 1)
+
+    def project_condition(self, kind: str, X: torch.Tensor) -> torch.Tensor:
+        return torch.cat([X[:, :-1], torch.full_like(X[:, -1:], self.T)], 1)
+
+    def slice(self, n: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+        """x_1 through the start state at t = 0 (other coordinates x0), over x0 +- 3 standard
+        deviations of X_T's first coordinate."""
+        X_T = self.sample_process("terminal", 256, torch.Generator().manual_seed(0))
+        half = 3 * float(X_T[:, 0].std())
+        coord = torch.linspace(self.x0 - half, self.x0 + half, n, dtype=torch.float64)
+        X = torch.zeros(n, self.in_dim, dtype=torch.float64)
+        X[:, :-1] = self.x0
+        X[:, 0] = coord
+        return X, coord, f"x_1 (other x_i = {self.x0:g}, t = 0)"
+
+    def truth(self, X: torch.Tensor, samples: int, seed: int) -> TestSet:
+        raise NotImplementedError(
+            f"pde {self.name}: no solution is known away from u(0, x0) (truth_known is False); data.test_file "
+            "cannot be checked against one either"
+        )
+
+
+class BSDEAllenCahn(DeepBSDEProblem):
+    """u_t + lap u + u - u^3 = 0, u(T, x) = 1 / (2 + 0.4 |x|^2) (PNAS 2018's Allen-Cahn)."""
+
+    name = "bsde_allen_cahn"
+    needs = frozenset({"u", "u_t", "lap"})
+    constrained = ("terminal",)
+    published = MappingProxyType({(100, 0.3, 0.0): (0.052802, PNAS, 0.0030)})
+
+    def __init__(self, dim: int, T: float = 0.3, x0: float = 0.0, spread: float = 0.0):
+        super().__init__(dim, T, x0, spread)
+
+    def _states(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return self.x0 + torch.sqrt(2 * t) * z  # dX = sqrt(2) dW: the generator is the Laplacian
+
+    def residual(self, X: torch.Tensor, D: Derivatives) -> torch.Tensor:
+        u = D.require("u")
+        return D.require("u_t") + D.require("lap") + u - u**3
+
+    def terminal(self, x: torch.Tensor) -> torch.Tensor:
+        return 1 / (2 + 0.4 * (x * x).sum(-1))
+
+    def output_transform(self, X: torch.Tensor) -> OutputTransform:
+        """u = g(x) + (T - t) f: the terminal condition exact. With s = 2 + 0.4 |x|^2, grad g =
+        -0.8 x / s^2 and lap g = -0.8 d / s^2 + 1.28 |x|^2 / s^3."""
+        x, t = X[:, :-1], X[:, -1]
+        r2 = (x * x).sum(1)
+        s = 2 + 0.4 * r2
+        return OutputTransform(
+            A=1 / s, B=self.T - t, A_grad=-0.8 * x / (s * s).unsqueeze(1),
+            A_lap=-0.8 * self.dim / (s * s) + 1.28 * r2 / s**3, B_t=torch.full_like(t, -1.0),
+        )  # fmt: skip
+
+
+class GBMProblem(DeepBSDEProblem):
+    """Geometric Brownian motion: dX_i = mu_bar X_i dt + sigma X_i dW_i, X_0 = x0 in every
+    coordinate; L u = (sigma^2 / 2) sum_i x_i^2 d^2u/dx_i^2 + mu_bar x . grad u."""
+
+    needs = frozenset({"u", "u_t", "trace", "along"})
+
+    def __init__(self, dim: int, T: float, x0: float, sigma: float, mu_bar: float, spread: float = 0.0):
+        super().__init__(dim, T, x0, spread)
+        if not (math.isfinite(sigma) and sigma > 0):
+            raise ValueError(f"pde.params.sigma={sigma!r} must be > 0")
+        if not math.isfinite(mu_bar):
+            raise ValueError(f"pde.params.mu_bar={mu_bar!r} must be a finite number")
+        if x0 <= 0:
+            raise ValueError(f"pde.params.x0={x0!r} must be > 0 (prices)")
+        self.sigma, self.mu_bar = float(sigma), float(mu_bar)
+
+    def describe(self) -> dict:
+        return {**super().describe(), "sigma": self.sigma, "mu_bar": self.mu_bar}
+
+    def _states(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return self.x0 * torch.exp((self.mu_bar - self.sigma**2 / 2) * t + self.sigma * torch.sqrt(t) * z)
+
+    def diffusion(self, X: torch.Tensor) -> torch.Tensor:
+        return self.sigma * X[:, :-1]
+
+    def drift(self, X: torch.Tensor) -> torch.Tensor:
+        return self.mu_bar * X[:, :-1]
+
+    def project(self, X: torch.Tensor) -> torch.Tensor:
+        return torch.cat([X[:, :-1].clamp_min(1e-6 * self.x0), X[:, -1:].clamp(0.0, self.T)], 1)
+
+    def project_condition(self, kind: str, X: torch.Tensor) -> torch.Tensor:
+        return torch.cat([X[:, :-1].clamp_min(1e-6 * self.x0), torch.full_like(X[:, -1:], self.T)], 1)
+
+
+class BSDEDefaultRisk(GBMProblem):
+    """Black-Scholes with default risk (PNAS 2018): f = -(1 - delta) Q(u) u - R u, Q(y) = gamma_h
+    for y < v_h, gamma_l for y > v_l, linear in between; g(x) = min_i x_i."""
+
+    name = "bsde_default_risk"
+    published = MappingProxyType({(100, 1.0, 100.0): (57.300, PNAS, 0.0046)})
+
+    def __init__(
+        self, dim: int, T: float = 1.0, x0: float = 100.0, sigma: float = 0.2, mu_bar: float = 0.02,
+        delta: float = 2.0 / 3.0, R: float = 0.02, gamma_h: float = 0.2, gamma_l: float = 0.02, v_h: float = 50.0,
+        v_l: float = 70.0, spread: float = 0.0,
+    ):  # fmt: skip
+        super().__init__(dim, T, x0, sigma, mu_bar, spread)
+        if not v_h < v_l:
+            raise ValueError(f"pde.params.v_h={v_h!r} must be below pde.params.v_l={v_l!r}")
+        self.delta, self.R = float(delta), float(R)
+        self.gamma_h, self.gamma_l, self.v_h, self.v_l = float(gamma_h), float(gamma_l), float(v_h), float(v_l)
+
+    def describe(self) -> dict:
+        own = {"delta": self.delta, "R": self.R, "gamma_h": self.gamma_h, "gamma_l": self.gamma_l, "v_h": self.v_h,
+               "v_l": self.v_l}  # fmt: skip
+        return {**super().describe(), **own}
+
+    def Q(self, u: torch.Tensor) -> torch.Tensor:
+        slope = (self.gamma_h - self.gamma_l) / (self.v_h - self.v_l)
+        return (self.gamma_h + slope * (u - self.v_h)).clamp(min(self.gamma_h, self.gamma_l),
+                                                             max(self.gamma_h, self.gamma_l))  # fmt: skip
+
+    def residual(self, X: torch.Tensor, D: Derivatives) -> torch.Tensor:
+        u = D.require("u")
+        return D.require("u_t") + self.generator(D) - (1 - self.delta) * self.Q(u) * u - self.R * u
+
+    def terminal(self, x: torch.Tensor) -> torch.Tensor:
+        return x.min(-1).values
+
+
+class BSDEDiffRate(GBMProblem):
+    """Different interest rates for borrowing and lending (CMS 2017): f = -R_l u - (mu_bar - R_l) s
+    + (R_b - R_l) max(0, s - u), s = x . grad u; g(x) = max(max_i x_i - 120, 0) - 2 max(max_i x_i - 150, 0)."""
+
+    name = "bsde_diff_rate"
+    published = MappingProxyType({(100, 0.5, 100.0): (21.299, CMS, None)})
+
+    def __init__(
+        self, dim: int, T: float = 0.5, x0: float = 100.0, sigma: float = 0.2, mu_bar: float = 0.06,
+        R_l: float = 0.04, R_b: float = 0.06, spread: float = 0.0,
+    ):  # fmt: skip
+        super().__init__(dim, T, x0, sigma, mu_bar, spread)
+        self.R_l, self.R_b = float(R_l), float(R_b)
+
+    def describe(self) -> dict:
+        return {**super().describe(), "R_l": self.R_l, "R_b": self.R_b}
+
+    def extra_directions(self, X: torch.Tensor) -> torch.Tensor:
+        return X[:, :-1].unsqueeze(1)  # s = x . grad u: D.along[:, 1]
+
+    def residual(self, X: torch.Tensor, D: Derivatives) -> torch.Tensor:
+        u, s = D.require("u"), D.require("along")[:, 1]
+        f = -self.R_l * u - (self.mu_bar - self.R_l) * s + (self.R_b - self.R_l) * torch.relu(s - u)
+        return D.require("u_t") + self.generator(D) + f
+
+    def terminal(self, x: torch.Tensor) -> torch.Tensor:
+        top = x.max(-1).values
+        return torch.relu(top - 120) - 2 * torch.relu(top - 150)
