@@ -25,7 +25,7 @@ from dstein.estimators import PAIRED_METHODS, STEIN_METHODS, Derivatives, provid
 from dstein.estimators.constraint import OutputTransform
 from dstein.estimators.sharded import Estimator, Shard, rank_memory_bytes
 from dstein.estimators.stein import precision_problem
-from dstein.evaluation import baselines
+from dstein.evaluation import baselines, start_baselines
 from dstein.models import MLP, RadialMLP, radial_phi
 from dstein.noise import Streams, counter_seed, default_chunk
 from dstein.nonfinite import GradientWatch
@@ -251,9 +251,9 @@ def build_model(
     torch.manual_seed(counter_seed(config.seed, Streams.MODEL_INIT))
     if m.family == "radial":
         model: MLP = RadialMLP(pde.in_dim, pde.dim, m.width, m.depth, m.activation, shift, scale, m.input_scale,
-                               m.radial_feature)  # fmt: skip
+                               m.radial_feature, m.output_scale)  # fmt: skip
     else:
-        model = MLP(pde.in_dim, m.width, m.depth, m.activation, m.input_scale, pde.dim)
+        model = MLP(pde.in_dim, m.width, m.depth, m.activation, m.input_scale, pde.dim, m.output_scale)
     return model.to(device=device, dtype=dtype)
 
 
@@ -402,6 +402,7 @@ class Trainer:
     baselines: dict[str, dict[str, float]]  # errors of predictors that ignore x (evaluation.baselines)
     process_test: TestSet | None = None  # the test set along the forward process from the start state
     process_baselines: dict[str, dict[str, float]] | None = None  # the baselines on it
+    start_baselines: dict[str, dict[str, float | str]] = field(default_factory=dict)  # at the start state
     notes: list[str] = field(default_factory=list)  # what building did, for a fresh run's first lines
 
     @property
@@ -471,5 +472,6 @@ def build_trainer(config: Config, info: DistInfo | None = None) -> Trainer:
     return Trainer(
         config, info, pde, engine, estimator, points, test, dtype, Path(config.run.dir), watch,
         baselines(pde, test) if test is not None else {},
-        process_test, baselines(pde, process_test) if process_test is not None else None, notes,
+        process_test, baselines(pde, process_test) if process_test is not None else None,
+        start_baselines(pde), notes,
     )  # fmt: skip

@@ -123,6 +123,11 @@ class ModelConfig:
     d >> width their random drift gives the model an input gradient that does not shrink with
     d (HJB's true gradient does, like 1/sqrt(d)); 1/d keeps a coherent change of W x at the
     learning rate's size and the drift negligible (muP's input-layer scaling). 1: plain."""
+    output_scale: float = 1.0
+    """The network's output is multiplied by this constant. Adam moves the last layer's
+    weights by about train.lr per step whatever their gradient, so a solution that varies by
+    tens (Deep BSDE's prices: u from 20 to 100) takes about (its spread / output_scale) / lr
+    steps to take shape; a scale of its spread's order makes that a few hundred. 1: plain."""
     output_init: str = "default"
     """default: torch's initialization of the output layer (its output about 0); fit: before
     the first step, move the output bias by the constant that minimizes the first step's loss
@@ -141,6 +146,7 @@ class ModelConfig:
         _check(self.activation in ok, f"model.activation={self.activation!r} must be one of {ok}")
         _check(self.family in FAMILIES, f"model.family={self.family!r} must be one of {FAMILIES}")
         _number("model.input_scale", self.input_scale, 0, 1e3, low_open=True)
+        _number("model.output_scale", self.output_scale, 0, 1e6, low_open=True)
         _check(self.output_init in ("default", "fit"), f"model.output_init={self.output_init!r} must be default or fit")
         _check(self.radial_feature in RADIAL_FEATURES,
                f"model.radial_feature={self.radial_feature!r} must be one of {RADIAL_FEATURES}")  # fmt: skip

@@ -240,6 +240,18 @@ def start_errors(
     return {"start_value": got, "start_reference": value, "start_rel_error": abs(got - value) / abs(value)}
 
 
+def start_baselines(pde: PDE) -> dict[str, dict[str, float | str]]:
+    """The PDE's baselines at its start state (``PDE.start_baselines``: values of simpler
+    problems there) with their errors against its reference; {} where it has none."""
+    start = pde.start()
+    out: dict[str, dict[str, float | str]] = {}
+    for name, (value, se, what) in pde.start_baselines().items():
+        out[name] = {"value": value, "se": se, "what": what}
+        if start is not None and start[2] is not None:
+            out[name]["rel_error"] = abs(value - start[2]) / abs(start[2])
+    return out
+
+
 def baselines(pde: PDE, test: TestSet) -> dict[str, dict[str, float]]:
     """The errors of predictors that ignore how u depends on x, on the test set itself:
     ``constant`` (the test mean), ``t_only`` (time-dependent PDEs: the least-squares

@@ -24,6 +24,20 @@ class Sine(nn.Module):
         return torch.sin(x)
 
 
+class Scale(nn.Module):
+    """Multiply by a constant (``model.output_scale``: the body's last module; no state)."""
+
+    def __init__(self, factor: float):
+        super().__init__()
+        self.factor = float(factor)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.factor
+
+    def extra_repr(self) -> str:
+        return f"factor={self.factor:g}"
+
+
 ACTIVATIONS = {"tanh": nn.Tanh, "sin": Sine, "gelu": nn.GELU, "silu": nn.SiLU, "softplus": nn.Softplus}
 FAMILIES = ("mlp", "radial")
 
@@ -38,7 +52,10 @@ class MLP(nn.Module):
     weights by about the learning rate per step whatever its gradient, so with many inputs
     their random drift makes an input gradient that does not shrink with d; a scale of 1/d
     keeps a coherent update of the pre-activation at the learning rate's size and the drift
-    negligible (the input-layer scaling of muP).
+    negligible (the input-layer scaling of muP). ``output_scale`` multiplies the output (the
+    body's last module, ``Scale``): Adam moves the last layer's weights by about the learning
+    rate per step, so a solution that varies by tens (Deep BSDE's prices) would take
+    thousands of steps to reach at scale 1.
     """
 
     #: ``model(X) == body(input_layer(X))``: what the subspace estimator relies on.
@@ -47,7 +64,7 @@ class MLP(nn.Module):
 
     def __init__(
         self, in_dim: int, width: int, depth: int, activation: str = "tanh", input_scale: float = 1.0,
-        dim: int | None = None,
+        dim: int | None = None, output_scale: float = 1.0,
     ):  # fmt: skip
         super().__init__()
         if activation not in ACTIVATIONS:
@@ -60,6 +77,8 @@ class MLP(nn.Module):
         for _ in range(depth - 1):
             layers += [nn.Linear(width, width), act()]
         layers.append(nn.Linear(width, 1))
+        if output_scale != 1.0:
+            layers.append(Scale(output_scale))
         self.body = nn.Sequential(*layers)
         self.input_scale = float(input_scale)
         scale = torch.ones(in_dim)
@@ -132,9 +151,9 @@ class RadialMLP(MLP):
 
     def __init__(
         self, in_dim: int, dim: int, width: int, depth: int, activation: str = "tanh", shift: float = 0.0,
-        scale: float = 1.0, input_scale: float = 1.0, feature: str = "square",
+        scale: float = 1.0, input_scale: float = 1.0, feature: str = "square", output_scale: float = 1.0,
     ):  # fmt: skip
-        super().__init__(in_dim, width, depth, activation, input_scale, dim)
+        super().__init__(in_dim, width, depth, activation, input_scale, dim, output_scale)
         if feature not in RADIAL_FEATURES:
             raise ValueError(f"model.radial_feature={feature!r} is not one of {RADIAL_FEATURES}")
         self.dim, self.kind = dim, feature

@@ -33,8 +33,9 @@ class Streams:
     that standardize the radial family's feature), ``DATA_SHUFFLE`` (an HDF5 file's
     epoch permutation), ``COLE_HOPF`` (the HJB truth's Monte Carlo, a NumPy seed),
     ``PROCESS_TEST`` (block k of the test points along the forward process, like TEST_POINTS)
-    and ``CONTROL`` (the closed-loop simulation's Brownian increments, ``counter_seed(seed,
-    CONTROL)``).
+    ``CONTROL`` (the closed-loop simulation's Brownian increments, ``counter_seed(seed,
+    CONTROL)``) and ``START_BASELINES`` (block k of the Monte Carlo of a start state's
+    baselines, ``counter_seed(0, k, START_BASELINES)``).
     """
 
     DOMAIN = 0
@@ -51,6 +52,7 @@ class Streams:
     COLE_HOPF = 0x484A42
     PROCESS_TEST = 0x50524F43
     CONTROL = 0x434F4E54
+    START_BASELINES = 0x53544152
 
     @classmethod
     def condition(cls, k: int) -> int:

@@ -36,9 +36,12 @@ MAX_HALVINGS = 40
 
 
 def output_bias(model: torch.nn.Module) -> torch.nn.Parameter:
-    """The bias of the model's last layer (dstein's MLP families: ``body[-1]``)."""
+    """The bias of the model's last layer (dstein's MLP families: ``body[-1]``, or ``body[-2]``
+    before a ``Scale`` (model.output_scale): the shift found is then in the bias's units, the
+    output moving by the scale times it, which the fit takes into account as it varies the bias)."""
     body = getattr(model, "body", None)
-    last = body[-1] if isinstance(body, torch.nn.Sequential) and len(body) else None
+    layers = [m for m in body if isinstance(m, torch.nn.Linear)] if isinstance(body, torch.nn.Sequential) else []
+    last = layers[-1] if layers else None
     if not isinstance(last, torch.nn.Linear) or last.bias is None or last.out_features != 1:
         raise ValueError("model.output_init=fit needs a model whose last layer is a Linear with one output and a bias")
     return last.bias

@@ -18,7 +18,7 @@ from dstein import plots
 from dstein.build import build_estimator, build_model, build_pde, load_process_test_set, load_test_set, output_transform
 from dstein.config import Config, ConfigError, load_resolved
 from dstein.control import closed_loop
-from dstein.evaluation import baselines, evaluate_all, predict
+from dstein.evaluation import baselines, evaluate_all, predict, start_baselines
 from dstein.files import atomic_path, write_json_atomic
 from dstein.metrics import read_metrics
 from dstein.noise import Streams
@@ -155,6 +155,8 @@ def evaluate_run(
     result = {**errors, "model": MODEL_FILE, "eval_samples": config.eval.samples, "test_file": test_file}
     if test is not None:
         result.update(baselines=baselines(pde, test), test_points=int(test.X.shape[0]))
+    if pde.start_baselines():
+        result["start_baselines"] = start_baselines(pde)
     if process_test is not None:
         result["process_baselines"] = baselines(pde, process_test)
         result["process_points"] = int(process_test.X.shape[0])

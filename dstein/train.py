@@ -260,6 +260,8 @@ def baseline_fields(tr: Trainer) -> dict[str, Any]:
     out: dict[str, Any] = {"baselines": tr.baselines}
     if tr.process_baselines is not None:
         out["process_baselines"] = tr.process_baselines
+    if tr.start_baselines:
+        out["start_baselines"] = tr.start_baselines
     return out
 
 

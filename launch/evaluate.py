@@ -75,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
               f"({result['start_source']}): {result['start_rel_error']:.3%} off")  # fmt: skip
     elif "start_value" in result:
         print(f"{result['start_name']}: model {result['start_value']:.6f} ({result['start_source']})")
+    for name, base in result.get("start_baselines", {}).items():  # simpler problems' values there
+        off = f": {base['rel_error']:.3%} off" if "rel_error" in base else ""
+        print(f"  baseline {name}: {base['value']:.6f} +- {base['se']:.1e} ({base['what']}){off}")
     if result.get("control"):
         from dstein.control import describe
 

@@ -94,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     test = (f"L1 rel {summary['l1_rel']:.4f}  L2 rel {summary['l2_rel']:.4f}  grad L2 rel "
             f"{summary['grad_l2_rel']:.4f}  ") if "l2_rel" in summary else ""  # fmt: skip
     print(f"done: {test}{start}in {summary['wall_seconds']:.1f}s; run directory: {Path(config.run.dir).resolve()}")
+    for name, base in summary.get("start_baselines", {}).items():  # simpler problems' values at the start state
+        off = f", {base['rel_error']:.2%} off" if "rel_error" in base else ""
+        print(f"  beside it, baseline {name}: {base['value']:.6g} ({base['what']}{off})")
     return 0
 
 

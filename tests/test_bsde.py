@@ -113,6 +113,27 @@ def test_published_start_values_at_d_100_and_none_elsewhere(name, value, x0):
         pde.truth(X, 10, 0)
 
 
+def test_start_baselines_bound_the_published_values():
+    """The simpler problems' Monte Carlo values at x0 (d = 100): Allen-Cahn without -u^3 is
+    within 0.1 % of Deep BSDE's reference (u is about 0.05: u^3 hardly matters), the reaction
+    dropped too is 26 % below; a constant default intensity gamma_h (gamma_l) is a lower (upper)
+    bound of the default-risk price (the comparison principle: a larger discount, a lower
+    price); each single rate prices below the two-rate contract (its driver is the larger)."""
+    from dstein.evaluation import start_baselines
+
+    ac = start_baselines(build_pde("bsde_allen_cahn", 100))
+    assert ac["linear"]["rel_error"] < 1e-3 and ac["linear"]["se"] < 2e-5 and ac["heat"]["value"] < 0.8 * 0.052802
+    dr = start_baselines(build_pde("bsde_default_risk", 100))
+    assert dr["constant_gamma_h"]["value"] < 57.3 < dr["constant_gamma_l"]["value"]
+    rates = start_baselines(build_pde("bsde_diff_rate", 100))
+    assert max(rates["one_rate_R_l"]["value"], rates["one_rate_R_b"]["value"]) < 21.299
+    assert rates["one_rate_R_l"]["value"] < rates["one_rate_R_b"]["value"]
+    assert (
+        start_baselines(build_pde("bsde_diff_rate", 7))
+        and "rel_error" not in start_baselines(build_pde("bsde_diff_rate", 7))["one_rate_R_l"]
+    )  # no published value at d = 7
+
+
 def test_allen_cahn_transform_is_exact():
     pde = build_pde("bsde_allen_cahn", 5)
     X = pde.sample_domain(6, torch.Generator().manual_seed(0)).requires_grad_(True)
@@ -150,6 +171,7 @@ def test_a_run_known_only_at_its_start_state_reports_it_everywhere(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["start_reference"] == 57.3 and "l2_rel" not in summary and "baselines" in summary
     assert summary["reference"]["u(0,x0=100)"]["reference"] == 57.3
+    assert summary["start_baselines"]["constant_gamma_h"]["value"] < 57.3 and "beside it, baseline" in out.stdout
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "start_value" in r]
     assert [r["step"] for r in evals] == [6, 12] and all("start_rel_error" in r for r in evals)
@@ -158,6 +180,7 @@ def test_a_run_known_only_at_its_start_state_reports_it_everywhere(tmp_path):
     done = run_here("evaluate.py", "--run", str(tmp_path), "--out", str(tmp_path / "again"))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "u(0,x0=100): model" in done.stdout and "reference 57.300000" in done.stdout
+    assert "baseline constant_gamma_l" in done.stdout
     result = json.loads((tmp_path / "again" / "eval.json").read_text())
     assert result["start_value"] == pytest.approx(summary["start_value"], rel=1e-6) and "l2_rel" not in result
 

@@ -28,6 +28,17 @@ CASES = {
     "hjb-hutchinson": ("configs/quickstart.yaml", ["estimator.method=hutchinson", "estimator.laplacian=stein"]),
     # hard constraint with grad B != 0 and the subspace estimator
     "allen_cahn-subspace": ("configs/sine_gordon_1k.yaml", ["pde.name=allen_cahn", "pde.dim=40"]),
+    # a diffusion and drift of x (trace, along), Q's kinks, an output scale (the bias before a Scale)
+    "default_risk": (
+        "configs/poisson_2d.yaml",
+        [
+            "pde.name=bsde_default_risk",
+            "pde.dim=6",
+            "model.output_scale=20",
+            "model.input_scale=0.05",
+            "estimator.sigma_x=0.2",
+        ],
+    ),
 }
 
 
@@ -83,3 +94,16 @@ def test_level_far_from_zero_is_reached(root):
 def test_a_model_without_an_output_bias_is_refused():
     with pytest.raises(ValueError, match=r"model\.output_init=fit needs"):
         output_bias(torch.nn.Sequential(torch.nn.Linear(3, 1, bias=False)))
+
+
+def test_output_scale_multiplies_the_network_and_keeps_its_state():
+    """model.output_scale: the body's last module multiplies by the constant; the weights (and
+    what a checkpoint holds) are those of the unscaled network."""
+    torch.manual_seed(0)
+    from dstein.models import MLP
+
+    plain, scaled = MLP(5, 8, 2, "gelu"), MLP(5, 8, 2, "gelu", output_scale=20.0)
+    scaled.load_state_dict(plain.state_dict())
+    X = torch.randn(7, 5)
+    assert torch.allclose(scaled(X), 20.0 * plain(X)) and list(scaled.state_dict()) == list(plain.state_dict())
+    assert output_bias(scaled) is scaled.body[-2].bias

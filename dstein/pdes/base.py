@@ -231,6 +231,13 @@ class PDE(abc.ABC):
         value is known). None: the PDE declares none."""
         return None
 
+    def start_baselines(self) -> dict[str, tuple[float, float, str]]:
+        """Values at the start state of simpler problems that a method must beat (a PDE known
+        only at its start state has no test-set baselines): by name, (value, its Monte Carlo
+        standard error, what it is). Reported beside the model's value in summary.json and by
+        launch/evaluate.py. {}: none."""
+        return {}
+
     def reference_values(self) -> dict[str, tuple[torch.Tensor, float, str]]:
         """Published or independently computed values of the solution at single points, by
         name: (the point, shape (1, in_dim), the value, where it comes from). Reported in

@@ -36,8 +36,11 @@ import torch
 
 from dstein.estimators.base import Derivatives
 from dstein.estimators.constraint import OutputTransform
+from dstein.noise import Streams, counter_seed
 from dstein.pdes.base import PDE, TestSet
 
+#: Monte Carlo draws of X_T for the start state's baselines (``start_baselines``), in blocks.
+BASELINE_SAMPLES, BASELINE_BLOCK = 1 << 18, 1 << 14
 #: Deep BSDE's sources, for summary.json.
 PNAS = "Han, Jentzen, E, PNAS 2018 (Deep BSDE), its d = 100 benchmark"
 CMS = "E, Han, Jentzen, Comm. Math. Stat. 2017 (Deep BSDE), its d = 100 benchmark"
@@ -68,8 +71,9 @@ class DeepBSDEProblem(PDE):
         return {**super().describe(), "T": self.T, "x0": self.x0, "spread": self.spread}
 
     # -- the forward process ----------------------------------------------------------------
-    def _states(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """X_t of the forward process from x0 for standard normal z (B, d), times t (B, 1)."""
+    def _states(self, t: torch.Tensor, z: torch.Tensor, drift: float | None = None) -> torch.Tensor:
+        """X_t of the forward process from x0 for standard normal z (B, d), times t (B, 1)
+        (``drift``: a geometric Brownian motion's, in place of mu_bar)."""
         raise NotImplementedError
 
     def sample_process(
@@ -121,6 +125,23 @@ class DeepBSDEProblem(PDE):
         name, X, value, source = self.start()
         return {} if value is None else {name: (X, value, source)}
 
+    def terminal_mean(self, drift: float | None = None) -> tuple[float, float]:
+        """E[g(X_T)] from x0 and its standard error: BASELINE_SAMPLES exact draws of X_T (for a
+        geometric Brownian motion, with ``drift`` in place of mu_bar if given), in blocks keyed
+        by their index; computed once per drift."""
+        cache = self.__dict__.setdefault("_terminal_means", {})
+        if drift not in cache:
+            total = square = 0.0
+            for k in range(BASELINE_SAMPLES // BASELINE_BLOCK):
+                gen = torch.Generator().manual_seed(counter_seed(0, k, Streams.START_BASELINES))
+                z = torch.randn(BASELINE_BLOCK, self.dim, generator=gen, dtype=torch.float64)
+                t = torch.full((BASELINE_BLOCK, 1), self.T, dtype=torch.float64)
+                g = self.terminal(self._states(t, z, drift))
+                total, square = total + float(g.sum()), square + float((g * g).sum())
+            mean = total / BASELINE_SAMPLES
+            cache[drift] = (mean, math.sqrt(max(square / BASELINE_SAMPLES - mean * mean, 0.0) / BASELINE_SAMPLES))
+        return cache[drift]
+
     def project(self, X: torch.Tensor) -> torch.Tensor:
         return torch.cat([X[:, :-1], X[:, -1:].clamp(0.0, self.T)], 1)
 
@@ -156,8 +177,17 @@ class BSDEAllenCahn(DeepBSDEProblem):
     def __init__(self, dim: int, T: float = 0.3, x0: float = 0.0, spread: float = 0.0):
         super().__init__(dim, T, x0, spread)
 
-    def _states(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    def _states(self, t: torch.Tensor, z: torch.Tensor, drift: float | None = None) -> torch.Tensor:
         return self.x0 + torch.sqrt(2 * t) * z  # dX = sqrt(2) dW: the generator is the Laplacian
+
+    def start_baselines(self) -> dict[str, tuple[float, float, str]]:
+        """Without u^3 the equation is linear: u(0, x0) = e^T E[g(X_T)] (Feynman-Kac); without
+        the reaction at all, E[g(X_T)]. u is about 0.05 along the process, so u^3 moves u(0, x0)
+        by about T u^3 / u: the linear value is the one to beat."""
+        mean, se = self.terminal_mean()
+        grow = math.exp(self.T)
+        return {"linear": (grow * mean, grow * se, "e^T E[g(X_T)]: the equation without -u^3 (Monte Carlo)"),
+                "heat": (mean, se, "E[g(X_T)]: the equation without u - u^3 (Monte Carlo)")}  # fmt: skip
 
     def residual(self, X: torch.Tensor, D: Derivatives) -> torch.Tensor:
         u = D.require("u")
@@ -197,8 +227,9 @@ class GBMProblem(DeepBSDEProblem):
     def describe(self) -> dict:
         return {**super().describe(), "sigma": self.sigma, "mu_bar": self.mu_bar}
 
-    def _states(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        return self.x0 * torch.exp((self.mu_bar - self.sigma**2 / 2) * t + self.sigma * torch.sqrt(t) * z)
+    def _states(self, t: torch.Tensor, z: torch.Tensor, drift: float | None = None) -> torch.Tensor:
+        mu = self.mu_bar if drift is None else drift
+        return self.x0 * torch.exp((mu - self.sigma**2 / 2) * t + self.sigma * torch.sqrt(t) * z)
 
     def diffusion(self, X: torch.Tensor) -> torch.Tensor:
         return self.sigma * X[:, :-1]
@@ -245,6 +276,17 @@ class BSDEDefaultRisk(GBMProblem):
         u = D.require("u")
         return D.require("u_t") + self.generator(D) - (1 - self.delta) * self.Q(u) * u - self.R * u
 
+    def start_baselines(self) -> dict[str, tuple[float, float, str]]:
+        """With a constant default intensity Q the equation is linear: u(0, x0) =
+        exp(-(R + (1 - delta) Q) T) E[g(X_T)]; Q = gamma_h and gamma_l bound the true value."""
+        mean, se = self.terminal_mean()
+        out = {}
+        for name, q in (("gamma_h", self.gamma_h), ("gamma_l", self.gamma_l)):
+            discount = math.exp(-(self.R + (1 - self.delta) * q) * self.T)
+            out[f"constant_{name}"] = (discount * mean, discount * se,
+                                       f"Q = {name} = {q:g} everywhere: a linear equation (Monte Carlo)")  # fmt: skip
+        return out
+
     def terminal(self, x: torch.Tensor) -> torch.Tensor:
         return x.min(-1).values
 
@@ -277,3 +319,15 @@ class BSDEDiffRate(GBMProblem):
     def terminal(self, x: torch.Tensor) -> torch.Tensor:
         top = x.max(-1).values
         return torch.relu(top - 120) - 2 * torch.relu(top - 150)
+
+    def start_baselines(self) -> dict[str, tuple[float, float, str]]:
+        """With one rate r (R_b = R_l = r) the equation is Black-Scholes': u(0, x0) = e^{-r T}
+        E[g(X_T)] with X's drift r in place of mu_bar. The two rates give a lending and a
+        borrowing price."""
+        out = {}
+        for name, r in (("R_l", self.R_l), ("R_b", self.R_b)):
+            mean, se = self.terminal_mean(drift=r)
+            discount = math.exp(-r * self.T)
+            out[f"one_rate_{name}"] = (discount * mean, discount * se,
+                                       f"one rate {name} = {r:g} (Black-Scholes, Monte Carlo)")  # fmt: skip
+        return out
