@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from dstein.average import WeightAverage
 from dstein.checkpoint.state import make_loading_safe
 from dstein.config import Config, ConfigError
 from dstein.data import H5Collocation, read_test_set, validate
@@ -403,6 +404,7 @@ class Trainer:
     process_test: TestSet | None = None  # the test set along the forward process from the start state
     process_baselines: dict[str, dict[str, float]] | None = None  # the baselines on it
     start_baselines: dict[str, dict[str, float | str]] = field(default_factory=dict)  # at the start state
+    average: WeightAverage | None = None  # train.average: the weights evaluations and model.pt use
     notes: list[str] = field(default_factory=list)  # what building did, for a fresh run's first lines
 
     @property
@@ -473,5 +475,6 @@ def build_trainer(config: Config, info: DistInfo | None = None) -> Trainer:
         config, info, pde, engine, estimator, points, test, dtype, Path(config.run.dir), watch,
         baselines(pde, test) if test is not None else {},
         process_test, baselines(pde, process_test) if process_test is not None else None,
-        start_baselines(pde), notes,
+        start_baselines=start_baselines(pde), notes=notes,
+        average=WeightAverage(engine.module, config.train.average) if config.train.average else None,
     )  # fmt: skip

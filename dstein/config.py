@@ -254,6 +254,11 @@ class TrainConfig:
     """Points per condition set (boundary, initial, terminal) per step."""
     condition_weight: float = 20.0
     """Weight of each condition loss relative to the residual loss."""
+    average: float = 0.0
+    """Decay of an exponential moving average of the weights that evaluations, the saved model
+    (model.pt, dstein.load), the closed loop and summary.json use; training steps the raw
+    weights (dstein/average.py). 0.995 spans about the last 200 steps: the noise the last
+    steps leave in a value at one point (u(0, x0)) is averaged out. 0: none."""
     log_every: int = 10
     """Write a training row to metrics.jsonl (and TensorBoard) every this many steps."""
     print_every: int = 100
@@ -286,6 +291,8 @@ class TrainConfig:
             value = getattr(self, name)
             _check(1 <= value <= MAX_COUNT, f"train.{name}={value} must be >= 1 and <= {MAX_COUNT}")
         _check(self.condition_weight >= 0, f"train.condition_weight={self.condition_weight} must be >= 0")
+        _number("train.average", self.average, 0, 1)
+        _check(self.average < 1, f"train.average={self.average} must be below 1 (0: no average)")
         _number("train.condition_weight", self.condition_weight, 0, 1e12)
         _check(self.log_every >= 1, f"train.log_every={self.log_every} must be >= 1")
         _check(self.print_every >= 1, f"train.print_every={self.print_every} must be >= 1")

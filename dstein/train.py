@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 import dstein
+from dstein.average import WeightAverage
 from dstein.build import Trainer, build_trainer
 from dstein.checkpoint import Checkpointer, Interrupted, Preemption, Resume, step_of
 from dstein.config import Config, config_file_text
@@ -159,12 +160,17 @@ def train_step(tr: Trainer, step: int, critical: Callable[[], Any] = contextlib.
         return result
     with critical():
         tr.engine.step()
+        if tr.average is not None:
+            tr.average.update()
     return result
 
 
 def client_state(tr: Trainer, done: int, seconds: float) -> dict[str, Any]:
     """What a checkpoint holds besides DeepSpeed's model and optimizer state."""
-    return {"data_cursor": tr.reader.cursor(done) if tr.reader is not None else None, "train_seconds": seconds}
+    state = {"data_cursor": tr.reader.cursor(done) if tr.reader is not None else None, "train_seconds": seconds}
+    if tr.average is not None:
+        state["average"] = tr.average.state()
+    return state
 
 
 def run(config: Config, info: DistInfo | None = None) -> dict[str, Any]:
@@ -200,6 +206,12 @@ def _train(config: Config, info: DistInfo, notes: list[str]) -> dict[str, Any]:
     cfg, writer = tr.config, tr.info.is_writer
     checkpoints = Checkpointer(cfg, tr.info.rank, tr.info.world_size)
     resumed = checkpoints.resume(tr.engine, tr.reader)
+    if tr.average is not None and resumed.path is not None:
+        if resumed.average is not None:
+            tr.average.load(resumed.average)
+        else:  # written without train.average: the average starts at the resumed weights
+            tr.average = WeightAverage(tr.model, cfg.train.average)
+            resumed.messages.append("train.average: the checkpoint holds no weight average; it starts from its weights")
     if writer:
         fresh = tr.notes if resumed.path is None else []  # a resumed run's weights are the checkpoint's
         for line in [*notes, *fresh, *resumed.messages]:
@@ -212,6 +224,8 @@ def _train(config: Config, info: DistInfo, notes: list[str]) -> dict[str, Any]:
     with stop_on_lost_peer(tr.info, cfg.parallel.timeout_s):
         errors = _steps(tr, checkpoints, resumed, start)
         wall = time.perf_counter() - start  # training and its evaluations, not the closed loop
+        if tr.average is not None:  # what the evaluations reported: the closed loop, model.pt
+            tr.average.install()
         if cfg.eval.control_paths and tr.pde.control_problem() is not None:  # every rank its share of the paths
             control = closed_loop(tr.model, tr.pde, cfg, tr.device, tr.dtype, tr.estimator.transform,
                                   rank=tr.info.rank, world_size=tr.info.world_size)  # fmt: skip
@@ -387,9 +401,10 @@ def _write_failure(error: str | None, latest: Any) -> str:
 
 def _evaluate(tr: Trainer) -> dict[str, float]:
     """The errors on the test set and along the process, and the value at the PDE's start
-    state (every rank alike)."""
-    return evaluate_all(tr.model, tr.pde, tr.test, tr.process_test, tr.config, tr.device, tr.dtype,
-                        tr.estimator.transform, tr.info.rank, tr.info.world_size)  # fmt: skip
+    state (every rank alike), of the averaged weights where train.average is set."""
+    with tr.average.applied() if tr.average is not None else contextlib.nullcontext():
+        return evaluate_all(tr.model, tr.pde, tr.test, tr.process_test, tr.config, tr.device, tr.dtype,
+                            tr.estimator.transform, tr.info.rank, tr.info.world_size)  # fmt: skip
 
 
 def flat_baselines(baselines: dict[str, dict[str, float]], prefix: str = "") -> dict[str, float]:

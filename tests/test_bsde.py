@@ -69,6 +69,41 @@ def test_residual_is_the_equation_written_out(name, level, scale, shift):
     assert torch.allclose(pde.residual(X, D), written_out(pde, fn, X), rtol=1e-10, atol=1e-10)
 
 
+class InLogCoordinates(torch.nn.Module):
+    """The same function of y = log(x / x0): u(y, t) = fn(x0 e^y, t)."""
+
+    def __init__(self, fn: torch.nn.Module, x0: float):
+        super().__init__()
+        self.fn, self.x0 = fn, x0
+
+    def forward(self, Y):
+        return self.fn(torch.cat([self.x0 * torch.exp(Y[:, :-1]), Y[:, -1:]], 1))
+
+
+@pytest.mark.parametrize("name", ["bsde_default_risk", "bsde_diff_rate"])
+def test_log_coordinates_give_the_same_residual(name):
+    """pde.params.coordinates=log: constant diffusion, constant drift, s = sum du/dy_i; at the
+    same point the residual of the same function is the price coordinates' (which the test
+    above checks against the equation written out)."""
+    price, log = build_pde(name, 6), build_pde(name, 6, {"coordinates": "log"})
+    fn = Smooth(6, 40.0, 20.0, 100.0)
+    Y = log.sample_domain(10, torch.Generator().manual_seed(2))
+    X = torch.cat([log.prices(Y[:, :-1]), Y[:, -1:]], 1)
+    residuals = []
+    for pde, model, at in ((price, fn, X), (log, InLogCoordinates(fn, log.x0), Y)):
+        directions, w = pde.coefficients(at)
+        D = dstein.estimate(model, at, method="autograd", needs=pde.needs, sigma_t=1.0, directions=directions,
+                            weights=w)  # fmt: skip
+        residuals.append(pde.residual(at, D).detach())
+    assert torch.allclose(residuals[0], residuals[1], rtol=1e-9, atol=1e-9)
+    assert w.shape == (10, 1)  # one diffusion for every coordinate: the Laplacian's second differences
+    assert torch.equal(log.start()[1][0, :-1], torch.zeros(6)) and log.start()[0] == price.start()[0]
+    assert torch.allclose(log.condition_target("terminal", Y), price.condition_target("terminal", X))
+    assert log.start_baselines().keys() == price.start_baselines().keys()
+    for (a, _, _), (b, _, _) in zip(log.start_baselines().values(), price.start_baselines().values(), strict=True):
+        assert a == pytest.approx(b, rel=1e-12)  # the same draws, mapped to prices
+
+
 def test_default_risk_rate_is_piecewise_linear():
     pde = build_pde("bsde_default_risk", 3)
     u = torch.tensor([0.0, 50.0, 60.0, 70.0, 100.0], dtype=torch.float64)

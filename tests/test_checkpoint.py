@@ -298,12 +298,16 @@ def test_choose_by_path_and_never(tmp_path):
 # --- in-process: the fast tier's save and resume ----------------------------------------
 
 
-def test_resume_in_process_continues_bit_for_bit(tmp_path):
+@pytest.mark.parametrize("average", [0.0, 0.7])
+def test_resume_in_process_continues_bit_for_bit(tmp_path, average):
     """One process, ``run`` twice: a copy of a 6-step run cut back to its checkpoint of step 3
     continues to the very losses and weights of the run itself. A checkpoint that held the
-    state before its step's update (or any other state than the step's) would diverge."""
+    state before its step's update (or any other state than the step's) would diverge; with
+    train.average, so would one without the weight average (the evaluations and model.pt are
+    the average's)."""
     whole = tmp_path / "whole"
-    overrides = [*TINY, "train.steps=6", "checkpoint.every=3", "checkpoint.keep=2", "eval.every=3"]
+    overrides = [*TINY, "train.steps=6", "checkpoint.every=3", "checkpoint.keep=2", "eval.every=3",
+                 f"train.average={average}"]  # fmt: skip
     run(load_config(ROOT / CONFIG, [*overrides, f"run.dir={whole}"]))
     cut = tmp_path / "cut"
     shutil.copytree(whole, cut)

@@ -172,7 +172,16 @@ def test_hjb_test_set_carries_standard_errors():
 
 
 def test_registry_and_user_pde():
-    assert set(REGISTRY) == {"poisson", "heat", "hjb", "sine_gordon", "allen_cahn"}
+    assert set(REGISTRY) == {
+        "poisson",
+        "heat",
+        "hjb",
+        "sine_gordon",
+        "allen_cahn",
+        "bsde_allen_cahn",
+        "bsde_default_risk",
+        "bsde_diff_rate",
+    }
     pde = build_pde("ignored", 3, target="user_pde:Reaction")
     X = pde.sample_domain(16, torch.Generator().manual_seed(0))
     D = derivatives(Exact(pde), pde, X)

@@ -39,6 +39,7 @@ class Resume:
     path: Path | None = None
     messages: list[str] = field(default_factory=list)
     seconds: float = 0.0  # training time before this start, so metrics' clock runs on across resumes
+    average: dict[str, Any] | None = None  # the weight average the checkpoint holds (train.average)
 
 
 class Resumer:
@@ -220,4 +221,5 @@ class Resumer:
                     f"written by {marker['world_size']} rank{'s' if marker['world_size'] != 1 else ''})"]  # fmt: skip
         if changes:
             messages.append("continuing with changed settings: " + "; ".join(changes))
-        return Resume(step=step, path=path, messages=messages, seconds=float(client.get("train_seconds", 0.0)))
+        return Resume(step=step, path=path, messages=messages, seconds=float(client.get("train_seconds", 0.0)),
+                      average=client.get("average"))  # fmt: skip

@@ -67,6 +67,16 @@ class DeepBSDEProblem(PDE):
             raise ValueError(f"pde.params.spread={spread!r} must be >= 0")
         self.T, self.x0, self.spread = float(T), float(x0), float(spread)
 
+    @property
+    def origin(self) -> float:
+        """Every coordinate of the start state in the PDE's own coordinates (x0 itself, or 0
+        for prices in log coordinates)."""
+        return self.x0
+
+    def prices(self, x: torch.Tensor) -> torch.Tensor:
+        """The states in the problem's own terms from the PDE's coordinates (the same here)."""
+        return x
+
     def describe(self) -> dict:
         return {**super().describe(), "T": self.T, "x0": self.x0, "spread": self.spread}
 
@@ -109,11 +119,11 @@ class DeepBSDEProblem(PDE):
         raise NotImplementedError
 
     def condition_target(self, kind: str, X: torch.Tensor) -> torch.Tensor:
-        return self.terminal(X[:, :-1])
+        return self.terminal(self.prices(X[:, :-1]))
 
     def start(self) -> tuple[str, torch.Tensor, float | None, str]:
         X = torch.zeros(1, self.in_dim, dtype=torch.float64)
-        X[:, :-1] = self.x0
+        X[:, :-1] = self.origin
         name = f"u(0,x0={self.x0:g})"
         known = self.published.get((self.dim, self.T, self.x0))
         if known is None:
@@ -136,7 +146,7 @@ class DeepBSDEProblem(PDE):
                 gen = torch.Generator().manual_seed(counter_seed(0, k, Streams.START_BASELINES))
                 z = torch.randn(BASELINE_BLOCK, self.dim, generator=gen, dtype=torch.float64)
                 t = torch.full((BASELINE_BLOCK, 1), self.T, dtype=torch.float64)
-                g = self.terminal(self._states(t, z, drift))
+                g = self.terminal(self.prices(self._states(t, z, drift)))
                 total, square = total + float(g.sum()), square + float((g * g).sum())
             mean = total / BASELINE_SAMPLES
             cache[drift] = (mean, math.sqrt(max(square / BASELINE_SAMPLES - mean * mean, 0.0) / BASELINE_SAMPLES))
@@ -153,11 +163,11 @@ class DeepBSDEProblem(PDE):
         deviations of X_T's first coordinate."""
         X_T = self.sample_process("terminal", 256, torch.Generator().manual_seed(0))
         half = 3 * float(X_T[:, 0].std())
-        coord = torch.linspace(self.x0 - half, self.x0 + half, n, dtype=torch.float64)
+        coord = torch.linspace(self.origin - half, self.origin + half, n, dtype=torch.float64)
         X = torch.zeros(n, self.in_dim, dtype=torch.float64)
-        X[:, :-1] = self.x0
+        X[:, :-1] = self.origin
         X[:, 0] = coord
-        return X, coord, f"x_1 (other x_i = {self.x0:g}, t = 0)"
+        return X, coord, f"x_1 (other x_i = {self.origin:g}, t = 0)"
 
     def truth(self, X: torch.Tensor, samples: int, seed: int) -> TestSet:
         raise NotImplementedError(
@@ -208,14 +218,32 @@ class BSDEAllenCahn(DeepBSDEProblem):
         )  # fmt: skip
 
 
+#: The coordinates a GBM problem is posed in (``pde.params.coordinates``).
+COORDINATES = ("price", "log")
+
+
 class GBMProblem(DeepBSDEProblem):
     """Geometric Brownian motion: dX_i = mu_bar X_i dt + sigma X_i dW_i, X_0 = x0 in every
-    coordinate; L u = (sigma^2 / 2) sum_i x_i^2 d^2u/dx_i^2 + mu_bar x . grad u."""
+    coordinate; L u = (sigma^2 / 2) sum_i x_i^2 d^2u/dx_i^2 + mu_bar x . grad u.
+
+    ``coordinates``: ``price`` poses the PDE in x itself, the diffusion sigma x_i and drift
+    mu_bar x of x (the estimators' weighted trace, whose Stein weight on the deviations of
+    sigma^2 x_i^2 from their mean has a variance of order d times their spread); ``log`` in
+    y_i = log(x_i / x0), where the same operator is (sigma^2 / 2) lap_y u + (mu_bar - sigma^2 / 2)
+    sum_i du/dy_i: one diffusion sigma for every coordinate (the Laplacian's low-variance second
+    differences), a constant drift, and Y_t = (mu_bar - sigma^2 / 2) t + sigma W_t Gaussian; the
+    start state is y = 0 and x . grad_x u = sum_i du/dy_i. The solution is the same function."""
 
     needs = frozenset({"u", "u_t", "trace", "along"})
 
-    def __init__(self, dim: int, T: float, x0: float, sigma: float, mu_bar: float, spread: float = 0.0):
+    def __init__(
+        self, dim: int, T: float, x0: float, sigma: float, mu_bar: float, spread: float = 0.0,
+        coordinates: str = "price",
+    ):  # fmt: skip
         super().__init__(dim, T, x0, spread)
+        if coordinates not in COORDINATES:
+            raise ValueError(f"pde.params.coordinates={coordinates!r} must be one of {COORDINATES}")
+        self.log = coordinates == "log"
         if not (math.isfinite(sigma) and sigma > 0):
             raise ValueError(f"pde.params.sigma={sigma!r} must be > 0")
         if not math.isfinite(mu_bar):
@@ -225,23 +253,40 @@ class GBMProblem(DeepBSDEProblem):
         self.sigma, self.mu_bar = float(sigma), float(mu_bar)
 
     def describe(self) -> dict:
-        return {**super().describe(), "sigma": self.sigma, "mu_bar": self.mu_bar}
+        log = {"coordinates": "log"} if self.log else {}
+        return {**super().describe(), "sigma": self.sigma, "mu_bar": self.mu_bar, **log}
+
+    @property
+    def origin(self) -> float:
+        return 0.0 if self.log else self.x0
+
+    def prices(self, x: torch.Tensor) -> torch.Tensor:
+        return self.x0 * torch.exp(x) if self.log else x
 
     def _states(self, t: torch.Tensor, z: torch.Tensor, drift: float | None = None) -> torch.Tensor:
         mu = self.mu_bar if drift is None else drift
-        return self.x0 * torch.exp((mu - self.sigma**2 / 2) * t + self.sigma * torch.sqrt(t) * z)
+        y = (mu - self.sigma**2 / 2) * t + self.sigma * torch.sqrt(t) * z
+        return y if self.log else self.x0 * torch.exp(y)
 
     def diffusion(self, X: torch.Tensor) -> torch.Tensor:
-        return self.sigma * X[:, :-1]
+        return X.new_full((X.shape[0], 1), self.sigma) if self.log else self.sigma * X[:, :-1]
 
     def drift(self, X: torch.Tensor) -> torch.Tensor:
+        if self.log:
+            return X.new_full((X.shape[0], self.dim), self.mu_bar - self.sigma**2 / 2)
         return self.mu_bar * X[:, :-1]
 
+    def spot_gradient(self, X: torch.Tensor) -> torch.Tensor:
+        """The direction w with w . grad u = x . grad_x u (B, 1, d): x, or ones in log coordinates."""
+        return (torch.ones_like(X[:, :-1]) if self.log else X[:, :-1]).unsqueeze(1)
+
     def project(self, X: torch.Tensor) -> torch.Tensor:
-        return torch.cat([X[:, :-1].clamp_min(1e-6 * self.x0), X[:, -1:].clamp(0.0, self.T)], 1)
+        x = X[:, :-1] if self.log else X[:, :-1].clamp_min(1e-6 * self.x0)
+        return torch.cat([x, X[:, -1:].clamp(0.0, self.T)], 1)
 
     def project_condition(self, kind: str, X: torch.Tensor) -> torch.Tensor:
-        return torch.cat([X[:, :-1].clamp_min(1e-6 * self.x0), torch.full_like(X[:, -1:], self.T)], 1)
+        x = X[:, :-1] if self.log else X[:, :-1].clamp_min(1e-6 * self.x0)
+        return torch.cat([x, torch.full_like(X[:, -1:], self.T)], 1)
 
 
 class BSDEDefaultRisk(GBMProblem):
@@ -254,9 +299,9 @@ class BSDEDefaultRisk(GBMProblem):
     def __init__(
         self, dim: int, T: float = 1.0, x0: float = 100.0, sigma: float = 0.2, mu_bar: float = 0.02,
         delta: float = 2.0 / 3.0, R: float = 0.02, gamma_h: float = 0.2, gamma_l: float = 0.02, v_h: float = 50.0,
-        v_l: float = 70.0, spread: float = 0.0,
+        v_l: float = 70.0, spread: float = 0.0, coordinates: str = "price",
     ):  # fmt: skip
-        super().__init__(dim, T, x0, sigma, mu_bar, spread)
+        super().__init__(dim, T, x0, sigma, mu_bar, spread, coordinates)
         if not v_h < v_l:
             raise ValueError(f"pde.params.v_h={v_h!r} must be below pde.params.v_l={v_l!r}")
         self.delta, self.R = float(delta), float(R)
@@ -300,16 +345,16 @@ class BSDEDiffRate(GBMProblem):
 
     def __init__(
         self, dim: int, T: float = 0.5, x0: float = 100.0, sigma: float = 0.2, mu_bar: float = 0.06,
-        R_l: float = 0.04, R_b: float = 0.06, spread: float = 0.0,
+        R_l: float = 0.04, R_b: float = 0.06, spread: float = 0.0, coordinates: str = "price",
     ):  # fmt: skip
-        super().__init__(dim, T, x0, sigma, mu_bar, spread)
+        super().__init__(dim, T, x0, sigma, mu_bar, spread, coordinates)
         self.R_l, self.R_b = float(R_l), float(R_b)
 
     def describe(self) -> dict:
         return {**super().describe(), "R_l": self.R_l, "R_b": self.R_b}
 
     def extra_directions(self, X: torch.Tensor) -> torch.Tensor:
-        return X[:, :-1].unsqueeze(1)  # s = x . grad u: D.along[:, 1]
+        return self.spot_gradient(X)  # s = x . grad_x u: D.along[:, 1]
 
     def residual(self, X: torch.Tensor, D: Derivatives) -> torch.Tensor:
         u, s = D.require("u"), D.require("along")[:, 1]
