@@ -13,6 +13,7 @@ an existing file of that name is left as it was.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from pathlib import Path
@@ -57,10 +58,19 @@ def main(argv: list[str] | None = None) -> int:
 
         info = init_distributed(timeout_s=config.parallel.timeout_s, device="cpu")
         start = time.perf_counter()
-        generate(
-            config, out, steps=steps, test_points=test_points, truth_samples=truth, rank=info.rank,
-            world_size=info.world_size, barrier=barrier, progress=sys.stderr.isatty(),
-        )  # fmt: skip
+        caught: list[int] = []
+
+        def interrupt(signum: int, frame: object) -> None:  # recorded, acted on between blocks (writer._halt)
+            caught.append(signum)
+
+        previous = signal.signal(signal.SIGINT, interrupt)
+        try:
+            generate(
+                config, out, steps=steps, test_points=test_points, truth_samples=truth, rank=info.rank,
+                world_size=info.world_size, barrier=barrier, progress=sys.stderr.isatty(), stop=lambda: bool(caught),
+            )  # fmt: skip
+        finally:
+            signal.signal(signal.SIGINT, previous)
     except (ConfigError, DistributedError, ValueError) as err:
         if args.debug:
             raise

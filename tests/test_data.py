@@ -249,3 +249,27 @@ def test_a_hard_constrained_run_writes_and_reads_no_condition_points(root, tmp_p
     run(cfg)
     rows = [r for r in read_metrics(tmp_path / "run/metrics.jsonl") if "loss" in r]
     assert rows and all(set(r) == {"step", "loss", "residual", "lr", "seconds"} for r in rows)
+
+
+@pytest.mark.parametrize("at", ["first step", "test block", "copy", "rename"])
+def test_a_recorded_interrupt_stops_the_write_and_leaves_the_file_as_it_was(config, datafile, tmp_path, at):
+    """make_dataset records Ctrl-C instead of raising it in the handler: a KeyboardInterrupt that
+    lands in a finalizer is printed and swallowed by Python, and the write went on to replace
+    the file (exit 0, a clean-clone run). The record is checked at every step, every test block,
+    every block copied into the file and just before the rename; wherever it is seen, the file
+    is left as it was and no part or temporary file remains."""
+    checks: list[int] = []
+    generate(config, tmp_path / "other.h5", steps=4, test_points=10, truth_samples=500,
+             stop=lambda: bool(checks.append(1)))  # fmt: skip
+    where = {"first step": 1, "test block": 5, "copy": 6, "rename": len(checks)}[at]  # 4 steps, 1 test block, ...
+    before = datafile.read_bytes()
+    calls: list[int] = []
+
+    def stop() -> bool:
+        calls.append(1)
+        return len(calls) == where
+
+    with pytest.raises(KeyboardInterrupt):
+        generate(config, datafile, steps=4, test_points=10, truth_samples=500, stop=stop)
+    assert datafile.read_bytes() == before and len(calls) == where
+    assert sorted(p.name for p in datafile.parent.iterdir() if "set" in p.name) == ["set.h5"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import h5py
@@ -44,9 +45,20 @@ def _create(group: h5py.Group, name: str, rows: int, tail: tuple[int, ...]) -> h
     )  # fmt: skip
 
 
+def _halt(stop: Callable[[], bool] | None) -> None:
+    """Raise KeyboardInterrupt where the caller recorded an interrupt (``stop``), between blocks.
+    make_dataset's Ctrl-C handler records instead of raising: a KeyboardInterrupt raised from
+    a signal handler that lands in a finalizer or weakref callback (h5py's objects, often) is
+    printed and swallowed by Python, and the write went on to replace the file (exit 0, seen
+    in a clean-clone run)."""
+    if stop is not None and stop():
+        raise KeyboardInterrupt
+
+
 def _write_part(
-    path: Path, pde: PDE, config: Config, steps: range, test_rows: tuple[int, int], truth_samples: int, progress: bool
-) -> None:
+    path: Path, pde: PDE, config: Config, steps: range, test_rows: tuple[int, int], truth_samples: int, progress: bool,
+    stop: Callable[[], bool] | None = None,
+) -> None:  # fmt: skip
     """This rank's share: training points of ``steps`` and the test points ``test_rows`` with
     their truth, written block by block."""
     from tqdm import tqdm
@@ -55,6 +67,7 @@ def _write_part(
     with h5py.File(path, "w") as fh:
         dsets = {k: _create(fh, k, len(steps) * b, (pde.in_dim,)) for k, b in kinds.items()}
         for i, step in enumerate(tqdm(steps, desc="train points", disable=not progress, unit="step")):
+            _halt(stop)
             for kind, batch in collocation(pde, config, step, torch.float64, torch.device("cpu")).items():
                 b = kinds[kind]
                 dsets[kind][i * b : (i + 1) * b] = batch.X.numpy()
@@ -65,15 +78,16 @@ def _write_part(
         test = {}
         rows = pde.test_block
         for start in tqdm(range(lo, hi, rows), desc="test truth", disable=not progress, unit="block"):
-            stop = min(hi, start + rows)
-            truth = pde.truth(pde.test_points(start, stop, config.eval.seed), truth_samples, config.eval.seed)
+            _halt(stop)
+            end = min(hi, start + rows)
+            truth = pde.truth(pde.test_points(start, end, config.eval.seed), truth_samples, config.eval.seed)
             values = {"X": truth.X, "u": truth.u, "grad": truth.grad, "u_se": truth.u_se}
             for name, value in values.items():
                 if value is None:
                     continue
                 if name not in test:
                     test[name] = _create(fh, name, hi - lo, tails[name])
-                test[name][start - lo : stop - lo] = value.numpy()
+                test[name][start - lo : end - lo] = value.numpy()
 
 
 def _root_attrs(fh: h5py.File, pde: PDE, config: Config, steps: int) -> None:
@@ -86,7 +100,9 @@ def _root_attrs(fh: h5py.File, pde: PDE, config: Config, steps: int) -> None:
     )  # fmt: skip
 
 
-def _copy_rows(parts: list[Path], name: str, dset: h5py.Dataset, block: int = 16384) -> None:
+def _copy_rows(
+    parts: list[Path], name: str, dset: h5py.Dataset, block: int = 16384, stop: Callable[[], bool] | None = None
+) -> None:
     """Concatenate dataset ``name`` of the part files into ``dset``, block by block."""
     at = 0
     for part in parts:
@@ -95,14 +111,16 @@ def _copy_rows(parts: list[Path], name: str, dset: h5py.Dataset, block: int = 16
                 continue
             n = src[name].shape[0]
             for lo in range(0, n, block):
+                _halt(stop)
                 rows = src[name][lo : lo + block]
                 dset[at + lo : at + lo + rows.shape[0]] = rows
             at += n
 
 
 def _assemble(
-    out: Path, parts: list[Path], pde: PDE, config: Config, steps: int, test_points: int, truth_samples: int
-) -> None:
+    out: Path, parts: list[Path], pde: PDE, config: Config, steps: int, test_points: int, truth_samples: int,
+    stop: Callable[[], bool] | None = None,
+) -> None:  # fmt: skip
     kinds = point_counts(pde, config)
     with atomic_path(out) as tmp:  # a failure before the rename leaves `out` as it was
         with h5py.File(tmp, "w") as fh:
@@ -111,7 +129,7 @@ def _assemble(
                 train = fh.create_group("train")
                 for kind, b in kinds.items():
                     dset = _create(train, kind, steps * b, (pde.in_dim,))
-                    _copy_rows(parts, kind, dset)
+                    _copy_rows(parts, kind, dset, stop=stop)
                     if kind != "domain":
                         target = _create(train, f"{kind}_target", steps * b, ())
                         for lo in range(0, steps * b, 65536):
@@ -125,8 +143,9 @@ def _assemble(
                 tails = {"X": (pde.in_dim,), "u": (), "grad": (pde.dim,), "u_se": ()}
                 for name in names:
                     dset = _create(test, name, test_points, tails[name])
-                    _copy_rows(parts, name, dset)
+                    _copy_rows(parts, name, dset, stop=stop)
         fault("fail-dataset", 0)
+        _halt(stop)  # the last moment before the rename: an interrupt until here leaves `out` as it was
 
 
 def generate(
@@ -140,8 +159,10 @@ def generate(
     world_size: int = 1,
     barrier=lambda: None,
     progress: bool = False,
+    stop: Callable[[], bool] | None = None,
 ) -> Path:
-    """Write ``out``: ``steps`` steps of training points and ``test_points`` test points."""
+    """Write ``out``: ``steps`` steps of training points and ``test_points`` test points.
+    ``stop``: whether an interrupt was recorded (checked between blocks; KeyboardInterrupt)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     p = config.pde
@@ -150,11 +171,11 @@ def generate(
     try:
         _write_part(
             parts[rank], pde, config, range(*split_evenly(steps, rank, world_size)),
-            split_evenly(test_points, rank, world_size), truth_samples, progress and rank == 0,
+            split_evenly(test_points, rank, world_size), truth_samples, progress and rank == 0, stop,
         )  # fmt: skip
         barrier()
         if rank == 0:
-            _assemble(out, parts, pde, config, steps, test_points, truth_samples)
+            _assemble(out, parts, pde, config, steps, test_points, truth_samples, stop)
         barrier()
     finally:
         if parts[rank].exists():
