@@ -92,7 +92,7 @@ def check_pde(pde: PDE, config: Config) -> None:
 
 def _checked_coefficients(pde: PDE, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The PDE's directions (``along``) and weights (``trace``) at points X, where it needs them,
-    checked: one ConfigError naming the method for a wrong shape or a negative weight."""
+    checked: one ConfigError naming the method for a wrong shape or a weight that is not finite."""
     cls, n, d = type(pde).__name__, X.shape[0], pde.dim
     try:
         directions, weights = pde.coefficients(X)

@@ -155,8 +155,9 @@ def evaluate_run(
     result = {**errors, "model": MODEL_FILE, "eval_samples": config.eval.samples, "test_file": test_file}
     if test is not None:
         result.update(baselines=baselines(pde, test), test_points=int(test.X.shape[0]))
-    if pde.start_baselines():
-        result["start_baselines"] = start_baselines(pde)
+    at_start = start_baselines(pde)
+    if at_start:
+        result["start_baselines"] = at_start
     if process_test is not None:
         result["process_baselines"] = baselines(pde, process_test)
         result["process_points"] = int(process_test.X.shape[0])

@@ -257,6 +257,7 @@ def _chunk_terms(
         zx_sq = (zx * zx).sum(-1)
         if "grad_sq" in spec.needs:
             out.append((zx_sq * odd * odd).sum(1))
+    if {"lap", "trace"} & spec.needs:
         even = value if g0 is None else value - g0.unsqueeze(1)
         if spec.laplacian == "difference":  # (g+ + g- - 2 g0) / 2, time curvature weighted out
             lap_weight = (3 - z[..., r] ** 2) if space.width > r else 2.0

@@ -164,6 +164,7 @@ class InputSubspace(NoiseOfZ):
                 cache.update(weight=param, version=param._version, basis=(G, U, s))
         self.Us, self.G = U / s, G
         self._along: tuple | None = None  # (directions, what along() needs of them alone)
+        self._trace: tuple | None = None  # (trace weights' deviations, the matrix weighted_sq needs of them)
         self.shares = shares  # ranks that each compute the whole of what follows from the summed estimates
         self.rank = U.shape[1]
         self.Mx = (G @ self.Us) * spec.sigma_x  # (k, r): differentiable in Wx, V constant
@@ -207,7 +208,7 @@ class InputSubspace(NoiseOfZ):
         return torch.einsum("bnr,brs,bns->bn", zx, M, zx) - M.diagonal(dim1=1, dim2=2).sum(-1, keepdim=True)
 
     def _trace_matrix(self, v: torch.Tensor) -> torch.Tensor:
-        if getattr(self, "_trace", None) is None or self._trace[0] is not v:
+        if self._trace is None or self._trace[0] is not v:
             V = self.V
             self._trace = (v, (V.T.unsqueeze(0) * v.detach().unsqueeze(1)) @ V)  # (B, r, r)
         return self._trace[1]
@@ -334,13 +335,12 @@ class RadialSubspace(InputSubspace):
         norm c), ``E[delta_perp_j^2 | c] = (c / m) (1 - (Q Q')_jj)``: ``(c / (m sx^2)) (sum v - tr M)``."""
         if not self.extra:
             return super().weighted_sq(zx, aux, v)
-        if getattr(self, "_trace", None) is None or self._trace[0] is not v:
+        if self._trace is None or self._trace[0] is not v:
             V, e, w = self.V, self._e(), v.detach()
             Vw = V.T.unsqueeze(0) * w.unsqueeze(1)  # (B, r, d)
-            top = torch.cat([Vw @ V, (Vw @ e.unsqueeze(2))], 2)  # (B, r, r + 1)
-            Ve = (Vw @ e.unsqueeze(2)).transpose(1, 2)  # (B, 1, r)
+            Ve = Vw @ e.unsqueeze(2)  # (B, r, 1): V' diag(w) e
             ee = (w * e * e).sum(1).reshape(-1, 1, 1)
-            M = torch.cat([top, torch.cat([Ve, ee], 2)], 1)  # (B, r + 1, r + 1)
+            M = torch.cat([torch.cat([Vw @ V, Ve], 2), torch.cat([Ve.transpose(1, 2), ee], 2)], 1)  # (B, r+1, r+1)
             self._trace = (v, M)
         M = self._trace[1]
         total, tr = v.detach().sum(1, keepdim=True), M.diagonal(dim1=1, dim2=2).sum(-1, keepdim=True)

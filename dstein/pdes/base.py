@@ -200,11 +200,7 @@ class PDE(abc.ABC):
         """What the estimators need of the operator at points X: the directions of ``along``
         (the drift first, then ``extra_directions``; (B, m, d)) and the weights of ``trace``
         (``sigma_i(x)^2``, (B, d) or (B, 1)); None where the PDE has none."""
-        parts = []
-        if self.has_drift:
-            b = self.drift(X)
-            if b is not None:
-                parts.append(b.unsqueeze(1))
+        parts = [self.drift(X).unsqueeze(1)] if self.has_drift else []  # type: ignore[union-attr]
         extra = self.extra_directions(X)
         if extra is not None:
             parts.append(extra)
