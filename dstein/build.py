@@ -38,7 +38,16 @@ from dstein.pdes import build_pde as _build_pde
 def build_pde(config: Config) -> PDE:
     """The configured PDE (``pde.name`` or a user's ``pde.target``)."""
     p = config.pde
-    return _build_pde(p.name, p.dim, dict(p.params), p.target, p.process_share)
+    pde = _build_pde(p.name, p.dim, dict(p.params), p.target, p.process_share)
+    if config.model.smooth_constraint:
+        if not pde.smooths_constraint:
+            raise ConfigError(
+                f"model.smooth_constraint=true: pde {pde.name} has no smoothed output transform (hjb has one); "
+                "set model.smooth_constraint=false"
+            )
+        if config.estimator.method in STEIN_METHODS:  # other methods differentiate the network itself
+            pde.smoothing = config.estimator.sigma_x
+    return pde
 
 
 def check_pde(pde: PDE, config: Config) -> None:

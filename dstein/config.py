@@ -138,6 +138,15 @@ class ModelConfig:
     """Represent the solution as u = A + B f (the PDE's output transform: hjb u = g(x) +
     (T - t) f, heat u = |x|^2/(2d) + t f), f the smoothed network: the terminal (hjb) or
     initial (heat) condition then holds exactly and needs no loss."""
+    smooth_constraint: bool = False
+    """With model.hard_constraint and a Stein method: smooth the constraint's A like the
+    network, u = A_sigma + B f~ with A_sigma(x) = E[A(x + sigma_x eps)] (in closed form, where
+    the PDE gives one: hjb), so that u is the smoothed A + B f as a whole. The condition then
+    holds up to the smoothing's own bias (hjb: ln(1 + sigma_x^2 d / (1 + |x|^2))). It matters
+    where sigma_x^2 d is of order 1 and A bends on that scale: hjb at d = 10,000 with
+    sigma_x = 0.01 moves |x|^2 by 1, where g = ln((1 + |x|^2) / 2) bends, and f~ would have
+    to undo that shift at the origin, a region no training point reaches (docs/MATH.md
+    section 6). false: A exact."""
 
     def __post_init__(self) -> None:
         _check(1 <= self.width <= 1 << 20, f"model.width={self.width} must be >= 1 and <= {1 << 20}")
@@ -492,6 +501,10 @@ class Config:
             self.estimator.laplacian == "stein" or self.estimator.method in (*PAIRED_METHODS, "autograd", "hutchinson"),
             f"estimator.laplacian=difference needs antithetic pairs: estimator.method={self.estimator.method} has none "
             "(use stein-antithetic or stein-subspace)",
+        )
+        _check(
+            self.model.hard_constraint or not self.model.smooth_constraint,
+            "model.smooth_constraint=true smooths the hard constraint's A: it needs model.hard_constraint=true",
         )
         samples = self.train.adversarial.samples
         if samples is not None and self.estimator.method in PAIRED_METHODS:

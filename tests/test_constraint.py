@@ -78,6 +78,43 @@ def test_hjb_transform_holds_the_terminal_condition_and_its_derivatives_are_exac
     assert torch.equal(at_T.value(torch.randn(5, dtype=torch.float64)), hjb.condition_target("terminal", terminal))
 
 
+def test_smoothed_hjb_transform_is_the_smoothed_terminal_value_with_exact_derivatives():
+    """model.smooth_constraint: A = ln((1 + |x|^2 + sigma^2 d) / 2) is E[g(x + sigma eps)] up to
+    the bound hjb.py states (checked by Monte Carlo at sigma^2 d = 1, where A bends: the
+    origin, |x|^2 = 1 and 25), and its derivatives are those of that A."""
+    d, sigma = 40, 1 / math.sqrt(40)
+    hjb = build_pde("hjb", d)
+    hjb.smoothing = sigma
+    X = torch.zeros(3, d + 1, dtype=torch.float64)
+    X[1, 0], X[2, :25] = 1.0, 1.0
+    A = hjb.output_transform(X).A
+    eps = torch.randn(400_000, d, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for i in range(3):
+        g = torch.log((1 + ((X[i, :d] + sigma * eps) ** 2).sum(1)) / 2)
+        r2 = float((X[i, :d] ** 2).sum())
+        bound = (4 * sigma**2 * r2 + 2 * sigma**4 * d) / (2 * (1 + r2) ** 2)
+        se = float(g.std()) / math.sqrt(len(g))
+        assert abs(float(A[i]) - float(g.mean())) <= bound + 4 * se, i
+        assert abs(float(A[i]) - float(torch.log(torch.tensor((1 + r2) / 2)))) > 10 * (bound + 4 * se), i  # not g
+    Y = torch.cat([torch.randn(4, d, dtype=torch.float64), torch.rand(4, 1, dtype=torch.float64)], 1)
+    Y = torch.cat([X, Y]).requires_grad_(True)
+    T = hjb.output_transform(Y)
+    (grad_A,) = torch.autograd.grad(T.A.sum(), Y, create_graph=True)
+    lap = sum(torch.autograd.grad(grad_A[:, i].sum(), Y, retain_graph=True)[0][:, i] for i in range(d))
+    assert torch.allclose(grad_A[:, :d], T.A_grad) and torch.allclose(lap, T.A_lap)
+
+
+def test_smooth_constraint_sets_the_stein_methods_sigma_only():
+    from dstein.build import build_pde as build_configured
+    from dstein.config import load_config
+
+    overrides = ["model.smooth_constraint=true", "estimator.sigma_x=0.03"]
+    assert build_configured(load_config("configs/quickstart.yaml", overrides)).smoothing == 0.03
+    autograd = load_config("configs/quickstart.yaml", [*overrides, "estimator.method=autograd"])
+    assert build_configured(autograd).smoothing == 0.0  # no smoothing: A as it is
+    assert build_configured(load_config("configs/quickstart.yaml", [])).smoothing == 0.0
+
+
 @pytest.mark.parametrize("method", ["stein-antithetic", "stein-subspace"])
 def test_stein_estimates_of_the_constrained_solution_are_unbiased(method):
     """HJB's transform (B = T - t has no spatial gradient): every derivative of u is linear in

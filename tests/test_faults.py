@@ -133,6 +133,11 @@ BAD = [
      "model.output_init='zero' must be default or fit"),
     ("hard constraint the PDE has none of", "configs/poisson_2d.yaml", ["model.hard_constraint=true"], 1,
      "model.hard_constraint=true: pde poisson has no output transform"),
+    ("smoothed constraint without the constraint", "configs/poisson_2d.yaml", ["model.smooth_constraint=true"], 1,
+     "model.smooth_constraint=true smooths the hard constraint's A: it needs model.hard_constraint=true"),
+    ("smoothed constraint the PDE has none of", "configs/sine_gordon_1k.yaml",
+     ["model.smooth_constraint=true", "pde.dim=5"], 1,
+     "model.smooth_constraint=true: pde sine_gordon has no smoothed output transform"),
     ("points along a process the PDE has none of", "configs/poisson_2d.yaml", ["pde.process_share=0.5"], 1,
      "pde.process_share=0.5: pde poisson declares no forward process from a start state"),
     ("share of points along the process above 1", CONFIG, ["pde.process_share=1.5"], 1,
@@ -181,7 +186,7 @@ AT_LOAD = {
     "odd adversarial samples", "unknown recompute policy", "difference Laplacian without pairs",
     "unknown residual loss", "unknown model family", "infinite sigma", "infinite learning rate",
     "infinite condition weight", "infinite timeout", "absurd timeout", "absurd width", "absurd samples",
-    "appended unknown key", "no defaults line, with an override",
+    "appended unknown key", "no defaults line, with an override", "smoothed constraint without the constraint",
 }  # fmt: skip
 
 

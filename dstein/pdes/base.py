@@ -93,6 +93,11 @@ class PDE(abc.ABC):
     #: ``reference_values``): runs then draw no test sets, and every evaluation reports the
     #: value at the start state against its reference.
     truth_known: ClassVar[bool] = True
+    #: Whether ``output_transform`` smooths its A by ``smoothing`` (model.smooth_constraint).
+    smooths_constraint: ClassVar[bool] = False
+    #: sigma_x of the smoothing an ``output_transform`` applies to its A: A_sigma(x) =
+    #: E[A(x + sigma eps)], eps ~ N(0, I_d) (0: A exact; set by ``dstein.build.build_pde``).
+    smoothing: float = 0.0
 
     def __init__(self, dim: int):
         if not isinstance(dim, int) or dim < 1:

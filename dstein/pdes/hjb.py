@@ -87,6 +87,7 @@ class HJB(PDE):
     conditions = ("terminal",)
     constrained = ("terminal",)
     process_kinds = ("domain", "terminal")
+    smooths_constraint = True
 
     def __init__(
         self, dim: int, mu: float = 1.0, T: float = 1.0, spread: float = 0.0, origin: float = 0.0, x0: float = 0.0
@@ -177,10 +178,14 @@ class HJB(PDE):
         return terminal(X[:, :-1])
 
     def output_transform(self, X: torch.Tensor) -> OutputTransform:
-        """u = g(x) + (T - t) f: the terminal condition holds exactly."""
+        """u = A + (T - t) f with A = g(x): the terminal condition holds exactly. With
+        ``smoothing`` sigma (model.smooth_constraint), A = ln((1 + |x|^2 + sigma^2 d) / 2), g at
+        E|x + sigma eps|^2: the smoothed g up to the curvature of the logarithm, a term below
+        (4 sigma^2 |x|^2 + 2 sigma^4 d) / (2 (1 + |x|^2)^2) (docs/MATH.md section 6)."""
         x, t = X[:, :-1], X[:, -1]
-        s = 1 + (x * x).sum(1)
-        lap = 2 * self.dim / s - 4 * (s - 1) / (s * s)  # of ln((1 + |x|^2) / 2)
+        shift = self.smoothing**2 * self.dim  # E|sigma eps|^2
+        s = 1 + (x * x).sum(1) + shift
+        lap = 2 * self.dim / s - 4 * (s - 1 - shift) / (s * s)  # of ln(s / 2)
         return OutputTransform(
             A=torch.log(s / 2), B=self.T - t, A_grad=2 * x / s.unsqueeze(1), A_lap=lap, B_t=torch.full_like(t, -1.0)
         )
