@@ -164,6 +164,65 @@ def test_hjb_radial_monte_carlo_matches_full_dimensional_monte_carlo():
     assert np.all(np.abs(full - u) < 4 * math.sqrt(2) * se)
 
 
+@pytest.mark.parametrize("mu", [1.0, 0.6])
+def test_anisotropic_hjb_quadrature_solves_the_equation(mu):
+    """hjb_aniso's truth (a one-dimensional quadrature of the Cole-Hopf formula, no sampling)
+    differentiated by autograd in float64: the HJB residual vanishes, the terminal condition
+    holds, and the gradient it returns is the derivative of its value."""
+    pde = build_pde("hjb_aniso", 3, {"mu": mu, "anisotropy": 0.5, "a_seed": 4})
+    assert pde.a.min() >= 0.5 and pde.a.max() <= 1.5 and pde.a.std() > 0.1
+
+    class Solution(torch.nn.Module):
+        def forward(self, X):
+            return pde.solution(X)[0].unsqueeze(-1)
+
+    gen = torch.Generator().manual_seed(3)
+    X = pde.sample_domain(8, gen)
+    X[:, -1] = X[:, -1].clamp(max=0.9)
+    D = derivatives(Solution(), pde, X)
+    assert pde.residual(X, D).abs().max() < 1e-9
+    assert torch.allclose(D.grad, pde.solution(X)[1], rtol=1e-9, atol=1e-12)
+    XT = pde.sample_condition("terminal", 8, gen)
+    assert torch.allclose(pde.solution(XT)[0], pde.condition_target("terminal", XT), atol=1e-12)
+
+
+def test_anisotropic_hjb_quadrature_matches_monte_carlo_and_the_radial_case():
+    d, n = 6, 400_000
+    rng = np.random.default_rng(7)
+    x, t = rng.standard_normal((3, d)), np.array([0.0, 0.4, 0.8])
+    X = torch.tensor(np.c_[x, t])
+    radial = build_pde("hjb_aniso", d, {"anisotropy": 0.0}).truth(X, 0, 0)  # a = 1: hjb itself
+    u, _, se = cole_hopf_radial(x, t, 1.0, 1.0, n, seed=1)
+    assert np.all(np.abs(radial.u.numpy() - u) < 4 * se)
+    pde = build_pde("hjb_aniso", d, {"anisotropy": 0.5})
+    test = pde.truth(X, 0, 0)
+    z = torch.randn(n, d, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    for i in range(3):  # exp(-g(x + s Z)) by plain Monte Carlo
+        Y = X[i, :d] + math.sqrt(2 * (1 - t[i])) * z
+        w = torch.exp(-pde.terminal(Y))
+        mc = -math.log(float(w.mean()))
+        assert abs(float(test.u[i]) - mc) < 4 * float(w.std()) / math.sqrt(n) / float(w.mean())
+        grad = (w.unsqueeze(1) * pde.terminal_grad(Y)).mean(0) / w.mean()
+        assert torch.allclose(test.grad[i], grad, atol=5e-3)
+    name, X0, value, source = pde.start()
+    assert name == "u(0,0)" and value == float(pde.truth(X0, 0, 0).u[0]) and "quadrature" in source
+
+
+def test_anisotropic_hjb_transform_derivatives_are_exact():
+    pde = build_pde("hjb_aniso", 5, {"anisotropy": 0.5})
+    for smoothing in (0.0, 0.3):
+        pde.smoothing = smoothing
+        X = torch.cat([torch.randn(6, 5, dtype=torch.float64), torch.rand(6, 1, dtype=torch.float64)], 1)
+        X.requires_grad_(True)
+        T = pde.output_transform(X)
+        (grad_A,) = torch.autograd.grad(T.A.sum(), X, create_graph=True)
+        lap = sum(torch.autograd.grad(grad_A[:, i].sum(), X, retain_graph=True)[0][:, i] for i in range(5))
+        assert torch.allclose(grad_A[:, :5], T.A_grad) and torch.allclose(lap, T.A_lap)
+        x = X.detach()[:, :5]
+        shifted = torch.log((1 + (x * x) @ pde.a + smoothing**2 * pde.a.sum()) / 2)
+        assert torch.allclose(T.A.detach(), shifted)  # smoothing 0: g itself
+
+
 def test_hjb_test_set_carries_standard_errors():
     pde = build_pde("hjb", 10, {"mu": 1.0, "T": 1.0})
     test = pde.test_set(50, seed=0, truth_samples=5000)
@@ -176,6 +235,7 @@ def test_registry_and_user_pde():
         "poisson",
         "heat",
         "hjb",
+        "hjb_aniso",
         "sine_gordon",
         "allen_cahn",
         "bsde_allen_cahn",
@@ -200,6 +260,8 @@ def test_registry_and_user_pde():
         (dict(name="x", dim=2, target="math:sqrt"), "not a subclass"),
         (dict(name="sine_gordon", dim=1), "pde.dim=1: the two-body solution couples neighbouring coordinates"),
         (dict(name="allen_cahn", dim=3, params={"coeff_seed": 0.5}), "pde.params.coeff_seed=0.5 must be an integer"),
+        (dict(name="hjb_aniso", dim=3, params={"anisotropy": 1.0}), r"pde.params.anisotropy=1.0 must be >= 0 and < 1"),
+        (dict(name="hjb_aniso", dim=3, params={"a_seed": -1}), "pde.params.a_seed=-1 must be an integer >= 0"),
     ],
 )
 def test_bad_pde_settings_are_named(kwargs, message):

@@ -9,11 +9,13 @@ from dstein.pdes.base import PDE, ControlProblem, ExactPDE, TestSet
 from dstein.pdes.bsde import BSDEAllenCahn, BSDEDefaultRisk, BSDEDiffRate
 from dstein.pdes.heat import Heat
 from dstein.pdes.hjb import HJB
+from dstein.pdes.hjb_aniso import HJBAniso
 from dstein.pdes.poisson import Poisson
 from dstein.pdes.twobody import AllenCahn, SineGordon
 
 REGISTRY: dict[str, type[PDE]] = {
-    cls.name: cls for cls in (Poisson, Heat, HJB, SineGordon, AllenCahn, BSDEAllenCahn, BSDEDefaultRisk, BSDEDiffRate)
+    cls.name: cls
+    for cls in (Poisson, Heat, HJB, HJBAniso, SineGordon, AllenCahn, BSDEAllenCahn, BSDEDefaultRisk, BSDEDiffRate)
 }
 
 __all__ = ["PDE", "REGISTRY", "ControlProblem", "ExactPDE", "TestSet", "build_pde", "resolve_pde_class", "user_error"]

@@ -174,8 +174,15 @@ class HJB(PDE):
         X[:, -1] = self.T
         return self._spread(X, gen)
 
+    def terminal(self, x: torch.Tensor) -> torch.Tensor:
+        """The terminal cost g(x) = ln((1 + |x|^2) / 2)."""
+        return terminal(x)
+
+    def terminal_grad(self, x: torch.Tensor) -> torch.Tensor:
+        return terminal_grad(x)
+
     def condition_target(self, kind: str, X: torch.Tensor) -> torch.Tensor:
-        return terminal(X[:, :-1])
+        return self.terminal(X[:, :-1])
 
     def output_transform(self, X: torch.Tensor) -> OutputTransform:
         """u = A + (T - t) f with A = g(x): the terminal condition holds exactly. With
@@ -220,12 +227,12 @@ class HJB(PDE):
         mu = self.mu
         return ControlProblem(
             x0=torch.full((self.dim,), self.x0, dtype=torch.float64), T=self.T, drift=2.0, noise=math.sqrt(2.0),
-            running=lambda m: (m * m).sum(1) / mu, terminal=terminal,
+            running=lambda m: (m * m).sum(1) / mu, terminal=self.terminal,
         )  # fmt: skip
 
     def condition_predictor(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = X[:, :-1]
-        return terminal(x), terminal_grad(x)
+        return self.terminal(x), self.terminal_grad(x)
 
     def project(self, X: torch.Tensor) -> torch.Tensor:
         return torch.cat([X[:, :-1], X[:, -1:].clamp(0.0, self.T)], 1)
