@@ -34,7 +34,7 @@ def _save(fig, path: Path) -> None:
 
 #: How the baselines are drawn on errors.png (reference lines of the solution's L2 error).
 BASELINE_STYLES = {"constant": ("best constant", ":"), "t_only": ("best function of t", "--"),
-                   "condition_value": ("condition value", "-."),
+                   "condition_value": ("condition value", "-."), "radial": ("best function of |x|^2, t", (0, (5, 1))),
                    "constrained_constant": ("constant under the hard constraint", (0, (1, 3)))}  # fmt: skip
 
 
