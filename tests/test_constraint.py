@@ -48,10 +48,13 @@ class Composite(torch.nn.Module):
         return self.transform(X).value(self.net(X).reshape(-1)).unsqueeze(-1)
 
 
-@pytest.mark.parametrize("which", ["hjb", "heat", "ball"])
+@pytest.mark.parametrize("which", ["hjb", "heat", "heat-modes", "ball"])
 def test_product_rule_equals_autograd_of_the_composite(which):
     d = 6
-    transform = ball_transform if which == "ball" else build_pde(which, d).output_transform
+    if which == "heat-modes":
+        transform = build_pde("heat", d, {"solution": "modes"}).output_transform
+    else:
+        transform = ball_transform if which == "ball" else build_pde(which, d).output_transform
     torch.manual_seed(3)
     net = MLP(d + 1, 16, 2, "gelu").double()
     X = points(d, True, n=7)

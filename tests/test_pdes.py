@@ -32,13 +32,16 @@ def derivatives(model, pde, X):
     )
 
 
+HEAT_MODES = {"solution": "modes", "modes": 3, "frequency": 2.0}
+
+
 @pytest.mark.parametrize(
-    "name, dim",
-    [("poisson", 2), ("poisson", 7), ("heat", 3), ("heat", 100), ("sine_gordon", 2), ("sine_gordon", 9),
-     ("allen_cahn", 5)],
+    "name, dim, params",
+    [("poisson", 2, None), ("poisson", 7, None), ("heat", 3, None), ("heat", 100, None), ("heat", 3, HEAT_MODES),
+     ("heat", 100, HEAT_MODES), ("sine_gordon", 2, None), ("sine_gordon", 9, None), ("allen_cahn", 5, None)],
 )  # fmt: skip
-def test_exact_solution_has_zero_residual_and_matching_gradient(name, dim):
-    pde = build_pde(name, dim)
+def test_exact_solution_has_zero_residual_and_matching_gradient(name, dim, params):
+    pde = build_pde(name, dim, params)
     gen = torch.Generator().manual_seed(0)
     X = pde.sample_domain(64, gen)
     D = derivatives(Exact(pde), pde, X)
@@ -223,6 +226,20 @@ def test_anisotropic_hjb_transform_derivatives_are_exact():
         assert torch.allclose(T.A.detach(), shifted)  # smoothing 0: g itself
 
 
+def test_heat_modes_are_neither_radial_nor_a_constant_under_the_constraint():
+    """heat's ``modes`` solution (the paper's |x|^2 / (2d) + t is both): at d = 100 the best
+    function of t, the best radial function and the best constant f in u = u(x, 0) + t f all
+    stay far from it, in value and gradient; the modes are the seed's."""
+    from dstein.evaluation import baselines
+
+    heat = build_pde("heat", 100, {"solution": "modes"})
+    got = baselines(heat, heat.test_set(1000, seed=0, truth_samples=2))
+    assert min(v["l2_rel"] for v in got.values()) > 0.15 and min(v["grad_l2_rel"] for v in got.values()) > 0.7
+    assert torch.equal(build_pde("heat", 100, {"solution": "modes"}).W, heat.W)
+    assert not torch.equal(build_pde("heat", 100, {"solution": "modes", "mode_seed": 1}).W, heat.W)
+    assert heat.describe()["solution"] == "modes" and "solution" not in build_pde("heat", 100).describe()
+
+
 def test_hjb_test_set_carries_standard_errors():
     pde = build_pde("hjb", 10, {"mu": 1.0, "T": 1.0})
     test = pde.test_set(50, seed=0, truth_samples=5000)
@@ -262,6 +279,8 @@ def test_registry_and_user_pde():
         (dict(name="allen_cahn", dim=3, params={"coeff_seed": 0.5}), "pde.params.coeff_seed=0.5 must be an integer"),
         (dict(name="hjb_aniso", dim=3, params={"anisotropy": 1.0}), r"pde.params.anisotropy=1.0 must be >= 0 and < 1"),
         (dict(name="hjb_aniso", dim=3, params={"a_seed": -1}), "pde.params.a_seed=-1 must be an integer >= 0"),
+        (dict(name="heat", dim=3, params={"solution": "waves"}), "pde.params.solution='waves' must be one of"),
+        (dict(name="heat", dim=3, params={"solution": "modes", "modes": 0}), "pde.params.modes=0 must be an integer"),
     ],
 )
 def test_bad_pde_settings_are_named(kwargs, message):
