@@ -344,6 +344,12 @@ class EvalConfig:
     control_steps: int = 100
     """Euler-Maruyama time steps of the closed-loop simulation (even: the time-step bias is
     estimated from the same paths at half as many steps)."""
+    consistency_points: int = 0
+    """States along the forward process for the Feynman-Kac consistency check at the end of the
+    run (PDEs with a process, a terminal condition and a start state): E[g(X_T)] + T E[f(S, X_S,
+    u, grad u)] with the model's u frozen in the nonlinearity f, which is u(0, x0) when the model
+    solves the PDE; reported beside the model's u(0, x0) with its standard error
+    (dstein/consistency.py). 0: not computed."""
 
     def __post_init__(self) -> None:
         _check(self.every >= 1, f"eval.every={self.every} must be >= 1")
@@ -358,6 +364,10 @@ class EvalConfig:
         )
         _check(self.control_paths == 0 or 2 <= self.control_paths <= MAX_COUNT,
                f"eval.control_paths={self.control_paths} must be 0 (none) or >= 2 and <= {MAX_COUNT}")  # fmt: skip
+        _check(
+            0 <= self.consistency_points <= MAX_COUNT and self.consistency_points != 1,
+            f"eval.consistency_points={self.consistency_points} must be 0 (none) or >= 2 and <= {MAX_COUNT}",
+        )
         _check(2 <= self.control_steps <= 100_000 and self.control_steps % 2 == 0,
                f"eval.control_steps={self.control_steps} must be even, >= 2 and <= 100000")  # fmt: skip
 

@@ -35,7 +35,9 @@ class Streams:
     ``PROCESS_TEST`` (block k of the test points along the forward process, like TEST_POINTS)
     ``CONTROL`` (the closed-loop simulation's Brownian increments, ``counter_seed(seed,
     CONTROL)``) and ``START_BASELINES`` (block k of the Monte Carlo of a start state's
-    baselines, ``counter_seed(0, k, START_BASELINES)``).
+    baselines, ``counter_seed(0, k, START_BASELINES)``) and ``CONSISTENCY`` (the states of the
+    Feynman-Kac consistency check, ``counter_seed(seed, CONSISTENCY, k)``: k = 0 along the
+    process, k >= 1 the chunks of terminal states).
     """
 
     DOMAIN = 0
@@ -53,6 +55,7 @@ class Streams:
     PROCESS_TEST = 0x50524F43
     CONTROL = 0x434F4E54
     START_BASELINES = 0x53544152
+    CONSISTENCY = 0x434F4E53
 
     @classmethod
     def condition(cls, k: int) -> int:

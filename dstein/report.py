@@ -17,6 +17,8 @@ import torch
 from dstein import plots
 from dstein.build import build_estimator, build_model, build_pde, load_process_test_set, load_test_set, output_transform
 from dstein.config import Config, ConfigError, load_resolved
+from dstein.consistency import model_consistency
+from dstein.consistency import supported as consistency_supported
 from dstein.control import closed_loop
 from dstein.evaluation import baselines, evaluate_all, predict, start_baselines
 from dstein.files import atomic_path, write_json_atomic
@@ -115,11 +117,13 @@ def evaluate_run(
     control: bool = False,
     paths: int | None = None,
     steps: int | None = None,
+    consistency: int = 0,
 ) -> dict[str, Any]:
     """Re-evaluate a finished run's final model; write ``eval.json`` and the plots into ``out``
     (by default the run directory: ``RUN_DIR/eval.json``, ``RUN_DIR/plots``). ``control``: also
     the closed-loop cost of its feedback (``paths`` and ``steps``, by default eval.control_paths
-    or 1000 and eval.control_steps), under ``control`` in eval.json."""
+    or 1000 and eval.control_steps), under ``control`` in eval.json; ``consistency``: the
+    Feynman-Kac consistency from that many states along the process, under ``consistency``."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"--run {run_dir}: no config.yaml there (not a dstein run directory)")
@@ -143,6 +147,9 @@ def evaluate_run(
             f"--run {run_dir}: {MODEL_FILE} cannot be loaded ({type(err).__name__}{': ' + first if first else ''}): "
             "it is damaged or belongs to another config; train again, or evaluate another run"
         ) from err
+    if consistency and not consistency_supported(pde):
+        raise ConfigError(f"--consistency: pde {pde.name} has no forward process with terminal points and a "
+                          "start state (PDE.process_kinds, sample_process, start: hjb, bsde_*)")  # fmt: skip
     if control and pde.control_problem() is None:
         raise ConfigError(f"--control: pde {pde.name} is not a stochastic control problem (PDE.control_problem; "
                           "hjb is one)")  # fmt: skip
@@ -164,6 +171,8 @@ def evaluate_run(
     if control:
         result["control"] = closed_loop(model, pde, config, device, dtype, transform,
                                         paths or config.eval.control_paths or 1000, steps)  # fmt: skip
+    if consistency:
+        result["consistency"] = model_consistency(model, pde, config, device, dtype, transform, consistency)
     write_json_atomic(target / "eval.json", result)
     draw_plots(run_dir, model, pde, test, config, device, dtype, out=target / "plots",
                process_baselines=result.get("process_baselines"))  # fmt: skip

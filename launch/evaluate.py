@@ -1,5 +1,5 @@
 """Re-evaluate a finished run: ``python launch/evaluate.py --run RUN_DIR [--test-file F.h5] [--samples N]
-[--out DIR] [--control [--paths N] [--steps K]]``.
+[--out DIR] [--control [--paths N] [--steps K]] [--consistency N]``.
 
 Loads the run's resolved config.yaml and final model (model.pt), computes the test errors
 exactly as training did (same test set and noise unless --test-file / --samples change
@@ -7,7 +7,8 @@ them), prints a table beside the baselines (best constant, best function of t al
 condition value everywhere, the best constant under a hard constraint) and the gradient
 floor, the same for the test set along the process from the start state (PDEs with one),
 and with --control the closed-loop cost of the learned feedback (PDEs that are control
-problems, hjb: dstein/control.py);
+problems, hjb: dstein/control.py), with --consistency N the Feynman-Kac consistency value of
+u(0, x0) from N states along the process (dstein/consistency.py);
 writes RUN_DIR/eval.json and redraws RUN_DIR/plots (or eval.json and plots/ in --out DIR:
 a run directory that cannot be written, read-only or shared, is refused before any work
 unless --out says where).
@@ -43,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="--control: paths (default eval.control_paths or 1000)")  # fmt: skip
     parser.add_argument("--steps", type=int, default=None,
                         help="--control: time steps, even (default eval.control_steps)")  # fmt: skip
+    parser.add_argument("--consistency", type=int, default=0, metavar="N",
+                        help="E[g(X_T) + int f] with the model frozen in f, from N states along the process, beside "
+                             "the model's u(0, x0) (PDEs with a forward process)")  # fmt: skip
     parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.samples is not None and args.samples < 1:
@@ -51,12 +55,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--paths must be >= 2")
     if args.steps is not None and (args.steps < 2 or args.steps % 2):
         parser.error("--steps must be even and >= 2")
+    if args.consistency < 0 or args.consistency == 1:
+        parser.error("--consistency must be >= 2 (states along the process)")
     if args.at is not None:
         return at_points(args.run, args.at, args.debug)
     try:
         from dstein.report import evaluate_run
 
-        result = evaluate_run(args.run, args.test_file, args.samples, args.out, args.control, args.paths, args.steps)
+        result = evaluate_run(args.run, args.test_file, args.samples, args.out, args.control, args.paths, args.steps,
+                              args.consistency)  # fmt: skip
     except (ConfigError, DataFileError) as err:
         if args.debug:
             raise
@@ -82,6 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         from dstein.control import describe
 
         print(describe(result["control"]))
+    if result.get("consistency"):
+        from dstein.consistency import describe as describe_consistency
+
+        print(describe_consistency(result["consistency"]))
     where = Path(args.out or args.run) / "eval.json"
     print(f"test points {result.get('test_points', 0)}, eval samples {result['eval_samples']}; wrote {where}")
     return 0

@@ -22,7 +22,7 @@ def finished_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
     out = run_here("train.py", "--config", "configs/quickstart.yaml", *SMALL, "eval.process_points=32",
                    "pde.process_share=0.5", "eval.control_paths=64", "eval.control_steps=4",
-                   f"run.dir={run_dir}")  # fmt: skip
+                   "eval.consistency_points=64", f"run.dir={run_dir}")  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     return run_dir, out
 
@@ -132,6 +132,20 @@ def test_the_run_ends_with_the_closed_loop_cost_of_its_control(finished_run):
     assert f"cost J {control['cost']:.5f}" in line and "uncontrolled" in line and "gap J - u(0,0)" in line
 
 
+def test_the_run_ends_with_the_consistency_along_the_process(finished_run):
+    """eval.consistency_points: E[g(X_T) + int f] with the model frozen in f, beside the model's
+    own u(0, 0) (the same number as the run's start value) and the reference, in summary.json
+    and one line."""
+    run_dir, out = finished_run
+    summary = json.loads((run_dir / "summary.json").read_text())
+    check = summary["consistency"]
+    assert check["points"] == 64 and check["se"] > 0 and check["model"] == summary["start_value"]
+    assert check["gap"] == pytest.approx(check["model"] - check["value"], rel=1e-12)
+    assert check["reference"] == summary["start_reference"] and check["terminal_draws"] == 1 << 18
+    line = next(line for line in out.stdout.splitlines() if line.startswith("consistency along the process (64"))
+    assert f"{check['value']:.6g}" in line and "reference" in line
+
+
 def test_a_reference_line_far_from_the_curves_does_not_stretch_the_axis(tmp_path):
     """A gradient floor of 1e-15 (d <= width) pulled errors.png's log axis down to 1e-15 and
     squeezed every curve into the top of the figure: such a line is named in the legend only."""
@@ -182,7 +196,8 @@ def test_evaluate_reproduces_the_final_errors(finished_run):
     summary = json.loads((run_dir / "summary.json").read_text())
     for name in PLOTS:
         (run_dir / "plots" / name).unlink()
-    out = run_here("evaluate.py", "--run", str(run_dir), "--control", "--paths", "64", "--steps", "4")
+    out = run_here("evaluate.py", "--run", str(run_dir), "--control", "--paths", "64", "--steps", "4",
+                   "--consistency", "64")  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads((run_dir / "eval.json").read_text())
     for key in ("l1_rel", "l2_rel", "grad_l2_rel", "gradient_floor"):
@@ -194,10 +209,13 @@ def test_evaluate_reproduces_the_final_errors(finished_run):
     for key in ("cost", "cost_se", "time_step_bias", "uncontrolled", "gap"):  # the same paths as the run's end
         assert result["control"][key] == pytest.approx(summary["control"][key], rel=1e-9), key
     assert "closed loop (64 paths, 4 steps): cost J" in out.stdout
+    assert result["consistency"]["value"] == pytest.approx(summary["consistency"]["value"], rel=1e-12)
+    assert "consistency along the process (64 points)" in out.stdout
     assert result["baselines"] == summary["baselines"]
     assert result["start_value"] == pytest.approx(summary["start_value"], rel=1e-12)
     assert f"u(0,0): model {summary['start_value']:.6f}, reference {summary['start_reference']:.6f}" in out.stdout
     header = next(line for line in out.stdout.splitlines() if line.startswith("metric"))
+    # 40 test points: too few for the radial fit's 20 points per coefficient
     assert header.split() == ["metric", "model", "constant", "t_only", "condition_value", "constrained_constant"]
     t_only = f"{summary['baselines']['t_only']['l2_rel']:.6f}"
     assert any(line.startswith("l2_rel") and t_only in line for line in out.stdout.splitlines())
@@ -215,6 +233,9 @@ def test_evaluate_control_refuses_a_pde_that_is_no_control_problem(tmp_path):
     assert out.stderr.startswith("error: --control: pde poisson is not a stochastic control problem")
     out = run_command([sys.executable, "launch/evaluate.py", "--run", str(tmp_path), "--control", "--steps", "3"])
     assert out.returncode == 2 and "--steps must be even and >= 2" in out.stderr
+    out = run_command([sys.executable, "launch/evaluate.py", "--run", str(tmp_path), "--consistency", "16"])
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.startswith("error: --consistency: pde poisson has no forward process")
 
 
 def test_evaluate_refuses_a_folder_that_is_no_run(tmp_path):
