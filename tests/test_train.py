@@ -304,3 +304,15 @@ def test_ranks_on_this_node_from_each_launcher(env, ranks):
     from dstein.distributed import ranks_on_this_node
 
     assert ranks_on_this_node(env) == ranks
+
+
+def test_the_anisotropic_hjb_trains_with_its_quadrature_truth_and_radial_baseline(tmp_path):
+    """pde.name=hjb_aniso through the quickstart's settings: the test sets' truth from the
+    quadrature (no standard error), the best radial predictor among the baselines (200 points
+    suffice for its fit), and the start state's reference from the quadrature too."""
+    cfg = small_config("quickstart.yaml", tmp_path, "pde.name=hjb_aniso", "eval.points=200", *SMALL_NET)
+    summary = run(cfg)
+    assert {"radial", "t_only", "constrained_constant"} <= set(summary["baselines"])
+    assert summary["baselines"]["radial"]["grad_l2_rel"] > 0.05  # its gradients do not point along x
+    assert "quadrature" in summary["start_source"] and "truth_max_se" not in summary
+    assert summary["consistency"]["points"] == 64
