@@ -175,12 +175,17 @@ def evaluate(
 ) -> dict[str, float]:
     """Errors on the test set and the gradient floor. With ``world_size`` ranks (each calls
     this), the test blocks are dealt to them and the sums added; the result does not depend
-    on the number of ranks. Block ``b``'s noise is keyed by ``block_offset + b``."""
+    on the number of ranks. Block ``b``'s noise is keyed by ``block_offset + b``. Time-dependent
+    PDEs also get ``l2_rel_beyond_t``: the solution error less its best function of t (the
+    t_only baseline's polynomials), relative like l2_rel: what the model gets wrong about x
+    (a level drifting in t is what the residual constrains least)."""
     n = test.X.shape[0]
     blocks = math.ceil(n / EVAL_BLOCK)
     first, last = split_evenly(blocks, rank, world_size)
     lo, hi = first * EVAL_BLOCK, min(n, last * EVAL_BLOCK)
-    sums = torch.zeros(8, dtype=torch.float64, device=device)
+    basis = time_basis(test.X, config.pde.dim)  # (n, k) or None: stationary, or too few times
+    k = 0 if basis is None else basis.shape[1]
+    sums = torch.zeros(8 + k, dtype=torch.float64, device=device)
     if hi > lo:
         X = test.X[lo:hi].to(device=device, dtype=dtype)
         u, grad = predict(model, X, config, first_block=block_offset + first, transform=transform)
@@ -188,12 +193,31 @@ def evaluate(
         sums[:6] = error_sums(u, grad, test.u[lo:hi], test.grad[lo:hi]).to(device)
         floor = floor_sums(model, X, u, test.grad[lo:hi], transform)
         if floor is not None:
-            sums[6:] = floor.to(device)
+            sums[6:8] = floor.to(device)
+        if basis is not None:  # the error's inner products with functions of t
+            error = u.detach().double().cpu() - test.u[lo:hi].double()
+            sums[8:] = (basis[lo:hi] * error.unsqueeze(1)).sum(0).to(device)
     total = sum_values(sums).cpu()
     out = errors_from_sums(total[:6])
     if isinstance(getattr(model, "input_layer", None), torch.nn.Linear):
         out["gradient_floor"] = float(total[6] / total[7]) ** 0.5
+    if basis is not None:  # |e|^2 less its projection on the functions of t: b' G^-1 b
+        b = total[8:]
+        explained = float(b @ torch.linalg.lstsq(basis.T @ basis, b.unsqueeze(1)).solution[:, 0])
+        out["l2_rel_beyond_t"] = max(float(total[2]) - explained, 0.0) ** 0.5 / float(total[3]) ** 0.5
     return out
+
+
+def time_basis(X: torch.Tensor, dim: int) -> torch.Tensor | None:
+    """Legendre polynomials in t (X's column after ``dim``) of the t_only baseline's degree,
+    over the test set (float64, (n, degree + 1)); None: no time column, or one time only."""
+    if X.shape[1] <= dim:
+        return None
+    t = X[:, dim].double().cpu().numpy()
+    degree = min(T_ONLY_DEGREE, (len(np.unique(t)) - 1) // 20)
+    if degree < 1:
+        return None
+    return torch.from_numpy(np.polynomial.legendre.legvander(_unit(t)[0], degree))
 
 
 def evaluate_all(
@@ -360,6 +384,13 @@ def not_beaten(errors: dict[str, float], reference: dict[str, dict[str, float]],
     if errors[key] < bound:
         return None
     where = "test set" if not prefix else "test set along the process from the start state"
+    beyond = errors.get(prefix + "l2_rel_beyond_t")
+    if beyond is not None and beyond < bound / 3:  # the shape in x is right; the level in t is not
+        return (
+            f"warning: the solution error {key}={errors[key]:.4g} does not beat {what} ({bound:.4g}, fitted to the "
+            f"{where}), but all of it save {beyond:.2g} is a function of t: the model has the solution's "
+            "dependence on x and misses its level over time"
+        )
     return (
         f"warning: the solution error {key}={errors[key]:.4g} does not beat {what} ({bound:.4g}, fitted to the "
         f"{where}): the model has not learned how the solution depends on x"

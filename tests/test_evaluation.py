@@ -83,6 +83,39 @@ def test_warning_names_the_baseline_not_beaten():
     line = not_beaten({"l2_rel": 0.03}, ref)
     assert line.startswith("warning: ") and "0.017" in line and "function of t alone" in line
     assert "a constant" in not_beaten({"l2_rel": 0.1}, {"constant": {"l2_rel": 0.07}})
+    # an error that is all a level drifting in t (hjb_10k with the smoothed constraint)
+    line = not_beaten({"l2_rel": 0.03, "l2_rel_beyond_t": 0.001}, ref)
+    assert "all of it save 0.001 is a function of t" in line and "not learned" not in line
+    assert "not learned" in not_beaten({"l2_rel": 0.03, "l2_rel_beyond_t": 0.01}, ref)
+
+
+class HeatWithError(torch.nn.Module):
+    """heat's paper solution |x|^2 / (2d) + t plus an error: a function of t, and of x."""
+
+    def __init__(self, d: int, of_x: float):
+        super().__init__()
+        self.d, self.of_x = d, of_x
+        self.w = torch.nn.Parameter(torch.ones(1))  # DeepSpeed-free: predict needs no parameters
+
+    def forward(self, X):
+        x, t = X[:, :-1], X[:, -1]
+        u = (x * x).sum(1) / (2 * self.d) + t
+        return (u + 0.05 * torch.sin(3 * t) + self.of_x * x[:, 0]).unsqueeze(-1)
+
+
+def test_the_error_beyond_a_function_of_t():
+    """l2_rel_beyond_t: the solution error less its best polynomial in t. An error that is a
+    function of t alone leaves nothing; one in x leaves about its own size."""
+    d = 5
+    heat = build_pde("heat", d)
+    test = heat.test_set(600, seed=0, truth_samples=2)
+    cfg = load_config("configs/quickstart.yaml", ["estimator.method=autograd", f"pde.dim={d}"])
+    norm = float(test.u.norm())
+    for of_x in (0.0, 0.02):
+        got = evaluate(HeatWithError(d, of_x).double(), test, cfg, torch.device("cpu"), torch.float64)
+        assert got["l2_rel"] > 0.02
+        x_part = float((of_x * test.X[:, 0]).norm()) / norm
+        assert got["l2_rel_beyond_t"] == pytest.approx(x_part, rel=0.05, abs=1e-7)
 
 
 def _floor(model, pde, test, transform=None) -> float:
@@ -115,7 +148,7 @@ def test_evaluate_reports_the_floor_and_does_not_depend_on_the_blocks(root):
     torch.manual_seed(1)
     model = MLP(11, 8, 2)
     out = evaluate(model, test, config, torch.device("cpu"), torch.float32)
-    assert set(out) == {"l1_rel", "l2_rel", "grad_l2_rel", "gradient_floor"}
+    assert set(out) == {"l1_rel", "l2_rel", "grad_l2_rel", "gradient_floor", "l2_rel_beyond_t"}
     assert out["gradient_floor"] == pytest.approx(_floor(model, hjb, test), rel=1e-6)
 
 
