@@ -34,8 +34,9 @@ from dstein.evaluation import Transform, predict, start_errors
 from dstein.noise import Streams, counter_seed
 from dstein.pdes import PDE
 
-#: Terminal draws of E[g(X_T)] (only g is evaluated there: cheap), in chunks of CHUNK; fewer
-#: where d is large (at most about 2^28 numbers: 26,624 draws at d = 10,000).
+#: Terminal draws of E[g(X_T)] (only g is evaluated there: cheap), in chunks of CHUNK: 64 per
+#: state along the process (its se then stays below the driver's), at most TERMINAL_DRAWS and
+#: about 2^28 numbers (26,624 draws at d = 10,000).
 TERMINAL_DRAWS, CHUNK = 1 << 18, 4096
 #: The evaluation noise of the states along the process is keyed from this block on.
 CONSISTENCY_BLOCKS = 1 << 29
@@ -78,7 +79,7 @@ def consistency(
     F = frozen_driver(pde, X, u.double(), grad.double()).detach().double()
     sums = torch.zeros(2, dtype=torch.float64)
     T = None
-    chunks = max(1, min(TERMINAL_DRAWS, (1 << 28) // pde.dim) // CHUNK)
+    chunks = max(1, min(TERMINAL_DRAWS, (1 << 28) // pde.dim, 64 * points) // CHUNK)
     draws = chunks * CHUNK
     for c in range(chunks):
         chunk_gen = torch.Generator().manual_seed(counter_seed(seed, Streams.CONSISTENCY, c + 1))

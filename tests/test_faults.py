@@ -79,7 +79,7 @@ BAD = [
      "deepspeed.gradient_clipping=-1.0 must be >= 0 (0: no clipping)"),
     ("unknown PDE", CONFIG, ["pde.name=wave"], 1,
      "pde.name='wave' is not one of ['allen_cahn', 'bsde_allen_cahn', 'bsde_default_risk', 'bsde_diff_rate', "
-     "'heat', 'hjb', 'poisson', 'sine_gordon']"),
+     "'heat', 'hjb', 'hjb_aniso', 'poisson', 'sine_gordon']"),
     ("PDE class not importable", CONFIG, ["pde.target=nomodule:Foo"], 1,
      "pde.target='nomodule:Foo' cannot be imported: no module named 'nomodule' on the Python path"),
     ("PDE module raising at import", CONFIG, ["pde.target=user_pde_import_fails:Foo"], 1,

@@ -141,7 +141,7 @@ def test_the_run_ends_with_the_consistency_along_the_process(finished_run):
     check = summary["consistency"]
     assert check["points"] == 64 and check["se"] > 0 and check["model"] == summary["start_value"]
     assert check["gap"] == pytest.approx(check["model"] - check["value"], rel=1e-12)
-    assert check["reference"] == summary["start_reference"] and check["terminal_draws"] == 1 << 18
+    assert check["reference"] == summary["start_reference"] and check["terminal_draws"] == 4096
     line = next(line for line in out.stdout.splitlines() if line.startswith("consistency along the process (64"))
     assert f"{check['value']:.6g}" in line and "reference" in line
 
