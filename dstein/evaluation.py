@@ -214,10 +214,16 @@ def time_basis(X: torch.Tensor, dim: int) -> torch.Tensor | None:
     if X.shape[1] <= dim:
         return None
     t = X[:, dim].double().cpu().numpy()
-    degree = min(T_ONLY_DEGREE, (len(np.unique(t)) - 1) // 20)
+    degree = t_only_degree(t)
     if degree < 1:
         return None
     return torch.from_numpy(np.polynomial.legendre.legvander(_unit(t)[0], degree))
+
+
+def t_only_degree(t: np.ndarray) -> int:
+    """The t_only baseline's degree: T_ONLY_DEGREE, lower on small test sets (at least 20 test
+    points per coefficient)."""
+    return min(T_ONLY_DEGREE, (len(np.unique(t)) - 1) // 20)
 
 
 def evaluate_all(
@@ -295,8 +301,7 @@ def baselines(pde: PDE, test: TestSet) -> dict[str, dict[str, float]]:
     out = {"constant": relative_errors(torch.full_like(u, float(u.mean())), zero, u, grad)}
     if pde.time_dependent:
         t = test.X[:, -1].double().numpy()
-        degree = min(T_ONLY_DEGREE, (len(np.unique(t)) - 1) // 20)  # >= 20 test points per coefficient
-        fit = np.polynomial.Polynomial.fit(t, u.numpy(), degree)
+        fit = np.polynomial.Polynomial.fit(t, u.numpy(), t_only_degree(t))
         out["t_only"] = relative_errors(torch.from_numpy(fit(t)), zero, u, grad)
     radial = radial_fit(test.X.double(), u, grad, pde.dim)
     if radial is not None:

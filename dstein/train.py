@@ -30,7 +30,7 @@ from dstein.build import Trainer, build_trainer
 from dstein.checkpoint import Checkpointer, Interrupted, Preemption, Resume, step_of
 from dstein.config import Config, config_file_text
 from dstein.consistency import describe as describe_consistency
-from dstein.consistency import model_consistency, supported
+from dstein.consistency import model_consistency
 from dstein.control import closed_loop, describe
 from dstein.data.points import Batch
 from dstein.distributed import DistInfo, gather_objects, init_distributed, stop_on_lost_peer, sum_values
@@ -260,9 +260,12 @@ def _train(config: Config, info: DistInfo, notes: list[str]) -> dict[str, Any]:
         summary["control"] = control
         if writer:
             print(describe(control), flush=True)
-    if writer and cfg.eval.consistency_points and supported(tr.pde):
-        summary["consistency"] = model_consistency(tr.model, tr.pde, cfg, tr.device, tr.dtype, tr.estimator.transform)
-        print(describe_consistency(summary["consistency"]), flush=True)
+    consistency = (
+        model_consistency(tr.model, tr.pde, cfg, tr.device, tr.dtype, tr.estimator.transform) if writer else None
+    )
+    if consistency is not None:  # eval.consistency_points, where the PDE supports it
+        summary["consistency"] = consistency
+        print(describe_consistency(consistency), flush=True)
     _on_rank0(tr, checkpoints, lambda: write_json_atomic(tr.run_dir / "summary.json", summary))
     warnings = [not_beaten(errors, tr.baselines)]
     if tr.process_baselines is not None:

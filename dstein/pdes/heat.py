@@ -25,6 +25,11 @@ from dstein.pdes.base import ExactPDE, uniform_ball, uniform_sphere
 SOLUTIONS = ("paper", "modes")
 
 
+def _at_time_zero(X: torch.Tensor) -> torch.Tensor:
+    """The points X with their time column set to 0."""
+    return torch.cat([X[:, :-1], torch.zeros_like(X[:, -1:])], 1)
+
+
 class Heat(ExactPDE):
     name = "heat"
     needs = frozenset({"u_t", "lap"})
@@ -93,12 +98,11 @@ class Heat(ExactPDE):
         """u = u(x, 0) + t f: the initial condition holds exactly (the boundary's stays a loss)."""
         x, t = X[:, :-1], X[:, -1]
         if self.solution == "modes":
-            at_zero = X.clone()
-            at_zero[:, -1] = 0
-            phase, amp, W = self._waves(at_zero)
+            phase, amp, W = self._waves(_at_time_zero(X))
+            waves = amp * torch.sin(phase)
             return OutputTransform(
-                A=(amp * torch.sin(phase)).sum(1), B=t, A_grad=(amp * torch.cos(phase)) @ W,
-                A_lap=-(amp * torch.sin(phase)) @ (W * W).sum(1), B_t=torch.ones_like(t),
+                A=waves.sum(1), B=t, A_grad=(amp * torch.cos(phase)) @ W, A_lap=-waves @ (W * W).sum(1),
+                B_t=torch.ones_like(t),
             )  # fmt: skip
         return OutputTransform(
             A=(x * x).sum(1) / (2 * self.dim), B=t, A_grad=x / self.dim, A_lap=torch.ones_like(t),
@@ -109,9 +113,7 @@ class Heat(ExactPDE):
         """The initial value everywhere."""
         x = X[:, :-1]
         if self.solution == "modes":
-            at_zero = X.clone()
-            at_zero[:, -1] = 0
-            return self.exact(at_zero), self.exact_grad(at_zero)
+            return self.exact(_at_time_zero(X)), self.exact_grad(_at_time_zero(X))
         return (x * x).sum(1) / (2 * self.dim), x / self.dim
 
     def project(self, X: torch.Tensor) -> torch.Tensor:

@@ -80,6 +80,18 @@ def cole_hopf_radial(
     return u, dudr[:, None] * direction, se
 
 
+def log_transform(
+    s: torch.Tensor, ax: torch.Tensor, trace: float, ax_sq: torch.Tensor, B: torch.Tensor
+) -> OutputTransform:
+    """u = A + B f with A = ln(s / 2), s = 1 + x' diag(a) x (+ a smoothing shift), B = T - t:
+    ``ax`` = diag(a) x (B, d), ``trace`` = sum a_i, ``ax_sq`` = |diag(a) x|^2. Then grad A =
+    2 ax / s and lap A = 2 trace / s - 4 ax_sq / s^2 (hjb: a = 1; hjb_aniso)."""
+    lap = 2 * trace / s - 4 * ax_sq / (s * s)
+    return OutputTransform(
+        A=torch.log(s / 2), B=B, A_grad=2 * ax / s.unsqueeze(1), A_lap=lap, B_t=torch.full_like(B, -1.0)
+    )
+
+
 class HJB(PDE):
     name = "hjb"
     needs = frozenset({"u_t", "lap", "grad_sq"})
@@ -192,26 +204,25 @@ class HJB(PDE):
         x, t = X[:, :-1], X[:, -1]
         shift = self.smoothing**2 * self.dim  # E|sigma eps|^2
         s = 1 + (x * x).sum(1) + shift
-        lap = 2 * self.dim / s - 4 * (s - 1 - shift) / (s * s)  # of ln(s / 2)
-        return OutputTransform(
-            A=torch.log(s / 2), B=self.T - t, A_grad=2 * x / s.unsqueeze(1), A_lap=lap, B_t=torch.full_like(t, -1.0)
-        )
+        return log_transform(s, x, self.dim, s - 1 - shift, self.T - t)
 
     def start(self) -> tuple[str, torch.Tensor, float, str]:
-        """u(0, x0) and its reference: Deep BSDE's quadrature value at x0 = 0, d = 100, mu = T = 1
-        (Han, Jentzen, E 2018); otherwise the Cole-Hopf Monte Carlo with 10^6 samples and its
-        standard error (computed once)."""
+        """u(0, x0) and its reference (``_start_reference``, computed once)."""
         if self._start is None:
             X = torch.zeros(1, self.in_dim, dtype=torch.float64)
             X[:, :-1] = self.x0
             name = "u(0,0)" if not self.x0 else f"u(0,x0={self.x0:g})"
-            if (self.dim, self.mu, self.T, self.x0) == (100, 1.0, 1.0, 0.0):
-                self._start = (name, X, 4.5901617, "Deep BSDE (Han, Jentzen, E 2018), quadrature")
-            else:
-                u, _, se = cole_hopf_radial(X[:, :-1].numpy(), np.zeros(1), self.mu, self.T, 10**6, 0)
-                source = f"Cole-Hopf Monte Carlo, 10^6 samples (standard error {se[0]:.1e})"
-                self._start = (name, X, float(u[0]), source)
+            self._start = (name, X, *self._start_reference(X))
         return self._start
+
+    def _start_reference(self, X: torch.Tensor) -> tuple[float, str]:
+        """The reference value at the start state X and its source: Deep BSDE's quadrature value
+        at x0 = 0, d = 100, mu = T = 1 (Han, Jentzen, E 2018); otherwise the Cole-Hopf Monte Carlo
+        with 10^6 samples and its standard error."""
+        if (self.dim, self.mu, self.T, self.x0) == (100, 1.0, 1.0, 0.0):
+            return 4.5901617, "Deep BSDE (Han, Jentzen, E 2018), quadrature"
+        u, _, se = cole_hopf_radial(X[:, :-1].numpy(), np.zeros(1), self.mu, self.T, 10**6, 0)
+        return float(u[0]), f"Cole-Hopf Monte Carlo, 10^6 samples (standard error {se[0]:.1e})"
 
     def reference_values(self) -> dict[str, tuple[torch.Tensor, float, str]]:
         name, X, value, source = self.start()

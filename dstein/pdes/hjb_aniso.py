@@ -27,7 +27,7 @@ import torch
 
 from dstein.estimators.constraint import OutputTransform
 from dstein.pdes.base import TestSet
-from dstein.pdes.hjb import HJB
+from dstein.pdes.hjb import HJB, log_transform
 
 #: The trapezoid rule's step in y = ln(lam), and how far below the integrand's peak it starts
 #: (in units of 1/mu: the integrand falls like e^(mu y) there; above the peak, past lam = 60 / m,
@@ -104,25 +104,16 @@ class HJBAniso(HJB):
         a = self._a(x)
         s = 1 + (x * x) @ a + self.smoothing**2 * float(self.a.sum())
         ax = a * x
-        lap = 2 * a.sum() / s - 4 * (ax * ax).sum(1) / (s * s)
-        return OutputTransform(
-            A=torch.log(s / 2), B=self.T - t, A_grad=2 * ax / s.unsqueeze(1), A_lap=lap, B_t=torch.full_like(t, -1.0)
-        )
+        return log_transform(s, ax, float(self.a.sum()), (ax * ax).sum(1), self.T - t)
 
     def solution(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """u and grad u at points X (float64, by quadrature; differentiable in X)."""
         X = X.double().cpu()
         return cole_hopf_quadrature(X[:, :-1], X[:, -1], self.a, self.mu, self.T)
 
-    def start(self) -> tuple[str, torch.Tensor, float, str]:
+    def _start_reference(self, X: torch.Tensor) -> tuple[float, str]:
         """u(0, x0) by the quadrature (exact to float64's rounding)."""
-        if self._start is None:
-            X = torch.zeros(1, self.in_dim, dtype=torch.float64)
-            X[:, :-1] = self.x0
-            name = "u(0,0)" if not self.x0 else f"u(0,x0={self.x0:g})"
-            u, _ = self.solution(X)
-            self._start = (name, X, float(u[0]), "Cole-Hopf, one-dimensional quadrature (docs/MATH.md section 17)")
-        return self._start
+        return float(self.solution(X)[0][0]), "Cole-Hopf, one-dimensional quadrature (docs/MATH.md section 17)"
 
     def truth(self, X: torch.Tensor, samples: int, seed: int) -> TestSet:
         """The quadrature's u and grad u (``samples`` and ``seed``, the Monte Carlo's, are unused:
