@@ -11,9 +11,9 @@ from closed_forms import LayeredQuadratic, LayeredSin, SinWave
 from test_estimators import NEEDS, NEEDS_T, ST, SX, assert_within_se, points, repeats
 
 import dstein
-from dstein.estimators import make_spec
+from dstein.estimators import make_space, make_spec
 from dstein.estimators.sharded import deal_chunks
-from dstein.estimators.stein import partial_sums
+from dstein.estimators.stein import partial_sums, stein_estimate_halves
 from dstein.estimators.subspace import FirstLayer, InputSubspace
 from dstein.models import MLP
 
@@ -170,6 +170,26 @@ def test_recompute_gives_the_same_estimates_and_gradients(method):
         results.append([loss.detach(), *torch.autograd.grad(loss, list(model.parameters()))])
     for a, b in zip(*results, strict=True):
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["stein", "stein-antithetic", "stein-subspace"])
+def test_one_evaluation_for_all_chunks_gives_the_chunk_by_chunk_halves(method):
+    """Where gradients are kept, the chunks of both halves of a pair are evaluated at once
+    (``_fused_sums``); chunk by chunk (recomputed) gives the same estimates and parameter
+    gradients up to the rounding of the sums, on a rank's share of the chunks as on all of them."""
+    torch.manual_seed(2)
+    model = MLP(9, 8, 2).double()
+    X = points(8, True, n=5)
+    spec = make_spec(method, NEEDS_T, samples=96, sigma_x=SX, sigma_t=ST, chunk=16).at(3, 1)
+    space = make_space(model, X, spec)
+    for chunks in (range(spec.num_chunks), deal_chunks(spec.num_chunks, 1, 2)):
+        results = []
+        for recompute in (False, True):
+            first, second = stein_estimate_halves(model, X, spec, space, chunks=chunks, recompute=recompute)
+            loss = (first.u_t * second.u_t + first.lap * second.lap + first.grad_sq + first.u * second.u).sum()
+            results.append([loss.detach(), *torch.autograd.grad(loss, list(model.parameters()), retain_graph=True)])
+        for a, b in zip(*results, strict=True):
+            assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
 
 
 def test_auto_method_is_subspace_when_d_exceeds_the_width(root):

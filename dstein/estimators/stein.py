@@ -239,6 +239,21 @@ def _chunk_terms(
     (``_chunk_noise``), drawn here unless given; ``trace``: the trace's weights (``_split_weights``)."""
     z, aux = noise if noise is not None else _chunk_noise(space, spec, c, rows)
     g_plus, g_minus = space.values(z, spec.antithetic, aux)
+    return _sums_of(space, spec, z, aux, g_plus, g_minus, g0, trace)
+
+
+def _sums_of(
+    space: Space,
+    spec: SteinSpec,
+    z: torch.Tensor,
+    aux: torch.Tensor | None,
+    g_plus: torch.Tensor,
+    g_minus: torch.Tensor | None,
+    g0: torch.Tensor | None,
+    trace: tuple[torch.Tensor, torch.Tensor | None] | None,
+) -> tuple[torch.Tensor, ...]:
+    """The sums over the samples ``z`` (B, n, width) of the terms of g at them (``g_plus``,
+    ``g_minus``: (B, n)), SUM_KEYS that the spec needs, in order."""
     if g_minus is None:
         value = odd = g_plus
     else:
@@ -345,6 +360,8 @@ def _grouped_sums(
     g0 = space.center() if spec.antithetic and {"lap", "trace"} & spec.needs else None
     keys = _keys(spec.needs)
     recomputed = recompute and torch.is_grad_enabled()
+    if not recomputed and torch.is_grad_enabled() and sum(map(len, groups)) > 1:
+        return _fused_sums(space, spec, groups, rows, g0, trace, keys)
     noise = None if recomputed else _noise_in_parallel(space, spec, [c for chunks in groups for c in chunks], rows)
     out = []
     for chunks in groups:
@@ -360,6 +377,40 @@ def _grouped_sums(
             B = X.shape[0]
             sums = {k: X.new_zeros((B, space.rank) if k == "grad" else (B,)) for k in keys}
         out.append(sums)
+    return out
+
+
+def _fused_sums(
+    space: Space,
+    spec: SteinSpec,
+    groups: list[list[int]],
+    rows: tuple[int, int],
+    g0: torch.Tensor | None,
+    trace: tuple[torch.Tensor, torch.Tensor | None] | None,
+    keys: list[str],
+) -> list[dict[str, torch.Tensor]]:
+    """``_grouped_sums`` with one evaluation of g for all chunks of all groups: their noise
+    (each chunk's own, drawn as chunk by chunk) side by side, then each group's sums over its
+    columns. Where the backward pass keeps every chunk's activations anyway (gradients on, no
+    recomputation) this is the same memory in a few large operations instead of many small
+    ones; the sums over a group's samples are formed in one pass instead of chunk by chunk,
+    which changes their rounding only (docs/MATH.md section 12)."""
+    every = [c for chunks in groups for c in chunks]
+    noise = _noise_in_parallel(space, spec, every, rows) or {c: _chunk_noise(space, spec, c, rows) for c in every}
+    z = torch.cat([noise[c][0] for c in every], 1)
+    aux = None if noise[every[0]][1] is None else torch.cat([noise[c][1] for c in every], 1)
+    g_plus, g_minus = space.values(z, spec.antithetic, aux)
+    n, out, at = spec.terms_per_chunk, [], 0
+    for chunks in groups:
+        if not chunks:
+            B = space.X.shape[0]
+            out.append({k: space.X.new_zeros((B, space.rank) if k == "grad" else (B,)) for k in keys})
+            continue
+        cols = slice(at * n, (at + len(chunks)) * n)
+        at += len(chunks)
+        part = (z, aux, g_plus, g_minus) if len(chunks) == len(every) else tuple(
+            None if t is None else t[:, cols] for t in (z, aux, g_plus, g_minus))  # fmt: skip
+        out.append(dict(zip(keys, _sums_of(space, spec, *part, g0, trace), strict=True)))
     return out
 
 
