@@ -333,12 +333,24 @@ def deepspeed_config(config: Config, world_size: int) -> dict[str, Any]:
         "zero_optimization": {"stage": ds.stage_on(world_size)},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
-        "gradient_clipping": ds.gradient_clipping,
+        "gradient_clipping": 0.0 if clips_itself(config, world_size) else ds.gradient_clipping,
     }
     if ds.optimizer == "deepspeed":
         out["optimizer"] = {"type": "Adam", "params": {"lr": config.train.lr, "torch_adam": True}}
     out.update(dict(ds.extra))
     return out
+
+
+def clips_itself(config: Config, world_size: int) -> bool:
+    """Whether the step clips the gradient norm itself instead of DeepSpeed's engine: under ZeRO
+    stage 0 in the model's own precision (no fp16/bf16 in deepspeed.extra), where the
+    gradients are whole on every rank after the backward pass. The norm is then formed once,
+    as DeepSpeed forms it, and is also the step's finite check (dstein/nonfinite.py); DeepSpeed
+    would form it again and all-reduce it even over one rank."""
+    ds = config.deepspeed
+    reduced = any(isinstance(ds.extra.get(k), dict) and ds.extra[k].get("enabled") for k in ("fp16", "bf16"))
+    own = ds.gradient_clipping > 0 and ds.stage_on(world_size) == 0
+    return own and not reduced and "gradient_clipping" not in ds.extra
 
 
 def open_data(config: Config, pde: PDE, info: DistInfo) -> tuple[H5Collocation | None, TestSet]:
@@ -408,13 +420,19 @@ class Trainer:
     test: TestSet | None  # None: the PDE knows no solution away from its reference values
     dtype: torch.dtype
     run_dir: Path
-    watch: GradientWatch
+    watch: GradientWatch | None  # the local gradients' finite check (several ranks, or ZeRO's buffers)
     baselines: dict[str, dict[str, float]]  # errors of predictors that ignore x (evaluation.baselines)
     process_test: TestSet | None = None  # the test set along the forward process from the start state
     process_baselines: dict[str, dict[str, float]] | None = None  # the baselines on it
     start_baselines: dict[str, dict[str, float | str]] = field(default_factory=dict)  # at the start state
     average: WeightAverage | None = None  # train.average: the weights evaluations and model.pt use
     notes: list[str] = field(default_factory=list)  # what building did, for a fresh run's first lines
+    clip: float = 0.0  # the gradient norm the step clips to itself (clips_itself); 0: the engine's own setting
+
+    @property
+    def grads(self) -> list[torch.Tensor]:
+        """The gradients the backward pass left (DeepSpeed sets them to None after every step)."""
+        return [p.grad for p in self.engine.module.parameters() if p.grad is not None]
 
     @property
     def device(self) -> torch.device:
@@ -479,11 +497,14 @@ def build_trainer(config: Config, info: DistInfo | None = None) -> Trainer:
     make_loading_safe(engine)  # DeepSpeed would unpickle its checkpoint files with weights_only=False
     if info.world_size == 1 and not engine.zero_optimization():  # (ZeRO's optimizer reduces into its own buffers)
         engine.enable_backward_allreduce = False  # an all-reduce of every gradient over one rank: 0.5 ms a step
-    watch = GradientWatch(engine.module)
+    # the local gradients' hooks name the ranks of a non-finite one; on one rank without ZeRO's
+    # buffers the step reads the gradient norm instead (train_step)
+    watch = GradientWatch(engine.module) if info.world_size > 1 or engine.zero_optimization() else None
     return Trainer(
         config, info, pde, engine, estimator, points, test, dtype, Path(config.run.dir), watch,
         baselines(pde, test) if test is not None else {},
         process_test, baselines(pde, process_test) if process_test is not None else None,
         start_baselines=start_baselines(pde), notes=notes,
         average=WeightAverage(engine.module, config.train.average) if config.train.average else None,
+        clip=config.deepspeed.gradient_clipping if clips_itself(config, info.world_size) else 0.0,
     )  # fmt: skip

@@ -2,12 +2,15 @@
 
 All ranks see it together: the loss terms are all-reduced before the backward pass (a NaN
 anywhere makes every rank's sum NaN), and tensor hooks (``GradientWatch``) note a
-non-finite LOCAL gradient before DeepSpeed reduces the gradients. ``skip_or_stop`` then
-applies ``train.nonfinite``: report and go on, or stop with ``RunStopped``.
+non-finite LOCAL gradient before DeepSpeed reduces the gradients. On one rank there is no
+one to agree with and no one to name: the loss terms and the gradient norm that clipping
+forms anyway (``gradient_norm``) are read once, after the backward pass. ``skip_or_stop``
+then applies ``train.nonfinite``: report and go on, or stop with ``RunStopped``.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -57,6 +60,30 @@ class GradientWatch:
     @property
     def bad(self) -> bool:
         return self.finite is not None and not bool(self.finite)
+
+
+def gradient_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of all ``grads`` as one vector, formed as DeepSpeed's clipping forms it (the
+    square root of the sum of the squared per-tensor norms, in float32), so that clipping
+    with it rounds as DeepSpeed's did; not finite exactly when some entry is not (or the
+    squares overflow float32, a gradient no step should take either)."""
+    norms = torch._foreach_norm(grads)  # one call for all tensors (as torch.nn.utils.get_total_norm)
+    return torch.stack(norms).float().pow(2).sum().float().pow(0.5)
+
+
+def clip_to(grads: list[torch.Tensor], norm: torch.Tensor, max_norm: float) -> None:
+    """Scale ``grads`` (in place) by ``min(1, max_norm / (norm + 1e-6))``, DeepSpeed's rule."""
+    limit = torch.tensor(float(max_norm), dtype=torch.float32, device=norm.device)  # (a float / tensor would
+    coef = torch.clamp(limit / (norm + 1e-6), max=1.0)  # multiply by the reciprocal: another rounding)
+    torch._foreach_mul_(grads, coef)
+
+
+def first_bad(names: list[str], values: list[float]) -> str | None:
+    """The first of ``names`` whose value is not finite; "loss" when only the total (the first
+    value) is not; None when all are."""
+    if all(math.isfinite(v) for v in values):
+        return None
+    return next((n for n, v in zip(names[1:], values[1:], strict=True) if not math.isfinite(v)), "loss")
 
 
 def ranks_with(flag: bool, info: DistInfo) -> tuple[int, ...]:

@@ -16,6 +16,7 @@ Everything is built by ``dstein.build``; this module only runs it.
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -41,7 +42,15 @@ from dstein.faults import fault_loss
 from dstein.files import write_json_atomic, write_text_atomic
 from dstein.metrics import MetricsLog, Progress, Scalars
 from dstein.noise import Streams
-from dstein.nonfinite import StepResult, first_nonfinite, ranks_with, skip_or_stop
+from dstein.nonfinite import (
+    StepResult,
+    clip_to,
+    first_bad,
+    first_nonfinite,
+    gradient_norm,
+    ranks_with,
+    skip_or_stop,
+)
 from dstein.pdes import PDE
 from dstein.report import finish_run
 from dstein.rundir import lock_on_rank0, release
@@ -145,21 +154,39 @@ def train_step(tr: Trainer, step: int, critical: Callable[[], Any] = contextlib.
     terms = fault_loss(loss_terms(tr.model, tr.pde, tr.estimator, points, step, unbiased=unbiased), step + 1, info.rank)
     loss = total_loss(terms, cfg.train.condition_weight)
     local = torch.stack([loss.detach(), *(v.detach() for v in terms.values())]).double()
-    # each point group's terms are held by its sample_group_size ranks; a NaN anywhere
-    # makes every rank's sum NaN, so all ranks take the same branch below
-    total = sum_values(local) / info.sample_group_size
-    result = StepResult(dict(zip(["loss", *terms], total.tolist(), strict=True)), lr)
-    if not bool(torch.isfinite(total).all()):
-        result.fault, result.ranks = first_nonfinite(terms, local, info)
-        return result
-    tr.watch.reset()
-    tr.engine.backward(loss * tr.estimator.loss_scale(info.world_size, info.sample_group_size))
-    ranks = ranks_with(tr.watch.bad, info)
-    if ranks:
-        tr.engine.optimizer.zero_grad()  # drop the reduced gradients: this step is not applied
-        tr.engine.zero_grad()
-        result.fault, result.ranks = "gradient", ranks
-        return result
+    names = ["loss", *terms]
+    scaled = loss * tr.estimator.loss_scale(info.world_size, info.sample_group_size)
+    if tr.watch is None:  # one rank: the terms and the gradient norm read together, after the backward pass
+        tr.engine.backward(scaled)
+        grads = tr.grads
+        norm = gradient_norm(grads)
+        values = torch.cat([local, norm.double().reshape(1)]).tolist()
+        result = StepResult(dict(zip(names, values[:-1], strict=True)), lr)
+        result.fault = first_bad(names, values[:-1]) or ("gradient" if not math.isfinite(values[-1]) else None)
+        if result.fault is not None:
+            result.ranks = (info.rank,)
+            tr.engine.zero_grad()  # this step is not applied
+            return result
+        if tr.clip:
+            clip_to(grads, norm, tr.clip)
+    else:
+        # each point group's terms are held by its sample_group_size ranks; a NaN anywhere
+        # makes every rank's sum NaN, so all ranks take the same branch below
+        total = sum_values(local) / info.sample_group_size
+        result = StepResult(dict(zip(names, total.tolist(), strict=True)), lr)
+        if not bool(torch.isfinite(total).all()):
+            result.fault, result.ranks = first_nonfinite(terms, local, info)
+            return result
+        tr.watch.reset()
+        tr.engine.backward(scaled)
+        ranks = ranks_with(tr.watch.bad, info)
+        if ranks:
+            tr.engine.optimizer.zero_grad()  # drop the reduced gradients: this step is not applied
+            tr.engine.zero_grad()
+            result.fault, result.ranks = "gradient", ranks
+            return result
+        if tr.clip:
+            clip_to(tr.grads, gradient_norm(tr.grads), tr.clip)
     with critical():
         tr.engine.step()
         if tr.average is not None:

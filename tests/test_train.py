@@ -126,14 +126,15 @@ def test_fused_adam_is_used_and_trains_alike(zero, tmp_path):
 
 
 def test_deepspeed_clips_the_gradient_norm_as_configured(tmp_path):
-    """deepspeed.gradient_clipping reaches the engine: 1.0 by default (DeepSpeed's own
-    default, which runs used before the setting existed), 0 turns clipping off, and the
-    optimizer steps with the gradient clipped to that norm (seen from inside its step)."""
+    """deepspeed.gradient_clipping: 1.0 by default (DeepSpeed's own default, which runs used
+    before the setting existed), 0 turns clipping off, and the optimizer steps with the
+    gradient clipped to that norm (seen from inside its step). Under ZeRO stage 0 the step
+    clips itself (its norm is also the finite check) and the engine does not clip again."""
     norms = {}
     for clip in (None, 0.0, 1e-3):
         extra = [] if clip is None else [f"deepspeed.gradient_clipping={clip}"]
         tr = build_trainer(small_config("quickstart.yaml", tmp_path / str(clip), *extra, *SMALL_NET))
-        assert tr.engine.gradient_clipping() == (1.0 if clip is None else clip)
+        assert tr.clip == (1.0 if clip is None else clip) and tr.engine.gradient_clipping() == 0
         optimizer, step = tr.engine.optimizer, tr.engine.optimizer.step
 
         def recorded(*args, clip=clip, optimizer=optimizer, step=step, **kwargs):
