@@ -451,6 +451,12 @@ class Trainer:
         return self.engine.optimizer
 
 
+#: train.adam: "auto" steps all parameters in a few multi-tensor operations (torch's default on
+#: CUDA; on a CPU it would loop over them, about 0.1 ms a step more for the same numbers: bit for
+#: bit, checked in tests/test_train.py); "fused" in one kernel per parameter group (another rounding).
+ADAM_KERNELS: dict[str, dict[str, bool | None]] = {"auto": {"foreach": True}, "fused": {"fused": True}}
+
+
 def build_trainer(config: Config, info: DistInfo | None = None) -> Trainer:
     """Join the ranks, build PDE, model, DeepSpeed engine, estimator and data."""
     import deepspeed  # slow to import: only where an engine is built
@@ -488,7 +494,7 @@ def build_trainer(config: Config, info: DistInfo | None = None) -> Trainer:
     optimizer = (
         None
         if config.deepspeed.optimizer == "deepspeed"
-        else torch.optim.Adam(model.parameters(), lr=config.train.lr, fused=config.train.adam == "fused" or None)
+        else torch.optim.Adam(model.parameters(), lr=config.train.lr, **ADAM_KERNELS[config.train.adam])
     )
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, model_parameters=model.parameters(),
