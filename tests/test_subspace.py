@@ -146,6 +146,26 @@ def test_subspace_laplacian_variance_is_5x_lower_at_d_1000():
     assert torch.all(ratio > 5), ratio
 
 
+@pytest.mark.parametrize("d, rank, cholesky", [(40, 8, True), (40, 5, False), (6, 6, False)])
+def test_the_scaled_basis_is_orthonormal_and_spans_the_row_space(d, rank, cholesky):
+    """``V = Wx^T scaled_basis(Wx Wx^T)`` is an orthonormal basis of Wx's row space: from the
+    Cholesky factor where the first layer has full rank width (B = L^-T, upper triangular), from
+    the eigendecomposition where it has not (d < width, or rank-deficient weights)."""
+    from dstein.estimators.subspace import scaled_basis
+
+    gen = torch.Generator().manual_seed(d + rank)
+    width = 8
+    Wx = (torch.randn(width, rank, generator=gen, dtype=torch.float64)
+          @ torch.randn(rank, d, generator=gen, dtype=torch.float64)) / d  # fmt: skip
+    B = scaled_basis(Wx @ Wx.T)
+    V = Wx.T @ B
+    assert V.shape == (d, rank)
+    assert torch.allclose(V.T @ V, torch.eye(rank, dtype=torch.float64), atol=1e-10)
+    projected = Wx @ V @ V.T  # each row of Wx lies in span(V)
+    assert torch.allclose(projected, Wx, atol=1e-10)
+    assert torch.equal(B, B.triu()) is cholesky
+
+
 def test_subspace_partial_sums_add_up_over_ranks():
     fn, X = MLP(8, 5, 2).double(), points(7, True, n=4)
     spec = make_spec("stein-subspace", NEEDS_T, samples=96, sigma_x=SX, sigma_t=ST, chunk=16)

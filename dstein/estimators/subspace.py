@@ -125,6 +125,31 @@ def row_basis(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return U[:, keep].to(gram.dtype), s2[keep].sqrt().to(gram.dtype)
 
 
+def scaled_basis(gram: torch.Tensor) -> torch.Tensor:
+    """``B`` (width x r) such that ``V = Wx^T B`` is an orthonormal basis of the row space of
+    ``Wx``, from the Gram matrix ``G = Wx Wx^T`` (float64 inside; no gradient).
+
+    Where every eigenvalue of G is above ``RANK_RTOL`` times the largest (``row_basis`` would
+    keep all of them), ``B = L^-T`` for the Cholesky factor ``G = L L^T``: ``V^T V = L^-1 G
+    L^-T = I``. That is certain once ``1 / |B|_F^2`` (at most the smallest eigenvalue) exceeds
+    ``RANK_RTOL tr G`` (at least that fraction of the largest); a Cholesky factorization and a
+    triangular inverse cost about a seventh of the eigendecomposition at width 128
+    (docs/benchmarks.md). Otherwise (a first layer of lower rank, d < width, or a
+    poorly conditioned one) ``U / s`` from ``row_basis``. Both span the same space; the
+    basis differs by a rotation, under which z ~ N(0, I_r) has the same law (docs/MATH.md
+    section 10)."""
+    with torch.no_grad():
+        G = gram.detach().double()
+        L, info = torch.linalg.cholesky_ex(G)
+        if not int(info):
+            eye = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
+            B = torch.linalg.solve_triangular(L, eye, upper=False).T  # L^-T
+            if 1.0 / float((B * B).sum()) > RANK_RTOL * float(G.diagonal().sum()):
+                return B.to(gram.dtype)
+        U, s = row_basis(G)
+        return (U / s).to(gram.dtype)
+
+
 class InputSubspace(NoiseOfZ):
     """The space of the subspace estimator (a ``base.Space``, like ``stein.FullSpace``)."""
 
@@ -155,18 +180,18 @@ class InputSubspace(NoiseOfZ):
         param = self.param = layer.weight
         self.c, self.ct = input_scales(model, self.d)
         if cache is not None and cache.get("weight") is param and cache.get("version") == param._version:
-            G, U, s = cache["basis"]  # computed for another set of points of the same loss
+            G, Us = cache["basis"]  # computed for another set of points of the same loss
             self.P, self.wt = FirstLayer.apply(param, X, self.d, self.c, self.ct, False)
         else:
             self.P, self.wt, G = FirstLayer.apply(param, X, self.d, self.c, self.ct, True)
-            U, s = row_basis(G)  # G: the only O(k^2 d) product
+            Us = scaled_basis(G)  # G: the only O(k^2 d) product
             if cache is not None:
-                cache.update(weight=param, version=param._version, basis=(G, U, s))
-        self.Us, self.G = U / s, G
+                cache.update(weight=param, version=param._version, basis=(G, Us))
+        self.Us, self.G = Us, G
         self._along: tuple | None = None  # (directions, what along() needs of them alone)
         self._trace: tuple | None = None  # (trace weights' deviations, the matrix weighted_sq needs of them)
         self.shares = shares  # ranks that each compute the whole of what follows from the summed estimates
-        self.rank = U.shape[1]
+        self.rank = Us.shape[1]
         self.Mx = (G @ self.Us) * spec.sigma_x  # (k, r): differentiable in Wx, V constant
 
     def center(self) -> torch.Tensor:
