@@ -94,12 +94,14 @@ class TwoBody(ExactPDE):
         psi, x_grad, lap = (x.new_zeros(x.shape[0]) for _ in range(3))
         terms = max(1, SOURCE_BLOCK // max(1, x.shape[0]))
         for lo in range(0, self.dim - 1, terms):
-            c = self.coeffs[lo : lo + terms]
-            xs = x[:, lo : lo + c.shape[0] + 1]
-            block_psi, block_lap, grad_a, grad_b = self._terms(xs, c)
-            psi += block_psi
-            lap += block_lap
-            x_grad += (xs[:, :-1] * grad_a + xs[:, 1:] * grad_b).sum(1)
+            xs = x[:, lo : lo + min(terms, self.dim - 1 - lo) + 1]
+            theta, da, db, _, _, c = self._parts(xs, self.coeffs[lo : lo + terms])
+            a, b = xs[:, :-1], xs[:, 1:]
+            cs, cco = c * torch.sin(theta), c * torch.cos(theta)
+            # theta_aa + theta_bb = -(b cos a + cos b) = a - theta: two operations instead of five
+            psi += cs.sum(1)
+            lap += (cco * (a - theta) - cs * (da * da + db * db)).sum(1)
+            x_grad += (cco * (a * da + b * db)).sum(1)
         return psi, x_grad, lap
 
     def exact(self, X: torch.Tensor) -> torch.Tensor:
