@@ -1,4 +1,4 @@
-# Sourced by the lent-GPU scripts (gpu_check.sh, gpu_peers.sh): from the repository root,
+# Sourced by the lent-GPU scripts (gpu_check.sh, gpu_peers.sh, gpu_floor.sh): from the repository root,
 # install the wheels carried in .whl/ (launch/gpu_wheels.sh: what the GPU image lacks) into
 # /tmp/site, put them on PYTHONPATH, and set OUT (the device tool's output folder, or here).
 set -euo pipefail
