@@ -179,14 +179,23 @@ def train_step(tr: Trainer, step: int, critical: Callable[[], Any] = contextlib.
             return result
         tr.watch.reset()
         tr.engine.backward(scaled)
-        ranks = ranks_with(tr.watch.bad, info)
+        # under ZeRO stage 0 every rank now holds the same summed gradients: their norm (which
+        # clipping needs anyway) is not finite on all ranks alike exactly when some rank's local
+        # gradient was not, so the ranks are asked which only then; ZeRO's partitions ask always
+        # (a sum that overflowed from finite shares names them all)
+        if tr.clip:
+            norm = gradient_norm(tr.grads)
+            everyone = tuple(range(info.world_size))
+            ranks = () if math.isfinite(float(norm)) else ranks_with(tr.watch.bad, info) or everyone
+        else:
+            norm, ranks = None, ranks_with(tr.watch.bad, info)
         if ranks:
             tr.engine.optimizer.zero_grad()  # drop the reduced gradients: this step is not applied
             tr.engine.zero_grad()
             result.fault, result.ranks = "gradient", ranks
             return result
-        if tr.clip:
-            clip_to(tr.grads, gradient_norm(tr.grads), tr.clip)
+        if norm is not None:
+            clip_to(tr.grads, norm, tr.clip)
     with critical():
         tr.engine.step()
         if tr.average is not None:
