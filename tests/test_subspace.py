@@ -157,7 +157,8 @@ def test_the_scaled_basis_is_orthonormal_and_spans_the_row_space(d, rank, choles
     width = 8
     Wx = (torch.randn(width, rank, generator=gen, dtype=torch.float64)
           @ torch.randn(rank, d, generator=gen, dtype=torch.float64)) / d  # fmt: skip
-    B = scaled_basis(Wx @ Wx.T)
+    B = scaled_basis(Wx @ Wx.T, d)
+    assert torch.equal(B, scaled_basis(Wx @ Wx.T))  # knowing d < width only skips a factorization that fails
     V = Wx.T @ B
     assert V.shape == (d, rank)
     assert torch.allclose(V.T @ V, torch.eye(rank, dtype=torch.float64), atol=1e-10)

@@ -125,7 +125,7 @@ def row_basis(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return U[:, keep].to(gram.dtype), s2[keep].sqrt().to(gram.dtype)
 
 
-def scaled_basis(gram: torch.Tensor) -> torch.Tensor:
+def scaled_basis(gram: torch.Tensor, columns: int | None = None) -> torch.Tensor:
     """``B`` (width x r) such that ``V = Wx^T B`` is an orthonormal basis of the row space of
     ``Wx``, from the Gram matrix ``G = Wx Wx^T`` (float64 inside; no gradient).
 
@@ -137,10 +137,11 @@ def scaled_basis(gram: torch.Tensor) -> torch.Tensor:
     (docs/benchmarks.md). Otherwise (a first layer of lower rank, d < width, or a
     poorly conditioned one) ``U / s`` from ``row_basis``. Both span the same space; the
     basis differs by a rotation, under which z ~ N(0, I_r) has the same law (docs/MATH.md
-    section 10)."""
+    section 10). ``columns``: Wx's, where known (fewer than its rows: no full rank, no Cholesky)."""
     with torch.no_grad():
         G = gram.detach().double()
-        L, info = torch.linalg.cholesky_ex(G)
+        full = columns is None or columns >= G.shape[0]
+        L, info = torch.linalg.cholesky_ex(G) if full else (G, 1)
         if not int(info):
             eye = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
             B = torch.linalg.solve_triangular(L, eye, upper=False).T  # L^-T
@@ -184,7 +185,7 @@ class InputSubspace(NoiseOfZ):
             self.P, self.wt = FirstLayer.apply(param, X, self.d, self.c, self.ct, False)
         else:
             self.P, self.wt, G = FirstLayer.apply(param, X, self.d, self.c, self.ct, True)
-            Us = scaled_basis(G)  # G: the only O(k^2 d) product
+            Us = scaled_basis(G, self.d)  # G: the only O(k^2 d) product
             if cache is not None:
                 cache.update(weight=param, version=param._version, basis=(G, Us))
         self.Us, self.G = Us, G
