@@ -149,6 +149,38 @@ def test_deepspeed_clips_the_gradient_norm_as_configured(tmp_path):
     assert norms[1e-3] == pytest.approx(1e-3, rel=1e-3)
 
 
+@pytest.mark.parametrize("max_norm", [1e-3, 1e3])
+def test_the_steps_clipping_is_deepspeeds_bit_for_bit(tmp_path, max_norm):
+    """The norm the step forms (and checks for finiteness) and its scaling of the gradients are
+    DeepSpeed's clip_grad_norm_ to the last bit, clipping (1e-3) or not (1e3), so that runs
+    clip as they did when DeepSpeed's engine clipped; a NaN or an infinity anywhere makes the
+    norm non-finite."""
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    from dstein.nonfinite import clip_to, gradient_norm
+
+    build_trainer(small_config("quickstart.yaml", tmp_path, *SMALL_NET))  # joins the one-rank group
+    gen = torch.Generator().manual_seed(5)
+    shapes = ((32, 11), (32,), (32, 32), (1, 32), (1,))
+    for _ in range(50):  # roundings differ in a few draws only: many draws, every one equal
+        params = [torch.nn.Parameter(torch.zeros(shape)) for shape in shapes]
+        scales = torch.exp(4 * torch.randn(len(shapes), generator=gen))
+        grads = [torch.randn(shape, generator=gen) * scale for shape, scale in zip(shapes, scales, strict=True)]
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g.clone()
+        theirs = clip_grad_norm_(params, max_norm)
+        ours = [g.clone() for g in grads]
+        norm = gradient_norm(ours)
+        clip_to(ours, norm, max_norm)
+        assert torch.equal(norm.reshape(()), theirs.reshape(()))
+        for p, g in zip(params, ours, strict=True):
+            assert torch.equal(p.grad, g)
+    for bad in (float("nan"), float("inf")):
+        spoiled = [g.clone() for g in grads]
+        spoiled[2][7, 3] = bad
+        assert not torch.isfinite(gradient_norm(spoiled))
+
+
 def test_learning_rate_decays_linearly_to_zero():
     assert [lr_factor(s, 4) for s in range(5)] == [1.0, 0.75, 0.5, 0.25, 0.0]
 
