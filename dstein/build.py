@@ -27,7 +27,7 @@ from dstein.estimators.constraint import OutputTransform
 from dstein.estimators.sharded import Estimator, Shard, rank_memory_bytes
 from dstein.estimators.stein import precision_problem
 from dstein.evaluation import baselines, start_baselines
-from dstein.models import MLP, RadialMLP, radial_phi
+from dstein.models import MLP, QuadraticMLP, RadialMLP, radial_phi
 from dstein.noise import Streams, counter_seed, default_chunk
 from dstein.nonfinite import GradientWatch
 from dstein.output_init import fit_output_bias
@@ -262,6 +262,8 @@ def build_model(
     if m.family == "radial":
         model: MLP = RadialMLP(pde.in_dim, pde.dim, m.width, m.depth, m.activation, shift, scale, m.input_scale,
                                m.radial_feature, m.output_scale)  # fmt: skip
+    elif m.family == "quadratic":
+        model = QuadraticMLP(pde.in_dim, pde.dim, m.width, m.depth, m.activation, m.input_scale, m.output_scale)
     else:
         model = MLP(pde.in_dim, m.width, m.depth, m.activation, m.input_scale, pde.dim, m.output_scale)
     return model.to(device=device, dtype=dtype)

@@ -111,8 +111,11 @@ class ModelConfig:
     family: str = "mlp"
     """mlp: the plain MLP (its input gradient lies in the row space of its first layer: at most
     model.width directions); radial: the MLP whose first layer also sees |x|^2 (standardized),
-    so that its gradient may point along x in any d (dstein/models.py, README's model families).
-    Both take every method, stein-subspace included."""
+    so that its gradient may point along x in any d (dstein/models.py, README's model families);
+    quadratic: the MLP whose first layer also sees x's squared coordinates through weights of
+    its own, Q (x * x), so that its gradient may turn with x in directions of its own (a * x)
+    in any d. mlp and radial take every method; quadratic every method but stein-subspace
+    (estimator.method=auto picks stein-antithetic for it)."""
     radial_feature: str = "square"
     """What of |x|^2 the radial family's first layer sees (standardized over the training
     points): square, |x|^2 itself; log, log(1 + |x|^2), which resolves small |x| where |x|^2
@@ -507,7 +510,14 @@ class Config:
     def __post_init__(self) -> None:
         _check(self.seed >= 0, f"seed={self.seed} must be >= 0")
         if self.estimator.method == "auto":  # the subspace pays where the row space is smaller than R^d
-            self.estimator.method = "stein-subspace" if self.pde.dim > self.model.width else "stein-antithetic"
+            subspace = self.pde.dim > self.model.width and self.model.family != "quadratic"
+            self.estimator.method = "stein-subspace" if subspace else "stein-antithetic"
+        _check(
+            self.model.family != "quadratic" or self.estimator.method != "stein-subspace",
+            "estimator.method=stein-subspace cannot follow a perturbation through model.family=quadratic (its "
+            "first layer's Q (delta * delta) depends on every coordinate of the perturbation): use stein-antithetic, "
+            "or model.family=radial or mlp",
+        )
         _check(
             self.estimator.laplacian == "stein" or self.estimator.method in (*PAIRED_METHODS, "autograd", "hutchinson"),
             f"estimator.laplacian=difference needs antithetic pairs: estimator.method={self.estimator.method} has none "

@@ -153,13 +153,36 @@ def floor_sums(
             target = target - f.unsqueeze(1) * constraint.B_grad.detach().double()
     outside = target - (target @ V) @ V.T
     directions = getattr(model, "gradient_directions", None)
-    extra = directions(X) if callable(directions) else None
-    if extra is not None:  # per-point directions beyond the row space (the radial family's x)
-        for e in extra.detach().double().to(V.device).unbind(1):
-            e = e - (e @ V) @ V.T
-            e = e / e.norm(dim=1, keepdim=True).clamp_min(1e-300)
-            outside = outside - (outside * e).sum(1, keepdim=True) * e
+    if callable(directions):  # per-point directions beyond the row space, in blocks of points
+        parts = []
+        for lo in range(0, X.shape[0], FLOOR_BLOCK):
+            extra = directions(X[lo : lo + FLOOR_BLOCK])
+            if extra is None:
+                break
+            parts.append(_outside_of(outside[lo : lo + FLOOR_BLOCK], extra.detach().double().to(V.device), V))
+        if parts:
+            outside = torch.cat(parts)
     return torch.stack([(outside * outside).sum(), (grad_true.double() * grad_true.double()).sum()]).cpu()
+
+
+#: Points per block of the per-point directions (the quadratic family's are width x d each).
+FLOOR_BLOCK = 64
+
+
+def _outside_of(outside: torch.Tensor, extra: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """``outside`` (B, d), already orthogonal to span(V), less its projection onto the span of
+    each point's directions ``extra`` (B, m, d): one direction (the radial family's x) by
+    normalizing it, several (the quadratic family's rows of Q diag(x)) by an orthonormal basis
+    from a QR factorization, directions that add nothing (|R_jj| below 1e-10 of the largest)
+    left out."""
+    e = extra - (extra @ V) @ V.T
+    if e.shape[1] == 1:
+        e = e[:, 0] / e[:, 0].norm(dim=1, keepdim=True).clamp_min(1e-300)
+        return outside - (outside * e).sum(1, keepdim=True) * e
+    Q, R = torch.linalg.qr(e.transpose(1, 2))  # (B, d, m) orthonormal columns
+    size = R.diagonal(dim1=1, dim2=2).abs()
+    Q = Q * (size > 1e-10 * size.amax(1, keepdim=True).clamp_min(1e-300)).unsqueeze(1)
+    return outside - (Q @ (Q.transpose(1, 2) @ outside.unsqueeze(2))).squeeze(2)
 
 
 def evaluate(

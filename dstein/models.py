@@ -8,6 +8,11 @@
   (standardized over the training points). Its gradient lies in the row space plus the
   point's own direction x, so it represents functions of |x|^2 (and of ``Wx x``) in any d,
   with the same number of weights plus ``width``.
+- ``quadratic``: the MLP whose first layer also sees the squares of x's coordinates through
+  weights of its own, ``Q (x * x)``. Its gradient ``Wx' g + 2 (Q' g) * x`` lies, at each point,
+  in the span of Wx's rows and of the rows of ``Q diag(x)``: gradients that turn with x and
+  are not radial (``a * x`` for per-coordinate weights a) take one row of Q, in any d, for
+  twice the first layer's weights (docs/MATH.md section 20).
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ class Scale(nn.Module):
 
 
 ACTIVATIONS = {"tanh": nn.Tanh, "sin": Sine, "gelu": nn.GELU, "silu": nn.SiLU, "softplus": nn.Softplus}
-FAMILIES = ("mlp", "radial")
+FAMILIES = ("mlp", "radial", "quadratic")
 
 
 class MLP(nn.Module):
@@ -60,6 +65,9 @@ class MLP(nn.Module):
 
     #: ``model(X) == body(input_layer(X))``: what the subspace estimator relies on.
     linear_input = True
+    #: Whether ``pre_activation(X) = input_weight() X + b (+ a * q(|x|^2))``, so that the
+    #: full-space estimators may perturb the pre-activation instead of X (stein.layered).
+    layered_input = True
     column_scale: torch.Tensor
 
     def __init__(
@@ -173,3 +181,36 @@ class RadialMLP(MLP):
 
     def quadratic_feature(self) -> QuadraticFeature:
         return QuadraticFeature(self.radial.weight[:, 0], self.q_shift, self.q_scale, self.dim, self.kind)
+
+
+class QuadraticMLP(MLP):
+    """An MLP whose first layer also sees the squares of x's coordinates (family ``quadratic``):
+    ``pre_activation = input_layer(s x, t) + s quadratic(x * x)``, s = ``input_scale`` on the
+    squares too (not s^2: they are all positive, so a change of Q by the learning rate in
+    every entry moves the pre-activation by about s d lr, the same as a coherent change of W;
+    muP's reason). ``dim``: the spatial columns of X (time, if any, follows).
+
+    Neither estimator shortcut applies: the full-space estimators perturb X itself (the
+    pre-activation's change holds ``Q (delta * delta)``), and stein-subspace is refused (that
+    term depends on every coordinate of the perturbation, not on its projection onto a few
+    directions)."""
+
+    linear_input = False
+    layered_input = False
+
+    def __init__(
+        self, in_dim: int, dim: int, width: int, depth: int, activation: str = "tanh", input_scale: float = 1.0,
+        output_scale: float = 1.0,
+    ):  # fmt: skip
+        super().__init__(in_dim, width, depth, activation, input_scale, dim, output_scale)
+        self.dim = dim
+        self.quadratic = nn.Linear(dim, width, bias=False)
+
+    def pre_activation(self, X: torch.Tensor) -> torch.Tensor:
+        x = X[:, : self.dim]
+        return super().pre_activation(X) + self.quadratic(x * x) * self.input_scale
+
+    def gradient_directions(self, X: torch.Tensor) -> torch.Tensor:
+        """The rows of ``Q diag(x)`` (B, width, d): with Wx's rows, the directions the input
+        gradient can take at each point (``2 s (Q' g) * x``, g the gradient at the pre-activation)."""
+        return self.quadratic.weight.unsqueeze(0) * X[:, : self.dim].unsqueeze(1)

@@ -94,6 +94,8 @@ def layered(model: torch.nn.Module) -> tuple | None:
     """``(pre_activation, input_weight, body, quadratic_feature)`` of a model that is
     ``body(pre_activation(X))`` with ``pre_activation(X) = input_weight() X + b`` (plus, with a
     quadratic feature, ``a * q(|x|^2)``): dstein.models.MLP and RadialMLP. None otherwise."""
+    if not getattr(model, "layered_input", True):  # (the quadratic family: Q (x * x) per coordinate)
+        return None
     parts = [getattr(model, name, None) for name in ("pre_activation", "input_weight", "body", "quadratic_feature")]
     return tuple(parts) if all(callable(p) for p in parts) else None
 
