@@ -184,18 +184,19 @@ def train_step(tr: Trainer, step: int, critical: Callable[[], Any] = contextlib.
         # gradient was not, so the ranks are asked which only then; ZeRO's partitions ask always
         # (a sum that overflowed from finite shares names them all)
         if tr.clip:
-            norm = gradient_norm(tr.grads)
+            grads = tr.grads
+            norm = gradient_norm(grads)
             everyone = tuple(range(info.world_size))
             ranks = () if math.isfinite(float(norm)) else ranks_with(tr.watch.bad, info) or everyone
         else:
-            norm, ranks = None, ranks_with(tr.watch.bad, info)
+            ranks = ranks_with(tr.watch.bad, info)
         if ranks:
             tr.engine.optimizer.zero_grad()  # drop the reduced gradients: this step is not applied
             tr.engine.zero_grad()
             result.fault, result.ranks = "gradient", ranks
             return result
-        if norm is not None:
-            clip_to(tr.grads, norm, tr.clip)
+        if tr.clip:
+            clip_to(grads, norm, tr.clip)
     with critical():
         tr.engine.step()
         if tr.average is not None:

@@ -140,13 +140,13 @@ def scaled_basis(gram: torch.Tensor, columns: int | None = None) -> torch.Tensor
     section 10). ``columns``: Wx's, where known (fewer than its rows: no full rank, no Cholesky)."""
     with torch.no_grad():
         G = gram.detach().double()
-        full = columns is None or columns >= G.shape[0]
-        L, info = torch.linalg.cholesky_ex(G) if full else (G, 1)
-        if not int(info):
-            eye = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
-            B = torch.linalg.solve_triangular(L, eye, upper=False).T  # L^-T
-            if 1.0 / float((B * B).sum()) > RANK_RTOL * float(G.diagonal().sum()):
-                return B.to(gram.dtype)
+        if columns is None or columns >= G.shape[0]:
+            L, info = torch.linalg.cholesky_ex(G)
+            if not int(info):
+                eye = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
+                B = torch.linalg.solve_triangular(L, eye, upper=False).T  # L^-T
+                if 1.0 / float((B * B).sum()) > RANK_RTOL * float(G.diagonal().sum()):
+                    return B.to(gram.dtype)
         U, s = row_basis(G)
         return (U / s).to(gram.dtype)
 

@@ -59,24 +59,23 @@ class TwoBody(ExactPDE):
 
     # -- the exact solution ---------------------------------------------------------------
     def _parts(self, x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """theta_i, its first and second derivatives along x_i (a) and x_{i+1} (b), for the
-        terms of coefficients ``c`` (x: their columns and one more). The sines and cosines
-        of x are taken once: a and b are overlapping slices of x."""
+        """theta_i and its first derivatives along x_i (a) and x_{i+1} (b), for the terms of
+        coefficients ``c`` (x: their columns and one more). The sines and cosines of x are
+        taken once: a and b are overlapping slices of x."""
         cos_x, sin_x = torch.cos(x), torch.sin(x)
         a, b = x[:, :-1], x[:, 1:]
-        cos_a, sin_a, cos_b, sin_b = cos_x[:, :-1], sin_x[:, :-1], cos_x[:, 1:], sin_x[:, 1:]
-        theta = a + cos_b + b * cos_a
-        da, db = 1 - b * sin_a, cos_a - sin_b
-        daa, dbb = -b * cos_a, -cos_b
-        return theta, da, db, daa, dbb, c.to(x)
+        theta = a + cos_x[:, 1:] + b * cos_x[:, :-1]
+        da, db = 1 - b * sin_x[:, :-1], cos_x[:, :-1] - sin_x[:, 1:]
+        return theta, da, db, c.to(x)
 
     def _terms(self, x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """For the terms of coefficients ``c`` (x: their columns and one more): their sums psi
-        and lap psi (B,), and each term's gradient along its a and its b (B, terms)."""
-        theta, da, db, daa, dbb, c = self._parts(x, c)
-        s, cco = torch.sin(theta), c * torch.cos(theta)
-        psi = (c * s).sum(1)
-        lap = (cco * (daa + dbb) - c * s * (da * da + db * db)).sum(1)
+        and lap psi (B,), and each term's gradient along its a and its b (B, terms). The second
+        derivatives theta_aa + theta_bb = -(b cos a + cos b) are a - theta."""
+        theta, da, db, c = self._parts(x, c)
+        cs, cco = c * torch.sin(theta), c * torch.cos(theta)
+        psi = cs.sum(1)
+        lap = (cco * (x[:, :-1] - theta) - cs * (da * da + db * db)).sum(1)
         return psi, lap, cco * da, cco * db
 
     def _psi(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -95,17 +94,14 @@ class TwoBody(ExactPDE):
         terms = max(1, SOURCE_BLOCK // max(1, x.shape[0]))
         for lo in range(0, self.dim - 1, terms):
             xs = x[:, lo : lo + min(terms, self.dim - 1 - lo) + 1]
-            theta, da, db, _, _, c = self._parts(xs, self.coeffs[lo : lo + terms])
-            a, b = xs[:, :-1], xs[:, 1:]
-            cs, cco = c * torch.sin(theta), c * torch.cos(theta)
-            # theta_aa + theta_bb = -(b cos a + cos b) = a - theta: two operations instead of five
-            psi += cs.sum(1)
-            lap += (cco * (a - theta) - cs * (da * da + db * db)).sum(1)
-            x_grad += (cco * (a * da + b * db)).sum(1)
+            block_psi, block_lap, grad_a, grad_b = self._terms(xs, self.coeffs[lo : lo + terms])
+            psi += block_psi
+            lap += block_lap
+            x_grad += (xs[:, :-1] * grad_a + xs[:, 1:] * grad_b).sum(1)
         return psi, x_grad, lap
 
     def exact(self, X: torch.Tensor) -> torch.Tensor:
-        theta, *_, c = self._parts(X, self.coeffs)
+        theta, _, _, c = self._parts(X, self.coeffs)
         return (1 - (X * X).sum(1)) * (c * torch.sin(theta)).sum(1)
 
     def exact_grad(self, X: torch.Tensor) -> torch.Tensor:
