@@ -27,7 +27,7 @@ from dstein.estimators.constraint import OutputTransform
 from dstein.estimators.sharded import Estimator, Shard, rank_memory_bytes
 from dstein.estimators.stein import precision_problem
 from dstein.evaluation import baselines, start_baselines
-from dstein.models import MLP, QuadraticMLP, RadialMLP, radial_phi
+from dstein.models import MLP, RADIAL_KINDS, QuadraticMLP, RadialMLP, radial_phi
 from dstein.noise import Streams, counter_seed, default_chunk
 from dstein.nonfinite import GradientWatch
 from dstein.output_init import fit_output_bias
@@ -236,14 +236,16 @@ def feature_sample(config: Config, pde: PDE) -> torch.Tensor:
     return torch.cat(out)
 
 
-def feature_stats(config: Config, pde: PDE) -> tuple[float, float]:
-    """The mean and standard deviation of phi(|x|^2) over ``feature_sample``'s points, drawn on
-    rank 0 alone and sent to the others (the same numbers; at d = 10^4 the draw takes 1.3 s of
-    a core, at d = 10^6 minutes, which every rank of a node would otherwise pay at once)."""
+def feature_stats(config: Config, pde: PDE) -> tuple[list[float], list[float]]:
+    """The mean and standard deviation of each phi(|x|^2) of the radial feature over
+    ``feature_sample``'s points, drawn on rank 0 alone and sent to the others (the same
+    numbers; at d = 10^4 the draw takes 1.3 s of a core, at d = 10^6 minutes, which every rank
+    of a node would otherwise pay at once)."""
     stats = None
     if this_rank() == 0:
-        q = radial_phi(feature_sample(config, pde), config.model.radial_feature)
-        stats = float(q.mean()), max(float(q.std()), 1e-12)
+        r2 = feature_sample(config, pde)
+        qs = [radial_phi(r2, kind) for kind in RADIAL_KINDS[config.model.radial_feature]]
+        stats = [float(q.mean()) for q in qs], [max(float(q.std()), 1e-12) for q in qs]
     return from_rank0(stats)
 
 
@@ -257,7 +259,7 @@ def build_model(
     """
     m = config.model
     if m.family == "radial":  # phi(|x|^2) standardized over training points of a fixed draw
-        shift, scale = (0.0, 1.0) if loaded else feature_stats(config, pde)
+        shift, scale = ([0.0], [1.0]) if loaded else feature_stats(config, pde)
     torch.manual_seed(counter_seed(config.seed, Streams.MODEL_INIT))
     if m.family == "radial":
         model: MLP = RadialMLP(pde.in_dim, pde.dim, m.width, m.depth, m.activation, shift, scale, m.input_scale,

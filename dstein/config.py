@@ -119,7 +119,9 @@ class ModelConfig:
     radial_feature: str = "square"
     """What of |x|^2 the radial family's first layer sees (standardized over the training
     points): square, |x|^2 itself; log, log(1 + |x|^2), which resolves small |x| where |x|^2
-    spans orders of magnitude (HJB's points near the origin and at |x|^2 ~ d)."""
+    spans orders of magnitude (HJB's points near the origin and at |x|^2 ~ d); both, the two
+    side by side (two columns: the log near the origin, the square on a shell |x|^2 ~ d +-
+    sqrt(2 d), which the log's standardized range squeezes into a few thousandths)."""
     input_scale: float = 1.0
     """x enters the first layer as input_scale * x (time and |x|^2 unscaled). Adam moves each
     of that layer's d weights on x by about train.lr per step whatever its gradient, so where

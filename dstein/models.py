@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -115,42 +116,87 @@ class MLP(nn.Module):
         return None
 
 
-#: What of |x|^2 the radial family's first layer sees (model.radial_feature).
-RADIAL_FEATURES = ("square", "log")
+#: What of |x|^2 the radial family's first layer sees (model.radial_feature): each name is a
+#: tuple of functions phi, one input column each (``both``: |x|^2 and log(1 + |x|^2) side by side).
+RADIAL_KINDS = {"square": ("square",), "log": ("log",), "both": ("square", "log")}
+RADIAL_FEATURES = tuple(RADIAL_KINDS)
+
+
+def radial_phi(r2: torch.Tensor, kind: str) -> torch.Tensor:
+    """``phi(|x|^2)`` of one radial function (``square`` or ``log``)."""
+    return r2 if kind == "square" else torch.log1p(r2)
+
+
+def _phi_change(kind: str, r2: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """``phi(r2 + step) - phi(r2)`` without cancellation (for the log: a log1p of the relative
+    step, not a difference of two logarithms of about 5 that float32 would round away)."""
+    return step if kind == "square" else torch.log1p(step / (1 + r2))
 
 
 @dataclass(frozen=True)
 class QuadraticFeature:
-    """How ``|x|^2`` enters a first layer: ``pre_activation = input_layer(X) + weight * q``,
-    ``q = (phi(|x|^2) - shift) / scale``, x the first ``dim`` columns of X, ``phi`` the identity
-    (``square``) or ``log(1 + .)`` (``log``). ``weight`` (width,) is the live parameter
-    (gradients flow through it); what the subspace estimator needs to follow a perturbation
-    of x through the feature (dstein/estimators/subspace.py)."""
+    """How ``|x|^2`` enters a first layer: ``pre_activation = input_layer(X) + weight q``,
+    ``q_j = (phi_j(|x|^2) - shift_j) / scale_j``, x the first ``dim`` columns of X, ``phi_j``
+    the functions named by ``kinds`` (the identity ``square``, ``log(1 + .)`` ``log``).
+    ``weight`` (width, len(kinds)) is the live parameter (gradients flow through it); ``shift``
+    and ``scale`` are scalars for one function, (len(kinds),) for several. What the Stein
+    estimators need to follow a perturbation of x through the feature (estimators/stein.py,
+    estimators/subspace.py)."""
 
     weight: torch.Tensor
     shift: torch.Tensor
     scale: torch.Tensor
     dim: int
-    kind: str = "square"
+    kinds: tuple[str, ...] = ("square",)
+
+    def _slopes(self) -> torch.Tensor:
+        return self.weight / self.scale  # (width, m): the pre-activation per unit of each phi
+
+    @property
+    def linear(self) -> bool:
+        """The feature is |x|^2 itself: its change splits into an odd and an even part."""
+        return self.kinds == ("square",)
+
+    def slope(self) -> torch.Tensor:
+        """(width,): the pre-activation per unit of |x|^2 (a ``linear`` feature only)."""
+        assert self.linear
+        return self._slopes()[:, 0]
+
+    def at(self, r2: torch.Tensor) -> torch.Tensor:
+        """The feature's share of the pre-activation at squared norms ``r2`` (B,): (B, width)."""
+        phis = torch.stack([radial_phi(r2, k) for k in self.kinds], -1)
+        return (phis - self.shift) @ self._slopes().T
 
     def change(self, r2: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-        """``phi(r2 + step) - phi(r2)``, computed without cancellation (for the log: a
-        log1p of the relative step, not a difference of two logarithms)."""
-        return step if self.kind == "square" else torch.log1p(step / (1 + r2))
+        """The pre-activation's change when ``|x|^2 = r2`` moves by ``step`` (shapes broadcast,
+        the last of size 1): ``sum_j (weight_j / scale_j) (phi_j(r2 + step) - phi_j(r2))``."""
+        slopes = self._slopes()
+        out = _phi_change(self.kinds[0], r2, step) * slopes[:, 0]
+        for j in range(1, len(self.kinds)):
+            out = out + _phi_change(self.kinds[j], r2, step) * slopes[:, j]
+        return out
 
 
-def radial_phi(r2: torch.Tensor, kind: str) -> torch.Tensor:
-    """``phi(|x|^2)`` of the radial feature."""
-    return r2 if kind == "square" else torch.log1p(r2)
+def _per_function(value: float | Sequence[float], m: int) -> torch.Tensor:
+    """A buffer of one number per radial function: a scalar for one function (the layout of
+    every state saved before ``both``), shape (m,) for several; one number serves them all."""
+    t = torch.as_tensor(value, dtype=torch.float32).reshape(-1)
+    t = t.expand(m).clone() if t.numel() == 1 else t
+    if t.numel() != m:
+        raise ValueError(f"{t.numel()} standardization numbers for {m} radial functions")
+    return t[0].clone() if m == 1 else t
 
 
 class RadialMLP(MLP):
-    """An MLP whose first layer also sees the standardized squared norm of x (family ``radial``).
+    """An MLP whose first layer also sees standardized functions of the squared norm of x
+    (family ``radial``).
 
     ``dim``: the spatial columns of the input (time, if any, follows them); ``shift`` and
-    ``scale`` standardize phi(|x|^2) over the training points (buffers, saved with the model);
-    ``feature``: phi, ``square`` (|x|^2 itself) or ``log`` (log(1 + |x|^2): resolves small |x|
-    where |x|^2 spans orders of magnitude, as HJB's points near the origin and at |x|^2 ~ d).
+    ``scale`` standardize each phi(|x|^2) over the training points (buffers, saved with the
+    model); ``feature``: phi, ``square`` (|x|^2 itself), ``log`` (log(1 + |x|^2): resolves small
+    |x| where |x|^2 spans orders of magnitude, as HJB's points near the origin and at |x|^2 ~ d)
+    or ``both`` (two columns: the log near the origin, the square on a shell |x|^2 ~ d where the
+    log's standardized range is a few thousandths).
     """
 
     linear_input = False  # the squared norm enters the first layer too
@@ -158,20 +204,24 @@ class RadialMLP(MLP):
     q_scale: torch.Tensor
 
     def __init__(
-        self, in_dim: int, dim: int, width: int, depth: int, activation: str = "tanh", shift: float = 0.0,
-        scale: float = 1.0, input_scale: float = 1.0, feature: str = "square", output_scale: float = 1.0,
+        self, in_dim: int, dim: int, width: int, depth: int, activation: str = "tanh",
+        shift: float | Sequence[float] = 0.0, scale: float | Sequence[float] = 1.0, input_scale: float = 1.0,
+        feature: str = "square", output_scale: float = 1.0,
     ):  # fmt: skip
         super().__init__(in_dim, width, depth, activation, input_scale, dim, output_scale)
-        if feature not in RADIAL_FEATURES:
+        if feature not in RADIAL_KINDS:
             raise ValueError(f"model.radial_feature={feature!r} is not one of {RADIAL_FEATURES}")
-        self.dim, self.kind = dim, feature
-        self.radial = nn.Linear(1, width, bias=False)
-        self.register_buffer("q_shift", torch.tensor(float(shift)))
-        self.register_buffer("q_scale", torch.tensor(float(scale)))
+        self.dim, self.kind, self.kinds = dim, feature, RADIAL_KINDS[feature]
+        m = len(self.kinds)
+        self.radial = nn.Linear(m, width, bias=False)
+        self.register_buffer("q_shift", _per_function(shift, m))
+        self.register_buffer("q_scale", _per_function(scale, m))
 
     def feature(self, X: torch.Tensor) -> torch.Tensor:
         x = X[:, : self.dim]
-        return (radial_phi((x * x).sum(1, keepdim=True), self.kind) - self.q_shift) / self.q_scale
+        r2 = (x * x).sum(1, keepdim=True)
+        phis = torch.cat([radial_phi(r2, k) for k in self.kinds], 1)
+        return (phis - self.q_shift) / self.q_scale
 
     def pre_activation(self, X: torch.Tensor) -> torch.Tensor:
         return super().pre_activation(X) + self.radial(self.feature(X))
@@ -180,7 +230,7 @@ class RadialMLP(MLP):
         return X[:, : self.dim].unsqueeze(1)
 
     def quadratic_feature(self) -> QuadraticFeature:
-        return QuadraticFeature(self.radial.weight[:, 0], self.q_shift, self.q_scale, self.dim, self.kind)
+        return QuadraticFeature(self.radial.weight, self.q_shift, self.q_scale, self.dim, self.kinds)
 
 
 class QuadraticMLP(MLP):

@@ -364,7 +364,7 @@ def test_difference_laplacian_needs_pairs():
                         laplacian="difference")  # fmt: skip
 
 
-@pytest.mark.parametrize("family", ["mlp", "radial-square", "radial-log"])
+@pytest.mark.parametrize("family", ["mlp", "radial-square", "radial-log", "radial-both"])
 @pytest.mark.parametrize("time", [False, True])
 @pytest.mark.parametrize("method", ["stein", "stein-antithetic"])
 def test_perturbing_the_first_layer_equals_perturbing_the_input(family, time, method):

@@ -128,6 +128,8 @@ BAD = [
      "estimator.laplacian=difference needs antithetic pairs: estimator.method=stein has none"),
     ("unknown residual loss", CONFIG, ["train.residual_loss=l1"], 1, "train.residual_loss='l1' must be one of"),
     ("unknown model family", CONFIG, ["model.family=cnn"], 1, "model.family='cnn' must be one of"),
+    ("unknown radial feature", CONFIG, ["model.radial_feature=cube"], 1,
+     "model.radial_feature='cube' must be one of ('square', 'log', 'both')"),
     ("unknown Adam implementation", CONFIG, ["train.adam=sparse"], 1, "train.adam='sparse' must be auto or fused"),
     ("unknown output initialization", CONFIG, ["model.output_init=zero"], 1,
      "model.output_init='zero' must be default or fit"),

@@ -388,25 +388,34 @@ def test_metrics_of_an_earlier_start_are_moved_aside_never_lost(tmp_path):
     assert kept.read_bytes() == before and path.read_text() == "" and "is kept as metrics.before-" in fresh.note
 
 
-def test_a_radial_model_built_to_be_loaded_takes_its_feature_statistics_from_the_state(root):
+@pytest.mark.parametrize("feature", ["log", "both"])
+def test_a_radial_model_built_to_be_loaded_takes_its_feature_statistics_from_the_state(root, feature):
     """evaluate.py and dstein.load build the model with loaded=True: the radial feature's
     statistics (1.3 s of drawing at d = 10^4) are not drawn but come with the saved state, so
-    the loaded model is the trained one; a model built to train draws them."""
+    the loaded model is the trained one; a model built to train draws them, one pair per
+    function of |x|^2 (two with ``both``; one function keeps scalar buffers, the layout of
+    states saved before ``both``)."""
     import torch
 
     from dstein.build import build_model, feature_sample
     from dstein.config import load_config
-    from dstein.models import radial_phi
+    from dstein.models import RADIAL_KINDS, radial_phi
     from dstein.pdes import build_pde
 
-    cfg = load_config(root / "configs/hjb_100.yaml", ["model.width=8", "model.depth=2", "pde.dim=30"])
+    overrides = ["model.width=8", "model.depth=2", "pde.dim=30", f"model.radial_feature={feature}"]
+    cfg = load_config(root / "configs/hjb_100.yaml", overrides)
     pde = build_pde(cfg.pde.name, cfg.pde.dim, dict(cfg.pde.params))
     trained = build_model(cfg, pde, torch.float64, torch.device("cpu"))
-    q = radial_phi(feature_sample(cfg, pde), cfg.model.radial_feature)
-    stats = float(q.mean()), float(q.std())  # kept as float32 buffers
-    assert (float(trained.q_shift), float(trained.q_scale)) == pytest.approx(stats, rel=1e-7)
+    kinds = RADIAL_KINDS[feature]
+    assert trained.radial.weight.shape == (8, len(kinds))
+    assert trained.q_shift.shape == (() if len(kinds) == 1 else (len(kinds),))
+    for j, kind in enumerate(kinds):
+        q = radial_phi(feature_sample(cfg, pde), kind)
+        stats = float(q.mean()), float(q.std())  # kept as float32 buffers
+        got = trained.q_shift.reshape(-1)[j], trained.q_scale.reshape(-1)[j]
+        assert (float(got[0]), float(got[1])) == pytest.approx(stats, rel=1e-7)
     blank = build_model(cfg, pde, torch.float64, torch.device("cpu"), loaded=True)
-    assert (float(blank.q_shift), float(blank.q_scale)) == (0.0, 1.0)
+    assert torch.all(blank.q_shift == 0) and torch.all(blank.q_scale == 1)
     blank.load_state_dict(trained.state_dict())
     X = torch.randn(5, pde.in_dim, dtype=torch.float64)
     assert torch.equal(blank(X), trained(X))

@@ -250,7 +250,7 @@ class LinearRadial(torch.nn.Module):
     def quadratic_feature(self):
         from dstein.models import QuadraticFeature
 
-        return QuadraticFeature(self.radial.weight[:, 0], self.shift, self.scale, self.d)
+        return QuadraticFeature(self.radial.weight, self.shift, self.scale, self.d)
 
     def forward(self, X):
         q = ((X[:, : self.d] ** 2).sum(1, keepdim=True) - self.shift) / self.scale
@@ -333,14 +333,14 @@ def radial_estimates(
 @pytest.mark.parametrize(
     ("laplacian", "input_scale", "feature"),
     [("stein", 1.0, "square"), ("difference", 1.0, "square"), ("difference", 0.3, "square"), ("stein", 1.0, "log"),
-     ("difference", 1.0, "log")],
+     ("difference", 1.0, "log"), ("difference", 1.0, "both")],
 )  # fmt: skip
 def test_radial_subspace_agrees_with_antithetic_on_a_radial_mlp(laplacian, input_scale, feature):
     """Value, u_t, grad, grad_sq, lap, along (x's direction) and the parameter gradient (V and
     e held constant) have the full-space estimator's means: every difference within its
     standard error (independent noise: other seeds). With model.input_scale the estimator
     reads the weights the layer applies (input_weight); with the log feature it follows
-    log(1 + |x + delta|^2) (model.radial_feature=log)."""
+    log(1 + |x + delta|^2) (model.radial_feature=log), with both features both columns' changes."""
     reps = 40
     a = radial_estimates("stein-subspace", reps, 0, laplacian, input_scale=input_scale, feature=feature)
     b = radial_estimates("stein-antithetic", reps, 10_000, laplacian, input_scale=input_scale, feature=feature)

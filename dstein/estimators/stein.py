@@ -130,7 +130,6 @@ class FullSpace(NoiseOfZ):
                         f"the model's quadratic feature reads {self.feature.dim} columns, the points have {self.d}"
                     )
                 x = X[:, : self.d]
-                self.a = self.feature.weight / self.feature.scale  # pre-activation per unit of phi(|x|^2)
                 self.x_sq = (x * x).sum(1).reshape(-1, 1, 1)
 
     def center(self) -> torch.Tensor:
@@ -147,8 +146,8 @@ class FullSpace(NoiseOfZ):
         ex = eps[..., : self.d]
         x_eps = 2 * (ex @ self.X[:, : self.d].unsqueeze(2))  # (B, n, 1)
         sq = (ex * ex).sum(-1, keepdim=True)
-        plus = odd + self.feature.change(self.x_sq, sq + x_eps) * self.a
-        minus = -odd + self.feature.change(self.x_sq, sq - x_eps) * self.a if antithetic else None
+        plus = odd + self.feature.change(self.x_sq, sq + x_eps)
+        minus = -odd + self.feature.change(self.x_sq, sq - x_eps) if antithetic else None
         return body_at(self.body, self.h0, plus, minus)
 
     def values(

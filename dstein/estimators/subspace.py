@@ -28,7 +28,6 @@ import torch
 from torch import nn
 
 from dstein.estimators.base import NoiseOfZ, SteinSpec, body_at, body_at_signs, split_input
-from dstein.models import radial_phi
 
 #: Eigenvalues of the Gram matrix below this fraction of the largest are dropped (rank r).
 RANK_RTOL = 1e-6
@@ -302,9 +301,8 @@ class RadialSubspace(InputSubspace):
         xW = self.P  # (B, k): Wx x, the only O(width d) product per point
         x_sq = (x * x).sum(1)
         self.feature = feature
-        self.a = feature.weight / feature.scale  # (k,): the pre-activation per unit of phi(|x|^2)
         bias = 0.0 if layer.bias is None else layer.bias
-        self.h0 = xW + bias + self.a * (radial_phi(x_sq, feature.kind) - feature.shift).unsqueeze(1)
+        self.h0 = xW + bias + feature.at(x_sq)
         self.x_sq = x_sq.detach().reshape(-1, 1, 1)
         if X.shape[1] > self.d:
             self.h0 = self.h0 + X[:, self.d :] @ self.wt.T
@@ -348,12 +346,13 @@ class RadialSubspace(InputSubspace):
             sq = sq + aux.unsqueeze(-1)
         # |x +- delta|^2 - |x|^2 = +-2 x . delta (odd) + |delta|^2 (even)
         x_delta, sq = (2 * sx) * x_delta, (sx * sx) * sq
-        if self.feature.kind == "square":
-            return body_at_signs(self.body, self.h0, odd + x_delta * self.a, sq * self.a, antithetic)
-        plus = odd + self.feature.change(self.x_sq, sq + x_delta) * self.a
+        if self.feature.linear:
+            a = self.feature.slope()
+            return body_at_signs(self.body, self.h0, odd + x_delta * a, sq * a, antithetic)
+        plus = odd + self.feature.change(self.x_sq, sq + x_delta)
         if not antithetic:
             return self._body_of(plus, None)
-        return self._body_of(plus, -odd + self.feature.change(self.x_sq, sq - x_delta) * self.a)
+        return self._body_of(plus, -odd + self.feature.change(self.x_sq, sq - x_delta))
 
     def weighted_sq(self, zx: torch.Tensor, aux: torch.Tensor | None, v: torch.Tensor) -> torch.Tensor:
         """``sum_j v_j (E[delta_j^2 | xi, eta, c] / sx^2 - 1)``: with ``Q = [V, e]`` and ``M = Q' diag(v) Q``,
