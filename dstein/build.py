@@ -38,7 +38,7 @@ from dstein.pdes import build_pde as _build_pde
 def build_pde(config: Config) -> PDE:
     """The configured PDE (``pde.name`` or a user's ``pde.target``)."""
     p = config.pde
-    pde = _build_pde(p.name, p.dim, dict(p.params), p.target, p.process_share)
+    pde = _build_pde(p.name, p.dim, dict(p.params), p.target, p.process_share, p.process_time_power)
     if config.model.smooth_constraint:
         if not pde.smooths_constraint:
             raise ConfigError(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -485,6 +486,53 @@ def test_process_share_draws_the_last_rows_along_the_process_from_x0():
     assert float(((terminal[6:, :-1] - 2.0) ** 2).mean()) == pytest.approx(2.0, rel=0.15)  # X_T = x0 + sqrt(2) Z
     with pytest.raises(ValueError, match=r"pde\.process_share=0\.5: pde poisson declares no forward process"):
         build_pde("poisson", 2, process_share=0.5)
+
+
+@pytest.mark.parametrize("name", ["hjb", "bsde_allen_cahn"])
+def test_process_time_power_draws_the_process_points_early(name):
+    """pde.process_time_power p: the process rows' times are T v^p (P(t < s) = (s / T)^(1/p),
+    checked against the law's quantiles within a Kolmogorov-Smirnov bound), from the same
+    uniform draws as p = 1 (so p = 1 is bit for bit the old draw); the along-the-process test
+    set keeps t ~ U(0, T); the power joins the stored parameters only when set."""
+    gen = lambda: torch.Generator().manual_seed(5)  # noqa: E731
+    uniform = build_pde(name, 20, process_share=1.0)
+    cubed = build_pde(name, 20, process_share=1.0, process_time_power=3.0)
+    T = uniform.T
+    t1 = uniform.training_points("domain", 2000, gen(), torch.float64)[:, -1]
+    t3 = cubed.training_points("domain", 2000, gen(), torch.float64)[:, -1]
+    assert torch.allclose(t3, T * (t1 / T) ** 3, rtol=1e-12, atol=0)
+    cdf = torch.sort(t3).values
+    law = (cdf / T) ** (1 / 3)  # P(t < s) at the sorted draws
+    ks = float((law - torch.arange(1, 2001, dtype=torch.float64) / 2000).abs().max())
+    assert ks < 1.63 / 2000**0.5  # the 1 % critical value
+    assert float((t3 < 1e-3 * T).double().mean()) == pytest.approx(0.1, abs=0.03)  # (1e-3)^(1/3); uniform: 0.001
+    assert cubed.describe()["process_time_power"] == 3.0 and "process_time_power" not in uniform.describe()
+    test_t = cubed.test_points(0, 400, 3, along_process=True)[:, -1]
+    assert float(test_t.mean()) == pytest.approx(T / 2, rel=0.1)  # power 3 would give T / 4
+
+
+def test_process_time_power_is_refused_where_it_cannot_act():
+    """A user's sample_process without ``power`` serves p = 1 only: the error names the option
+    and what to add; the config refuses a power without process points."""
+    from dstein.config import load_config
+    from dstein.errors import ConfigError
+
+    class OldProcess(HJB):
+        def sample_process(self, kind, n, gen, dtype=torch.float64):
+            return super().sample_process(kind, n, gen, dtype)
+
+    pde = OldProcess(4)
+    pde.process_share = 0.5
+    assert pde.training_points("domain", 8, torch.Generator().manual_seed(0), torch.float64).shape == (8, 5)
+    REGISTRY["old_process"] = OldProcess
+    try:
+        with pytest.raises(ValueError, match=r"process_time_power=2\.0: OldProcess\.sample_process takes no power"):
+            build_pde("old_process", 4, process_share=0.5, process_time_power=2.0)
+    finally:
+        del REGISTRY["old_process"]
+    root = Path(__file__).resolve().parent.parent
+    with pytest.raises(ConfigError, match=r"pde\.process_time_power=2\.0 .* needs pde\.process_share > 0"):
+        load_config(root / "configs/quickstart.yaml", ["pde.process_share=0", "pde.process_time_power=2"])
 
 
 def test_the_test_set_along_the_process_and_its_truth():

@@ -166,7 +166,7 @@ def generate(
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     p = config.pde
-    pde = build_pde(p.name, p.dim, dict(p.params), p.target, p.process_share)
+    pde = build_pde(p.name, p.dim, dict(p.params), p.target, p.process_share, p.process_time_power)
     parts = [out.with_name(f".{out.name}.part{r}-of-{world_size}") for r in range(world_size)]
     try:
         _write_part(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Any
 
 from dstein.pdes.base import PDE, ControlProblem, ExactPDE, TestSet
@@ -49,10 +50,12 @@ def resolve_pde_class(name: str, target: str | None = None) -> type[PDE]:
 
 
 def build_pde(
-    name: str, dim: int, params: dict[str, Any] | None = None, target: str | None = None, process_share: float = 0.0
-) -> PDE:
+    name: str, dim: int, params: dict[str, Any] | None = None, target: str | None = None, process_share: float = 0.0,
+    process_time_power: float = 1.0,
+) -> PDE:  # fmt: skip
     """The PDE ``name`` (or a user's ``target``) with its ``params``; ``process_share`` of its
-    training points along its forward process (refused where it declares none)."""
+    training points along its forward process (refused where it declares none), at times
+    t = T v^``process_time_power`` (refused where its ``sample_process`` takes no ``power``)."""
     pde = _construct(resolve_pde_class(name, target), name, dim, params, target)
     if process_share:
         if not pde.process_kinds:
@@ -61,6 +64,13 @@ def build_pde(
                 "(PDE.process_kinds and sample_process; hjb has one): set pde.process_share=0"
             )
         pde.process_share = float(process_share)
+    if process_time_power != 1:
+        if "power" not in inspect.signature(type(pde).sample_process).parameters:
+            raise ValueError(
+                f"pde.process_time_power={process_time_power}: {type(pde).__name__}.sample_process takes no power "
+                "(the times t = T v^power of its domain points): add it, or set pde.process_time_power=1"
+            )
+        pde.process_time_power = float(process_time_power)
     return pde
 
 

@@ -69,6 +69,17 @@ def _takes_dtype(sampler: Callable) -> bool:
     return "dtype" in inspect.signature(sampler).parameters
 
 
+def process_times(
+    kind: str, n: int, T: float, gen: torch.Generator, dtype: torch.dtype, power: float = 1.0
+) -> torch.Tensor:
+    """Times of ``n`` process points of ``kind``: T for ``terminal``, else T v^power, v ~ U(0, 1)
+    (``pde.process_time_power``; one uniform draw per point whatever the power)."""
+    if kind == "terminal":
+        return torch.full((n,), T, dtype=dtype)
+    v = torch.rand(n, generator=gen, dtype=dtype)
+    return T * (v if power == 1 else v**power)
+
+
 class PDE(abc.ABC):
     """Base class; subclasses set the class attributes and implement the methods."""
 
@@ -88,6 +99,8 @@ class PDE(abc.ABC):
     #: Share of the training points of each kind in ``process_kinds`` drawn along the process
     #: (``pde.process_share``; set by ``dstein.pdes.build_pde``).
     process_share: float = 0.0
+    #: The process points' times t = T v^p (``pde.process_time_power``; set by ``build_pde``).
+    process_time_power: float = 1.0
     #: Whether ``truth`` can give the solution at any point. False for PDEs known only by
     #: reference values at single points (Deep BSDE's semilinear benchmarks: ``start`` and
     #: ``reference_values``): runs then draw no test sets, and every evaluation reports the
@@ -139,16 +152,19 @@ class PDE(abc.ABC):
             X = sampler(n - along, gen).to(dtype)
         if not along:
             return X
+        if self.process_time_power != 1:
+            return torch.cat([X, self.sample_process(kind, along, gen, dtype, power=self.process_time_power)])
         return torch.cat([X, self.sample_process(kind, along, gen, dtype)])
 
     def sample_process(
-        self, kind: str, n: int, gen: torch.Generator, dtype: torch.dtype = torch.float64
+        self, kind: str, n: int, gen: torch.Generator, dtype: torch.dtype = torch.float64, power: float = 1.0
     ) -> torch.Tensor:
         """``n`` points of ``kind`` (one of ``process_kinds``) along the PDE's forward process
-        from its start state (``start``): ``domain`` at times t ~ U(0, T), a condition at its own
-        time, x drawn from the law of X_t (hjb: x0 + sqrt(2 t) Z). The along-the-process test set
-        (``process_test_set``) and ``pde.process_share`` draw from it; PDEs that declare
-        ``process_kinds`` implement it."""
+        from its start state (``start``): ``domain`` at times t = T v^power, v ~ U(0, 1) (``power``
+        1: t ~ U(0, T); ``process_times``), a condition at its own time, x drawn from the law of
+        X_t (hjb: x0 + sqrt(2 t) Z). The along-the-process test set (``process_test_set``) and
+        ``pde.process_share`` draw from it; PDEs that declare ``process_kinds`` implement it (a
+        user's PDE without ``power`` serves ``pde.process_time_power=1`` only)."""
         raise NotImplementedError(f"pde {self.name} declares no forward process (process_kinds is empty)")
 
     @abc.abstractmethod
@@ -309,8 +325,10 @@ class PDE(abc.ABC):
 
     def describe(self) -> dict:
         """Parameters that identify this PDE (stored with runs and data files); ``process_share``
-        only where set (files written before it stay valid)."""
+        and ``process_time_power`` only where set (files written before them stay valid)."""
         share = {"process_share": self.process_share} if self.process_share else {}
+        if self.process_time_power != 1:
+            share["process_time_power"] = self.process_time_power
         return {"name": self.name, "dim": self.dim, **share}
 
     def params(self) -> dict:

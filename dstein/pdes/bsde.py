@@ -37,7 +37,7 @@ import torch
 from dstein.estimators.base import Derivatives
 from dstein.estimators.constraint import OutputTransform
 from dstein.noise import Streams, counter_seed
-from dstein.pdes.base import PDE, TestSet
+from dstein.pdes.base import PDE, TestSet, process_times
 
 #: Monte Carlo draws of X_T for the start state's baselines (``start_baselines``), in blocks.
 BASELINE_SAMPLES, BASELINE_BLOCK = 1 << 18, 1 << 14
@@ -87,14 +87,17 @@ class DeepBSDEProblem(PDE):
         raise NotImplementedError
 
     def sample_process(
-        self, kind: str, n: int, gen: torch.Generator, dtype: torch.dtype = torch.float64
+        self, kind: str, n: int, gen: torch.Generator, dtype: torch.dtype = torch.float64, power: float = 1.0
     ) -> torch.Tensor:
-        """X_t from x0: t ~ U(0, T) (``domain``) or t = T (``terminal``), drawn exactly."""
-        return self._points(kind, n, gen, dtype, widen=False)
+        """X_t from x0: t = T v^power (``domain``; power 1: t ~ U(0, T)) or t = T (``terminal``),
+        drawn exactly."""
+        return self._points(kind, n, gen, dtype, widen=False, power=power)
 
-    def _points(self, kind: str, n: int, gen: torch.Generator, dtype: torch.dtype, widen: bool) -> torch.Tensor:
+    def _points(
+        self, kind: str, n: int, gen: torch.Generator, dtype: torch.dtype, widen: bool, power: float = 1.0
+    ) -> torch.Tensor:
         X = torch.empty(n, self.in_dim, dtype=dtype)
-        X[:, -1] = self.T if kind == "terminal" else self.T * torch.rand(n, generator=gen, dtype=dtype)
+        X[:, -1] = process_times(kind, n, self.T, gen, dtype, power)
         z = torch.randn(n, self.dim, generator=gen, dtype=dtype)
         if widen and self.spread:
             z = z * torch.sqrt(1 + self.spread * torch.rand(n, 1, generator=gen, dtype=dtype))

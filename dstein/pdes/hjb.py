@@ -23,7 +23,7 @@ import torch
 from dstein.estimators.base import Derivatives
 from dstein.estimators.constraint import OutputTransform
 from dstein.noise import Streams
-from dstein.pdes.base import PDE, ControlProblem, TestSet
+from dstein.pdes.base import PDE, ControlProblem, TestSet, process_times
 
 
 def terminal(x: torch.Tensor) -> torch.Tensor:
@@ -151,13 +151,14 @@ class HJB(PDE):
         return X
 
     def sample_process(
-        self, kind: str, n: int, gen: torch.Generator, dtype: torch.dtype = torch.float64
+        self, kind: str, n: int, gen: torch.Generator, dtype: torch.dtype = torch.float64, power: float = 1.0
     ) -> torch.Tensor:
         """Points along the uncontrolled diffusion from the start state, X_t = x0 + sqrt(2 t) Z:
-        t ~ U(0, T) (``domain``) or t = T (``terminal``). The controlled process of the optimal
-        control (dX = -2 mu grad u dt + sqrt(2) dW) stays closer to x0; this one covers it."""
+        t = T v^power (``domain``; power 1: t ~ U(0, T)) or t = T (``terminal``). The controlled
+        process of the optimal control (dX = -2 mu grad u dt + sqrt(2) dW) stays closer to x0;
+        this one covers it."""
         X = torch.empty(n, self.in_dim, dtype=dtype)
-        X[:, -1] = self.T if kind == "terminal" else self.T * torch.rand(n, generator=gen, dtype=dtype)
+        X[:, -1] = process_times(kind, n, self.T, gen, dtype, power)
         z = torch.randn(n, self.dim, generator=gen, dtype=dtype)
         X[:, :-1] = self.x0 + torch.sqrt(2 * X[:, -1:]) * z
         return X
