@@ -153,20 +153,27 @@ def floor_sums(
             target = target - f.unsqueeze(1) * constraint.B_grad.detach().double()
     outside = target - (target @ V) @ V.T
     directions = getattr(model, "gradient_directions", None)
-    if callable(directions):  # per-point directions beyond the row space, in blocks of points
+    first = directions(X[:1]) if callable(directions) else None
+    if first is not None:  # per-point directions beyond the row space, in blocks of points
+        block = floor_block(first.shape[1] * first.shape[2])
         parts = []
-        for lo in range(0, X.shape[0], FLOOR_BLOCK):
-            extra = directions(X[lo : lo + FLOOR_BLOCK])
-            if extra is None:
-                break
-            parts.append(_outside_of(outside[lo : lo + FLOOR_BLOCK], extra.detach().double().to(V.device), V))
-        if parts:
-            outside = torch.cat(parts)
+        for lo in range(0, X.shape[0], block):
+            extra = directions(X[lo : lo + block]).detach().double().to(V.device)
+            parts.append(_outside_of(outside[lo : lo + block], extra, V))
+        outside = torch.cat(parts)
     return torch.stack([(outside * outside).sum(), (grad_true.double() * grad_true.double()).sum()]).cpu()
 
 
-#: Points per block of the per-point directions (the quadratic family's are width x d each).
+#: Points per block of the per-point directions (the quadratic family's are width x d each), at
+#: most: a block's directions in float64 are held to FLOOR_BLOCK_BYTES (its QR holds about four
+#: such copies; at d = 100,000 and width 128 64 points took 23.7 GB, the whole machine).
 FLOOR_BLOCK = 64
+FLOOR_BLOCK_BYTES = 1 << 28
+
+
+def floor_block(numbers_per_point: int) -> int:
+    """Points per block when each point has ``numbers_per_point`` direction entries."""
+    return max(1, min(FLOOR_BLOCK, FLOOR_BLOCK_BYTES // (8 * numbers_per_point)))
 
 
 def _outside_of(outside: torch.Tensor, extra: torch.Tensor, V: torch.Tensor) -> torch.Tensor:

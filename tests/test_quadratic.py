@@ -80,10 +80,16 @@ def test_autograd_gives_the_closed_form_derivatives_of_the_network():
     assert torch.allclose(D_.lap, exact["lap"], rtol=1e-10, atol=1e-12)
 
 
-def test_gradient_floor_spans_the_rows_of_w_and_of_q_diag_x():
+@pytest.mark.parametrize("block_bytes", [1 << 28, 1])
+def test_gradient_floor_spans_the_rows_of_w_and_of_q_diag_x(block_bytes, monkeypatch):
     """Zero for the model's own gradient and for a * x when a is a row of Q; for a random
     target, the part outside span(Wx's rows, Q diag(x)'s rows), found per point from an SVD of
-    those rows (some of them zero: the spans have rank 6 of the 8 rows)."""
+    those rows (some of them zero: the spans have rank 6 of the 8 rows); the same in blocks of
+    one point (``FLOOR_BLOCK_BYTES``: how d = 100,000 fits in memory)."""
+    import dstein.evaluation
+
+    monkeypatch.setattr(dstein.evaluation, "FLOOR_BLOCK_BYTES", block_bytes)
+    assert dstein.evaluation.floor_block(8 * D) == (1 if block_bytes == 1 else dstein.evaluation.FLOOR_BLOCK)
     model = linear_body(3)
     X = points(D, False, n=6) * 2
     x = X[:, :D]
