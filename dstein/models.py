@@ -211,7 +211,7 @@ class RadialMLP(MLP):
         super().__init__(in_dim, width, depth, activation, input_scale, dim, output_scale)
         if feature not in RADIAL_KINDS:
             raise ValueError(f"model.radial_feature={feature!r} is not one of {RADIAL_FEATURES}")
-        self.dim, self.kind, self.kinds = dim, feature, RADIAL_KINDS[feature]
+        self.dim, self.kinds = dim, RADIAL_KINDS[feature]
         m = len(self.kinds)
         self.radial = nn.Linear(m, width, bias=False)
         self.register_buffer("q_shift", _per_function(shift, m))

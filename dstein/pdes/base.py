@@ -152,9 +152,9 @@ class PDE(abc.ABC):
             X = sampler(n - along, gen).to(dtype)
         if not along:
             return X
-        if self.process_time_power != 1:
-            return torch.cat([X, self.sample_process(kind, along, gen, dtype, power=self.process_time_power)])
-        return torch.cat([X, self.sample_process(kind, along, gen, dtype)])
+        # power only where set: a user's sample_process written without it serves p = 1
+        power = {"power": self.process_time_power} if self.process_time_power != 1 else {}
+        return torch.cat([X, self.sample_process(kind, along, gen, dtype, **power)])
 
     def sample_process(
         self, kind: str, n: int, gen: torch.Generator, dtype: torch.dtype = torch.float64, power: float = 1.0
