@@ -138,21 +138,27 @@ class DeepBSDEProblem(PDE):
         name, X, value, source = self.start()
         return {} if value is None else {name: (X, value, source)}
 
-    def terminal_mean(self, drift: float | None = None) -> tuple[float, float]:
+    def terminal_mean(self, drift: float | None = None, *others: float | None) -> tuple[float, float]:
         """E[g(X_T)] from x0 and its standard error: BASELINE_SAMPLES exact draws of X_T (for a
         geometric Brownian motion, with ``drift`` in place of mu_bar if given), in blocks keyed
-        by their index; computed once per drift."""
+        by their index; computed once per drift. ``others``: drifts computed in the same pass,
+        from the same draws (each block's normals drawn once for all of them), kept for later
+        calls."""
         cache = self.__dict__.setdefault("_terminal_means", {})
-        if drift not in cache:
-            total = square = 0.0
+        todo = [d for d in dict.fromkeys((drift, *others)) if d not in cache]
+        if todo:
+            sums = {d: [0.0, 0.0] for d in todo}
+            t = torch.full((BASELINE_BLOCK, 1), self.T, dtype=torch.float64)
             for k in range(BASELINE_SAMPLES // BASELINE_BLOCK):
                 gen = torch.Generator().manual_seed(counter_seed(0, k, Streams.START_BASELINES))
                 z = torch.randn(BASELINE_BLOCK, self.dim, generator=gen, dtype=torch.float64)
-                t = torch.full((BASELINE_BLOCK, 1), self.T, dtype=torch.float64)
-                g = self.terminal(self.prices(self._states(t, z, drift)))
-                total, square = total + float(g.sum()), square + float((g * g).sum())
-            mean = total / BASELINE_SAMPLES
-            cache[drift] = (mean, math.sqrt(max(square / BASELINE_SAMPLES - mean * mean, 0.0) / BASELINE_SAMPLES))
+                for d in todo:
+                    g = self.terminal(self.prices(self._states(t, z, d)))
+                    sums[d][0] += float(g.sum())
+                    sums[d][1] += float((g * g).sum())
+            for d, (total, square) in sums.items():
+                mean = total / BASELINE_SAMPLES
+                cache[d] = (mean, math.sqrt(max(square / BASELINE_SAMPLES - mean * mean, 0.0) / BASELINE_SAMPLES))
         return cache[drift]
 
     def project(self, X: torch.Tensor) -> torch.Tensor:
@@ -373,6 +379,7 @@ class BSDEDiffRate(GBMProblem):
         E[g(X_T)] with X's drift r in place of mu_bar. The two rates give a lending and a
         borrowing price."""
         out = {}
+        self.terminal_mean(self.R_l, self.R_b)  # both rates from the same draws, in one pass
         for name, r in (("R_l", self.R_l), ("R_b", self.R_b)):
             mean, se = self.terminal_mean(drift=r)
             discount = math.exp(-r * self.T)
